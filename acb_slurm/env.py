@@ -1,0 +1,55 @@
+"""Environment variables that connect launchers, clients and assigners: the one list of them."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+#: gRPC target of the node's assigner: "unix:/path/to/assigner.sock" or "host:port".
+ASSIGNER = "ACB_ASSIGNER"
+#: Path of a file (mode 0600) holding the job's token.
+TOKEN_FILE = "ACB_TOKEN_FILE"
+#: The token itself (for tests and ad-hoc use; prefer ACB_TOKEN_FILE).
+TOKEN = "ACB_TOKEN"
+#: Job identity shown in status and logs; defaults to SLURM_JOB_ID.
+JOB_ID = "ACB_JOB_ID"
+#: Worker name shown in status and logs; defaults to "<host>:<pid>".
+WORKER = "ACB_WORKER"
+#: The job's run directory (sockets, event logs, the inter-node config file).
+RUN_DIR = "ACB_RUN_DIR"
+#: Metadata key that carries the token on every gRPC call.
+TOKEN_METADATA_KEY = "x-acb-token"
+
+
+class ConfigurationError(RuntimeError):
+    """The environment does not say how to reach an assigner."""
+
+
+def assigner_target(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    target = env.get(ASSIGNER, "").strip()
+    if not target:
+        raise ConfigurationError(
+            f"{ASSIGNER} is not set: run under acb-run or an acb-sbatch job, or export "
+            f"{ASSIGNER}=unix:/path/to/assigner.sock (the socket acb-assigner listens on)"
+        )
+    return target
+
+
+def token(environ: os._Environ[str] | dict[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    path = env.get(TOKEN_FILE)
+    if path:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    return env.get(TOKEN) or None
+
+
+def job_id(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    return env.get(JOB_ID) or env.get("SLURM_JOB_ID", "")
+
+
+def worker_name(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    return env.get(WORKER) or f"{socket.gethostname()}:{os.getpid()}"

@@ -1,0 +1,61 @@
+"""Plain data of the scheduler core: GPUs, requests, grants, and its errors.
+
+The core is pure: no I/O, no clocks, no threads. The assigner daemon (the shell) turns gRPC calls
+into calls on `acb_slurm.scheduler.Scheduler` and commits the grants it returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Gpu:
+    """One GPU of the node's inventory. `index` is its position in the inventory (0..n-1)."""
+
+    index: int
+    memory_bytes: int
+    device_id: str  # what a client puts in CUDA_VISIBLE_DEVICES ("0", "3", "GPU-<uuid>")
+    uuid: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A client's wish for GPUs. `memory_bytes` is per GPU; 0 means the whole GPU."""
+
+    request_id: str
+    client_id: str
+    gpu_count: int = 1
+    memory_bytes: int = 0
+    priority: int = 0  # higher first; equal priorities FIFO
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """GPUs given to a request. `memory_bytes` is what is promised on each of them."""
+
+    request_id: str
+    client_id: str
+    gpu_indices: tuple[int, ...]
+    memory_bytes: int
+
+
+class SchedulerError(Exception):
+    """Base of the scheduler core's errors."""
+
+
+class InvalidRequest(SchedulerError):
+    """The request is malformed (zero GPUs, negative memory, duplicate id, ...)."""
+
+
+class Infeasible(SchedulerError):
+    """The request can never be satisfied on this inventory under this policy."""
+
+
+class UnknownRequest(SchedulerError, KeyError):
+    """No waiting or granted request has this id."""
+
+
+class UnknownPolicy(SchedulerError, LookupError):
+    """No policy is registered under this name; the message lists the known ones."""
