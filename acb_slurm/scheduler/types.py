@@ -56,6 +56,10 @@ class Infeasible(SchedulerError):
 class UnknownRequest(SchedulerError, KeyError):
     """No waiting or granted request has this id."""
 
+    def __str__(self) -> str:
+        # KeyError quotes its argument; the message is meant for people, so print it as is.
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
 
 class UnknownPolicy(SchedulerError, LookupError):
     """No policy is registered under this name; the message lists the known ones."""

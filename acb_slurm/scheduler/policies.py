@@ -1,0 +1,219 @@
+"""Placement policies of the scheduler core: one base class, one registry keyed by name.
+
+A policy answers two questions about a request, both pure functions of their arguments:
+
+* `check(request, gpus)`: can it *ever* be placed on this inventory? (raises `Infeasible`)
+* `place(request, view)`: which GPUs now, or `None` for "not now, retry later"?
+
+Queue order, backfill and the bypass bound are the core's (`Scheduler`), not the policy's, so
+adding a policy is one class with `@register_policy`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Sequence
+from typing import ClassVar, Protocol, TypeVar
+
+from acb_slurm.scheduler.types import Gpu, Infeasible, Request, UnknownPolicy
+from acb_slurm.units import format_size
+
+__all__ = [
+    "GpuAffinity",
+    "GpuSharing",
+    "Policy",
+    "PolicyView",
+    "Simple",
+    "available_policies",
+    "get_policy",
+    "register_policy",
+]
+
+
+class PolicyView(Protocol):
+    """What a policy may read of the scheduler's state (the `Scheduler` implements it)."""
+
+    @property
+    def gpus(self) -> Sequence[Gpu]: ...
+
+    def promised_bytes(self, gpu_index: int) -> int: ...
+
+    def holders_of(self, gpu_index: int) -> tuple[str, ...]: ...
+
+    def is_exclusive(self, gpu_index: int) -> bool: ...
+
+    def last_gpus(self, client_id: str) -> tuple[int, ...]: ...
+
+    def last_client_of(self, gpu_index: int) -> str | None: ...
+
+
+class Policy(ABC):
+    """Decides where a request goes. Subclasses set `name` and implement `place`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def exclusive(self, request: Request) -> bool:
+        """Whether a grant to `request` owns its GPUs alone (default: always)."""
+        return True
+
+    def shape(self, request: Request) -> Hashable | None:
+        """Requests of equal shape fit alike: once one cannot be placed, the core skips the rest
+        of that shape until the next call (long queues of identical workers stay cheap). Return
+        None when placement depends on more than the GPU count and memory."""
+        return (request.gpu_count, request.memory_bytes, self.exclusive(request))
+
+    def check(self, request: Request, gpus: Sequence[Gpu]) -> None:
+        """Raise `Infeasible` when `request` can never be placed on `gpus` under this policy."""
+        count = request.gpu_count
+        if count > len(gpus):
+            raise Infeasible(
+                f"request {request.request_id!r} asks for {_gpus(count)}, this node has {len(gpus)}"
+            )
+        need = request.memory_bytes
+        big_enough = sum(1 for gpu in gpus if gpu.memory_bytes >= need)
+        if big_enough < count:
+            largest = max(gpu.memory_bytes for gpu in gpus)
+            if big_enough == 0:
+                raise Infeasible(
+                    f"request {request.request_id!r} asks for {format_size(need)} per GPU, "
+                    f"the largest GPU of this node has {format_size(largest)}"
+                )
+            raise Infeasible(
+                f"request {request.request_id!r} asks for {_gpus(count)} with "
+                f"{format_size(need)} each, only {big_enough} GPU(s) of this node have that much"
+            )
+
+    @abstractmethod
+    def place(self, request: Request, view: PolicyView) -> tuple[int, ...] | None:
+        """The GPU indices to grant `request` now, or `None` when it cannot be placed now."""
+
+    def __repr__(self) -> str:
+        return f"<policy {self.name}>"
+
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+P = TypeVar("P", bound=type[Policy])
+
+
+def register_policy(cls: P) -> P:
+    """Class decorator: make `cls` available under `cls.name`. Duplicate names are refused."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"policy class {cls.__qualname__} must set a non-empty `name`")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        other = _REGISTRY[name]
+        raise ValueError(
+            f"policy name {name!r} is already registered by "
+            f"{other.__module__}.{other.__qualname__}; choose another name"
+        )
+    _REGISTRY[name] = cls
+    return cls
+
+
+def available_policies() -> list[str]:
+    """Names of all registered policies, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_policy(name: str) -> Policy:
+    """A fresh instance of the policy registered as `name`; `UnknownPolicy` lists the known ones."""
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        known = ", ".join(available_policies())
+        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownPolicy(f"unknown policy {name!r}{hint}; known policies: {known}") from None
+
+
+def _gpus(count: int) -> str:
+    return "1 GPU" if count == 1 else f"{count} GPUs"
+
+
+def _free_fitting(request: Request, view: PolicyView) -> list[int]:
+    """Indices of GPUs nobody holds that have at least the request's memory, in index order."""
+    return [
+        gpu.index
+        for gpu in view.gpus
+        if gpu.memory_bytes >= request.memory_bytes and not view.holders_of(gpu.index)
+    ]
+
+
+@register_policy
+class Simple(Policy):
+    """FIFO, one whole GPU per request; memory only rules out GPUs smaller than asked."""
+
+    name = "simple"
+    description = "one whole GPU per request, first come first served"
+
+    def check(self, request: Request, gpus: Sequence[Gpu]) -> None:
+        super().check(request, gpus)
+        if request.gpu_count > 1:
+            raise Infeasible(
+                f"request {request.request_id!r} asks for {_gpus(request.gpu_count)}: "
+                "policy simple grants one GPU per request: use gpu-affinity for multi-GPU requests"
+            )
+
+    def place(self, request: Request, view: PolicyView) -> tuple[int, ...] | None:
+        free = _free_fitting(request, view)
+        return (free[0],) if free else None
+
+
+@register_policy
+class GpuSharing(Policy):
+    """Requests with a memory promise share a GPU while the promises fit; 0 bytes = exclusive."""
+
+    name = "gpu-sharing"
+    description = "several requests share a GPU while their memory promises fit it"
+
+    def exclusive(self, request: Request) -> bool:
+        return request.memory_bytes == 0
+
+    def place(self, request: Request, view: PolicyView) -> tuple[int, ...] | None:
+        # Best fit: put a shared request on the GPUs where it leaves the least memory over,
+        # so that the large holes stay whole for large (or exclusive) requests that come later;
+        # an exclusive request takes the smallest empty GPUs for the same reason. Ties go to
+        # the lower index, which keeps the decision deterministic (the core must replay).
+        need = request.memory_bytes
+        candidates: list[tuple[int, int]] = []  # (memory left over after placing, index)
+        for gpu in view.gpus:
+            holders = view.holders_of(gpu.index)
+            if need == 0:
+                if not holders:
+                    candidates.append((gpu.memory_bytes, gpu.index))
+                continue
+            if view.is_exclusive(gpu.index):
+                continue
+            room = gpu.memory_bytes - view.promised_bytes(gpu.index)
+            if room >= need:
+                candidates.append((room - need, gpu.index))
+        if len(candidates) < request.gpu_count:
+            return None
+        candidates.sort()
+        return tuple(sorted(index for _, index in candidates[: request.gpu_count]))
+
+
+@register_policy
+class GpuAffinity(Policy):
+    """Exclusive, multi-GPU grants; a client gets back the GPUs it held last when they are free."""
+
+    name = "gpu-affinity"
+    description = "exclusive multi-GPU grants that return a client to the GPUs it held last"
+
+    def place(self, request: Request, view: PolicyView) -> tuple[int, ...] | None:
+        free = _free_fitting(request, view)
+        if len(free) < request.gpu_count:
+            return None
+        own = set(view.last_gpus(request.client_id))
+
+        # The client's own last GPUs first (warm caches, memory it left pinned), then GPUs nobody
+        # held last, then those another client held last (so that it can get them back too).
+        def rank(index: int) -> tuple[int, int]:
+            if index in own:
+                return (0, index)
+            return (1 if view.last_client_of(index) is None else 2, index)
+
+        return tuple(sorted(sorted(free, key=rank)[: request.gpu_count]))

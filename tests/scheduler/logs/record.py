@@ -1,0 +1,105 @@
+"""Re-record the real event logs the replay tests check (recorded-*.jsonl in this folder).
+
+Runs a real acb-assigner per policy with virtual GPUs, real client processes contending for them
+and one holder killed with SIGKILL (a disconnect), then copies each event log here:
+
+    .venv/bin/python tests/scheduler/logs/record.py
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from acb_slurm.assigner.testing import AssignerProcess
+
+HERE = Path(__file__).parent
+
+WORKER = """
+import sys, time
+from acb_slurm.client import on_device
+rounds, hold, gpus, mem = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+for _ in range(rounds):
+    with on_device(gpus=gpus, memory=None if mem == "0" else mem, label="contend"):
+        time.sleep(hold)
+    time.sleep(0.005)
+"""
+
+HOLDER = """
+import time
+from acb_slurm.client import on_device_begin
+on_device_begin(label="holder")
+time.sleep(600)
+"""
+
+
+def wait(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no progress in {timeout}s")
+        time.sleep(0.05)
+
+
+def record(name: str, policy: str, gpus: int, workers: list[tuple[int, str]]) -> None:
+    """Run one contention under `policy`; `workers` are (GPU count, memory or "0") pairs."""
+    procs: list[subprocess.Popen[str]] = []
+    with tempfile.TemporaryDirectory() as directory:
+        assigner = AssignerProcess(directory, gpus=gpus, policy=policy, gpu_memory="40GiB")
+        assigner.start()
+        try:
+            holder = subprocess.Popen(
+                [sys.executable, "-c", HOLDER],
+                env=assigner.client_env(ACB_WORKER="holder"),
+                stdout=subprocess.DEVNULL,
+                text=True,
+            )
+            procs.append(holder)
+            wait(lambda: any(e["event"] == "grant" for e in assigner.events()))
+            for i, (count, memory) in enumerate(workers):
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", WORKER, "3", "0.02", str(count), memory],
+                        env=assigner.client_env(ACB_WORKER=f"w{i}"),
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    )
+                )
+            time.sleep(0.3)
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+            for proc in procs[1:]:
+                _, err = proc.communicate(timeout=120)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"a worker failed: {err[-2000:]}")
+        finally:
+            assigner.terminate()
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        shutil.copy(assigner.event_log, HERE / name)
+    print(f"recorded {HERE / name}")
+
+
+def main() -> None:
+    record("recorded-simple.jsonl", "simple", 2, [(1, "0")] * 5)
+    record(
+        "recorded-gpu-sharing.jsonl",
+        "gpu-sharing",
+        2,
+        [(1, "10GiB"), (1, "30GiB"), (1, "0"), (1, "20GiB"), (2, "10GiB")],
+    )
+    record(
+        "recorded-gpu-affinity.jsonl", "gpu-affinity", 3, [(2, "0"), (1, "0"), (3, "0"), (1, "0")]
+    )
+
+
+if __name__ == "__main__":
+    main()
