@@ -1,0 +1,998 @@
+"""The job.yaml spec: typed sections, line-precise validation and its JSON Schema, one definition.
+
+Each section is a frozen dataclass whose fields carry a `Kind` (how a YAML value is checked and
+converted, and what JSON Schema describes it) and a one-line doc. `load_spec` walks the composed
+YAML node tree, so every problem names the file, the line and the dotted field; `json_schema`
+walks the same dataclass fields, so validation and schema cannot drift apart. Checks that span
+several fields (a worker asking for more GPUs than a node has, ...) live in `_cross_checks`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from acb_slurm.slurm.errors import Problem, SpecError
+from acb_slurm.units import parse_size
+
+#: Kept in sync with acb_slurm.scheduler's registry; used only when it cannot be imported.
+FALLBACK_POLICIES = ("gpu-affinity", "gpu-sharing", "simple")
+
+WORKER_MODES = ("gate", "auto", "client")
+
+
+def known_policies() -> list[str]:
+    """Policy names the assigner accepts: the scheduler registry's, else the fallback list."""
+    try:
+        from acb_slurm.scheduler import available_policies
+    except ImportError:
+        return list(FALLBACK_POLICIES)
+    return list(available_policies())
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML with positions
+
+
+@dataclass(slots=True)
+class Node:
+    """A YAML value with its 1-based line: scalars hold Python values, mappings/sequences Nodes."""
+
+    value: Any
+    line: int
+    kind: str  # "scalar", "mapping", "sequence"
+    keys: dict[str, int] = field(default_factory=dict)  # mapping: key -> line of the key
+    raw: str = ""  # scalar: the text as written (YAML 1.1 reads 10:30 as the integer 630)
+
+
+def _compose(text: str, file: str) -> Node | None:
+    """Parse YAML text into Nodes keeping line numbers (PyYAML's compose marks)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        return _to_node(loader, root, file)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        raise SpecError([Problem(file, line, "", f"not valid YAML: {what}")]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([Problem(file, 0, "", f"not valid YAML: {exc}")]) from None
+    finally:
+        loader.dispose()
+
+
+def _to_node(loader: yaml.SafeLoader, node: yaml.Node, file: str) -> Node:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        items: dict[str, Node] = {}
+        keys: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            key_line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                raise SpecError(
+                    [Problem(file, key_line, str(key), "keys must be strings (names of fields)")]
+                )
+            if key in items:
+                raise SpecError(
+                    [
+                        Problem(
+                            file, key_line, key, f"duplicate key (first given on line {keys[key]})"
+                        )
+                    ]
+                )
+            items[key] = _to_node(loader, value_node, file)
+            keys[key] = key_line
+        return Node(items, line, "mapping", keys)
+    if isinstance(node, yaml.SequenceNode):
+        return Node([_to_node(loader, n, file) for n in node.value], line, "sequence")
+    return Node(loader.construct_object(node, deep=True), line, "scalar", raw=str(node.value))
+
+
+def _plain(node: Node) -> Any:
+    """The plain Python value of a Node (for error messages)."""
+    if node.kind == "mapping":
+        return {k: _plain(v) for k, v in node.value.items()}
+    if node.kind == "sequence":
+        return [_plain(v) for v in node.value]
+    return node.value
+
+
+class _Collector:
+    """Accumulates problems so that one run reports all of them, not only the first."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[Problem] = []
+
+    def add(self, line: int, path: str, message: str) -> None:
+        self.problems.append(Problem(self.file, line, path, message))
+
+
+class _Invalid(Exception):
+    """Raised by a Kind: the message says what was expected."""
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int):
+        return f"a number ({value})"
+    if isinstance(value, float):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Kinds: how one field is checked and described
+
+
+class Kind:
+    """How a field's YAML value is checked, converted, and described in JSON Schema."""
+
+    def convert(self, node: Node, path: str, out: _Collector, ctx: _Context) -> Any:
+        if node.kind != "scalar":
+            raise _Invalid(f"expected {self.expected()}, got {_describe(_plain(node))}")
+        return self.scalar(node.value, ctx)
+
+    def scalar(self, value: Any, ctx: _Context) -> Any:
+        raise NotImplementedError
+
+    def expected(self) -> str:
+        raise NotImplementedError
+
+    def schema(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What conversion needs beyond the value: the directory relative paths start from."""
+
+    base_dir: Path
+
+
+# Values that end up on an #SBATCH line: sbatch reads them with its own (double-quote) rules,
+# which cannot carry a double quote, a backslash or a line break.
+_SBATCH_SAFE = re.compile(r'^[^"\\\x00-\x1f\x7f]+$')
+_SBATCH_SAFE_JSON = '^[^"\\\\\\u0000-\\u001f\\u007f]+$'
+
+
+@dataclass(frozen=True)
+class Str(Kind):
+    """A non-empty string; `sbatch_line` forbids what an #SBATCH line cannot carry."""
+
+    sbatch_line: bool = False
+
+    def scalar(self, value: Any, ctx: _Context) -> str:
+        if not isinstance(value, str):
+            raise _Invalid(f"expected {self.expected()}, got {_describe(value)}")
+        if not value.strip():
+            raise _Invalid("must not be empty")
+        if "\x00" in value:
+            raise _Invalid("must not contain a NUL character")
+        if self.sbatch_line and not _SBATCH_SAFE.match(value):
+            raise _Invalid(
+                f"{value!r} cannot go on an #SBATCH line: no double quotes, backslashes or "
+                "line breaks"
+            )
+        return value
+
+    def expected(self) -> str:
+        return "a string"
+
+    def schema(self) -> dict[str, Any]:
+        if not self.sbatch_line:
+            return {"type": "string", "minLength": 1, "pattern": r"\S"}
+        patterns = [{"pattern": r"\S"}, {"pattern": _SBATCH_SAFE_JSON}]
+        return {"type": "string", "minLength": 1, "allOf": patterns}
+
+
+@dataclass(frozen=True)
+class Int(Kind):
+    """A whole number within bounds (booleans are not numbers here)."""
+
+    minimum: int = 0
+    maximum: int | None = None
+
+    def scalar(self, value: Any, ctx: _Context) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected {self.expected()}, got {_describe(value)}")
+        if value < self.minimum:
+            raise _Invalid(f"must be at least {self.minimum}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise _Invalid(f"must be at most {self.maximum}, got {value}")
+        return value
+
+    def expected(self) -> str:
+        return f"a whole number >= {self.minimum}"
+
+    def schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "integer", "minimum": self.minimum}
+        if self.maximum is not None:
+            out["maximum"] = self.maximum
+        return out
+
+
+@dataclass(frozen=True)
+class Choice(Kind):
+    """One of a list of names; `choices` is called so registries can grow at run time."""
+
+    choices: Callable[[], Sequence[str]]
+    what: str = "value"
+
+    def scalar(self, value: Any, ctx: _Context) -> str:
+        known = list(self.choices())
+        if not isinstance(value, str):
+            raise _Invalid(f"expected one of {', '.join(known)}, got {_describe(value)}")
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _Invalid(f"unknown {self.what} {value!r}{hint}; known: {', '.join(known)}")
+        return value
+
+    def expected(self) -> str:
+        return f"one of {', '.join(self.choices())}"
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "enum": list(self.choices())}
+
+
+# Slurm's time formats (parse_time.c time_str2secs): MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM,
+# D-HH:MM:SS, and INFINITE/UNLIMITED.
+_TIME_FORMS = (
+    (re.compile(r"^(\d+)$"), ("minutes",)),
+    (re.compile(r"^(\d+):(\d+)$"), ("minutes", "seconds")),
+    (re.compile(r"^(\d+):(\d+):(\d+)$"), ("hours", "minutes", "seconds")),
+    (re.compile(r"^(\d+)-(\d+)$"), ("days", "hours")),
+    (re.compile(r"^(\d+)-(\d+):(\d+)$"), ("days", "hours", "minutes")),
+    (re.compile(r"^(\d+)-(\d+):(\d+):(\d+)$"), ("days", "hours", "minutes", "seconds")),
+)
+_UNLIMITED = ("unlimited", "infinite")
+_SECONDS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+
+
+def parse_slurm_time(text: str | int) -> int | None:
+    """Seconds of a Slurm time limit, None for UNLIMITED; ValueError naming the forms otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
+    if not isinstance(text, str):
+        raise ValueError(f"not a Slurm time: {text!r}")
+    stripped = text.strip()
+    if stripped.lower() in _UNLIMITED:
+        return None
+    for pattern, units in _TIME_FORMS:
+        match = pattern.match(stripped)
+        if match:
+            return sum(int(g) * _SECONDS[u] for g, u in zip(match.groups(), units, strict=True))
+    raise ValueError(
+        f"{text!r} is not a time Slurm understands; write MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, "
+        "D-HH:MM:SS or UNLIMITED (e.g. 90, 1:30:00, 2-12)"
+    )
+
+
+@dataclass(frozen=True)
+class SlurmTime(Kind):
+    """A time limit in one of Slurm's formats; kept as written, zero refused."""
+
+    def convert(self, node: Node, path: str, out: _Collector, ctx: _Context) -> Any:
+        if node.kind == "scalar" and isinstance(node.value, int) and ":" in node.raw:
+            return self.scalar(node.raw, ctx)  # 10:30 unquoted: YAML 1.1 made it 630
+        return super().convert(node, path, out, ctx)
+
+    def scalar(self, value: Any, ctx: _Context) -> str:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise _Invalid(f"expected {self.expected()}, got {_describe(value)}")
+        try:
+            seconds = parse_slurm_time(value)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+        if seconds == 0:
+            raise _Invalid(f"{value!r} is a time limit of zero; a job needs at least a minute")
+        return str(value).strip()
+
+    def expected(self) -> str:
+        return "a Slurm time (MM, HH:MM:SS, D-HH:MM:SS or UNLIMITED)"
+
+    def schema(self) -> dict[str, Any]:
+        forms = "|".join(p.pattern[1:-1] for p, _ in _TIME_FORMS)
+        return {
+            "anyOf": [
+                {"type": "integer", "minimum": 1},
+                {
+                    "type": "string",
+                    "pattern": f"^(?:{forms}|[Uu][Nn][Ll][Ii][Mm][Ii][Tt][Ee][Dd]|"
+                    "[Ii][Nn][Ff][Ii][Nn][Ii][Tt][Ee])$",
+                },
+            ]
+        }
+
+
+_SLURM_MEM = re.compile(r"^(\d+)([KMGT]?)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class SlurmMem(Kind):
+    """Slurm's --mem: a number of megabytes, or with a K/M/G/T suffix."""
+
+    def scalar(self, value: Any, ctx: _Context) -> str:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise _Invalid(f"expected {self.expected()}, got {_describe(value)}")
+        match = _SLURM_MEM.match(str(value).strip())
+        if not match:
+            raise _Invalid(
+                f"{value!r} is not a Slurm memory size; write megabytes (4000) or a number with "
+                "K, M, G or T (16G)"
+            )
+        if int(match.group(1)) == 0:
+            raise _Invalid(
+                "0 asks Slurm for all of a node's memory; write that explicitly with "
+                "extra: ['--mem=0'] if you mean it"
+            )
+        return str(value).strip().upper()
+
+    def expected(self) -> str:
+        return "a Slurm memory size (16G, 4000, 512M)"
+
+    def schema(self) -> dict[str, Any]:
+        return {
+            "anyOf": [
+                {"type": "integer", "minimum": 1},
+                {"type": "string", "pattern": "^[0-9]*[1-9][0-9]*[KMGTkmgt]?$"},
+            ]
+        }
+
+
+@dataclass(frozen=True)
+class ByteSize(Kind):
+    """A byte size as people write it (80GiB, 512MiB, 16G); stored as bytes."""
+
+    def scalar(self, value: Any, ctx: _Context) -> int:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise _Invalid(f"expected {self.expected()}, got {_describe(value)}")
+        try:
+            size = parse_size(value)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+        if size <= 0:
+            raise _Invalid(f"must be more than zero bytes, got {value!r}")
+        return size
+
+    def expected(self) -> str:
+        return "a size (80GiB, 512MiB, 16G)"
+
+    def schema(self) -> dict[str, Any]:
+        return {
+            "anyOf": [
+                {"type": "integer", "minimum": 1},
+                {
+                    "type": "string",
+                    "pattern": r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]([iI]?[bB])?|[bB])?\s*$",
+                },
+            ]
+        }
+
+
+@dataclass(frozen=True)
+class StrList(Kind):
+    """A list of strings; `sbatch_flag` requires each to be one sbatch option (-x or --x=v)."""
+
+    sbatch_flag: bool = False
+
+    def convert(self, node: Node, path: str, out: _Collector, ctx: _Context) -> Any:
+        if node.kind != "sequence":
+            raise _Invalid(f"expected a list of strings, got {_describe(_plain(node))}")
+        items: list[str] = []
+        for i, item in enumerate(node.value):
+            where = f"{path}[{i}]"
+            if item.kind != "scalar" or not isinstance(item.value, str) or not item.value:
+                out.add(item.line, where, f"expected a string, got {_describe(_plain(item))}")
+                continue
+            if self.sbatch_flag:
+                if not item.value.startswith("-"):
+                    out.add(item.line, where, f"{item.value!r} is not an sbatch option (-x, --x=v)")
+                    continue
+                if not _SBATCH_SAFE.match(item.value):
+                    out.add(
+                        item.line,
+                        where,
+                        f"{item.value!r} cannot go on an #SBATCH line: no double quotes, "
+                        "backslashes or line breaks",
+                    )
+                    continue
+            items.append(item.value)
+        return tuple(items)
+
+    def expected(self) -> str:
+        return "a list of strings"
+
+    def schema(self) -> dict[str, Any]:
+        item: dict[str, Any] = {"type": "string", "minLength": 1}
+        if self.sbatch_flag:
+            item = {"type": "string", "allOf": [{"pattern": "^-"}, {"pattern": _SBATCH_SAFE_JSON}]}
+        return {"type": "array", "items": item}
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class EnvMap(Kind):
+    """Environment variables: NAME -> string value (numbers are accepted and kept as text)."""
+
+    def convert(self, node: Node, path: str, out: _Collector, ctx: _Context) -> Any:
+        if node.kind != "mapping":
+            raise _Invalid(f"expected a mapping NAME: value, got {_describe(_plain(node))}")
+        env: dict[str, str] = {}
+        for name, value in node.value.items():
+            where = f"{path}.{name}"
+            line = node.keys[name]
+            if not _ENV_NAME.match(name):
+                out.add(line, where, f"{name!r} is not an environment variable name")
+                continue
+            if value.kind != "scalar" or value.value is None or isinstance(value.value, bool):
+                out.add(
+                    value.line,
+                    where,
+                    f"expected a string, got {_describe(_plain(value))} (quote it: '...')",
+                )
+                continue
+            if not isinstance(value.value, (str, int, float)):
+                out.add(value.line, where, f"expected a string, got {_describe(value.value)}")
+                continue
+            text = str(value.value)
+            if "\x00" in text:
+                out.add(value.line, where, "must not contain a NUL character")
+                continue
+            env[name] = text
+        return tuple(env.items())
+
+    def expected(self) -> str:
+        return "a mapping NAME: value"
+
+    def schema(self) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "propertyNames": {"pattern": _ENV_NAME.pattern},
+            "additionalProperties": {"type": ["string", "number"]},
+        }
+
+
+@dataclass(frozen=True)
+class Command(Kind):
+    """A command: a list of argv (run as is) or a string (a bash command line)."""
+
+    def convert(self, node: Node, path: str, out: _Collector, ctx: _Context) -> Any:
+        if node.kind == "scalar":
+            if not isinstance(node.value, str) or not node.value.strip():
+                raise _Invalid(f"expected {self.expected()}, got {_describe(node.value)}")
+            if "\x00" in node.value:
+                raise _Invalid("must not contain a NUL character")
+            return node.value
+        if node.kind != "sequence" or not node.value:
+            raise _Invalid(f"expected {self.expected()}, got {_describe(_plain(node))}")
+        argv: list[str] = []
+        for i, item in enumerate(node.value):
+            value = item.value if item.kind == "scalar" else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = str(value)
+            if not isinstance(value, str) or (i == 0 and not value):
+                out.add(item.line, f"{path}[{i}]", f"expected a string, got {_describe(value)}")
+                continue
+            if "\x00" in value:
+                out.add(item.line, f"{path}[{i}]", "must not contain a NUL character")
+                continue
+            argv.append(value)
+        return tuple(argv)
+
+    def expected(self) -> str:
+        return "a list of arguments or a command line string"
+
+    def schema(self) -> dict[str, Any]:
+        return {
+            "anyOf": [
+                {"type": "string", "minLength": 1, "pattern": r"\S"},
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "prefixItems": [{"type": "string", "minLength": 1}],
+                    "items": {"type": ["string", "number"]},
+                },
+            ]
+        }
+
+
+@dataclass(frozen=True)
+class ExistingPath(Kind):
+    """A path to an existing file, relative to the job.yaml's directory; stored absolute."""
+
+    def scalar(self, value: Any, ctx: _Context) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise _Invalid(f"expected {self.expected()}, got {_describe(value)}")
+        path = Path(os.path.expanduser(value))
+        resolved = path if path.is_absolute() else ctx.base_dir / path
+        if not resolved.is_file():
+            raise _Invalid(f"{value!r} does not exist (looked for {resolved})")
+        return str(resolved.resolve())
+
+    def expected(self) -> str:
+        return "a path to a file"
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "minLength": 1}
+
+
+@dataclass(frozen=True)
+class Section(Kind):
+    """A mapping whose keys are the fields of a dataclass."""
+
+    cls: type
+
+    def convert(self, node: Node, path: str, out: _Collector, ctx: _Context) -> Any:
+        if node.kind != "mapping":
+            raise _Invalid(
+                f"expected a mapping of {self.cls.__name__} fields, got {_describe(_plain(node))}"
+            )
+        return _build(self.cls, node, path, out, ctx)
+
+    def expected(self) -> str:
+        return "a mapping"
+
+    def schema(self) -> dict[str, Any]:
+        return _section_schema(self.cls)
+
+
+@dataclass(frozen=True)
+class ListOf(Kind):
+    """A list of sections, each validated on its own."""
+
+    item: Section
+    min_items: int = 1
+
+    def convert(self, node: Node, path: str, out: _Collector, ctx: _Context) -> Any:
+        if node.kind != "sequence":
+            raise _Invalid(f"expected a list, got {_describe(_plain(node))}")
+        if len(node.value) < self.min_items:
+            raise _Invalid(
+                f"needs at least {self.min_items} entr{'y' if self.min_items == 1 else 'ies'}"
+            )
+        items = []
+        for i, item in enumerate(node.value):
+            where = f"{path}[{i}]"
+            try:
+                items.append(self.item.convert(item, where, out, ctx))
+            except _Invalid as exc:
+                out.add(item.line, where, str(exc))
+        return tuple(items)
+
+    def expected(self) -> str:
+        return "a list"
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "array", "minItems": self.min_items, "items": self.item.schema()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections
+
+
+def spec_field(
+    kind: Kind,
+    doc: str,
+    default: Any = None,
+    *,
+    required: bool = False,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A dataclass field that validation and the JSON Schema both read."""
+    nullable = default is None and factory is None and not required
+    meta = {"kind": kind, "doc": doc, "required": required, "nullable": nullable}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for defaults")
+    if required:
+        return field(metadata=meta)
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What to ask Slurm for: one line of `#SBATCH` per field that is set."""
+
+    name: str = spec_field(Str(sbatch_line=True), "job name (--job-name)", "acb-job")
+    partition: str | None = spec_field(Str(sbatch_line=True), "partition (--partition)")
+    account: str | None = spec_field(Str(sbatch_line=True), "account to charge (--account)")
+    nodes: int = spec_field(Int(1), "number of nodes (--nodes); one assigner runs on each", 1)
+    ntasks_per_node: int = spec_field(Int(1), "tasks per node (--ntasks-per-node)", 1)
+    cpus_per_task: int = spec_field(Int(1), "CPUs per task (--cpus-per-task)", 1)
+    gpus_per_node: int = spec_field(Int(0), "GPUs per node (--gres=gpu:N); 0 for none", 0)
+    mem: str | None = spec_field(SlurmMem(), "memory per node (--mem), e.g. 64G")
+    time: str | None = spec_field(SlurmTime(), "time limit (--time), e.g. 1-00:00:00")
+    output: str | None = spec_field(
+        Str(sbatch_line=True), "stdout file (--output); %j is the job id", "acb-%x-%j.out"
+    )
+    error: str | None = spec_field(Str(sbatch_line=True), "stderr file (--error); default: output")
+    extra: tuple[str, ...] = spec_field(
+        StrList(sbatch_flag=True), "more sbatch options, one per entry, e.g. --qos=high", ()
+    )
+
+
+@dataclass(frozen=True)
+class Broker:
+    """The per-node assigner: which policy, which GPUs, how long to wait for it."""
+
+    policy: str = spec_field(Choice(known_policies, "policy"), "scheduling policy", "simple")
+    gpus: int | None = spec_field(
+        Int(1), "GPUs of each node the assigner may hand out; default all of gpus_per_node"
+    )
+    worker_memory: int | None = spec_field(
+        ByteSize(), "estimated GPU memory of one worker (acb-run --memory), e.g. 10GiB"
+    )
+    virtual_gpus: int | None = spec_field(
+        Int(1), "pretend each node has this many GPUs (machines without GPUs, tests)"
+    )
+    gpu_memory: int | None = spec_field(
+        ByteSize(), "memory of each virtual GPU, e.g. 80GiB (with virtual_gpus); default 80GiB"
+    )
+    startup_timeout: int = spec_field(
+        Int(1, 3600), "seconds to wait for every node's assigner to be ready", 60
+    )
+    run_root: str | None = spec_field(
+        Str(),
+        "directory under which the job's run dir <run_root>/<job id> is made; "
+        "relative to the submit dir; default acb-runs",
+    )
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    """Workers started by the batch script, each its own `srun` step under `acb-run`."""
+
+    command: str | tuple[str, ...] = spec_field(
+        Command(), "argv list (run as is) or a string (run by bash -c)", required=True
+    )
+    name: str = spec_field(Str(), "name prefix; each worker is <name>-<node>-<i>", "worker")
+    per_node: int | None = spec_field(Int(1), "workers on each node (default 1)")
+    per_gpu: int | None = spec_field(Int(1), "workers per GPU of each node")
+    mode: str = spec_field(
+        Choice(lambda: WORKER_MODES, "mode"),
+        "gate: acb-run --gate; auto: acb-run --auto (PyTorch); client: the command talks to the "
+        "assigner itself",
+        "gate",
+    )
+    gpus: int = spec_field(Int(1), "GPUs each worker holds at once (acb-run --gpus)", 1)
+    env: tuple[tuple[str, str], ...] = spec_field(EnvMap(), "environment variables", ())
+    workdir: str | None = spec_field(Str(), "working directory (default: the submit dir)")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A whole job.yaml."""
+
+    workers: tuple[WorkerGroup, ...] = spec_field(
+        ListOf(Section(WorkerGroup)), "worker groups", required=True
+    )
+    # spec_field(factory=...) is a default_factory; ruff cannot see through the wrapper.
+    allocation: Allocation = spec_field(  # noqa: RUF009
+        Section(Allocation), "the Slurm allocation", factory=Allocation
+    )
+    broker: Broker = spec_field(  # noqa: RUF009
+        Section(Broker), "the per-node GPU assigner", factory=Broker
+    )
+    campaign: str | None = spec_field(
+        ExistingPath(), "campaign file read by acb-campaign workers (exported as ACB_CAMPAIGN)"
+    )
+    source: str = field(default="<memory>", metadata={"internal": True})
+
+    # -- derived values used by rendering --------------------------------------------------
+
+    @property
+    def gpus_per_node(self) -> int:
+        """GPUs each node's assigner hands out."""
+        if self.broker.virtual_gpus:
+            return self.broker.virtual_gpus
+        return self.broker.gpus or self.allocation.gpus_per_node
+
+    def workers_per_node(self, group: WorkerGroup) -> int:
+        if group.per_gpu is not None:
+            return group.per_gpu * self.gpus_per_node
+        return group.per_node or 1
+
+
+# Exclusive field pairs of a section: at most one of them may be given.
+_EXCLUSIVE: dict[type, tuple[tuple[str, str], ...]] = {WorkerGroup: (("per_node", "per_gpu"),)}
+
+# sbatch options that a field already sets: `extra` may not repeat them.
+_MANAGED_FLAGS = {
+    "-J": "name", "--job-name": "name", "-p": "partition", "--partition": "partition",
+    "-A": "account", "--account": "account", "-N": "nodes", "--nodes": "nodes",
+    "--ntasks-per-node": "ntasks_per_node", "-c": "cpus_per_task",
+    "--cpus-per-task": "cpus_per_task", "--gres": "gpus_per_node",
+    "--gpus-per-node": "gpus_per_node", "--mem": "mem", "-t": "time", "--time": "time",
+    "-o": "output", "--output": "output", "-e": "error", "--error": "error",
+}  # fmt: skip
+
+
+def _spec_fields(cls: type) -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+def _given(node: Node, key: str) -> bool:
+    value = node.value.get(key)
+    return value is not None and not (value.kind == "scalar" and value.value is None)
+
+
+def _build(cls: type, node: Node, path: str, out: _Collector, ctx: _Context) -> Any:
+    fields = {f.name: f for f in _spec_fields(cls)}
+    values: dict[str, Any] = {}
+    prefix = f"{path}." if path else ""
+    for key, value_node in node.value.items():
+        line = node.keys[key]
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            out.add(line, f"{prefix}{key}", f"unknown key{hint}; valid keys: {', '.join(fields)}")
+            continue
+        f = fields[key]
+        if value_node.kind == "scalar" and value_node.value is None:
+            if isinstance(f.metadata["kind"], Section):
+                continue  # an empty section: its defaults
+            if f.metadata["nullable"]:
+                values[key] = None
+            else:
+                out.add(line, f"{prefix}{key}", f"needs a value ({f.metadata['kind'].expected()})")
+            continue
+        try:
+            values[key] = f.metadata["kind"].convert(value_node, f"{prefix}{key}", out, ctx)
+        except _Invalid as exc:
+            out.add(value_node.line, f"{prefix}{key}", str(exc))
+    missing = [n for n, f in fields.items() if f.metadata["required"] and n not in node.value]
+    for name in missing:
+        out.add(node.line, f"{prefix}{name}", f"is required ({fields[name].metadata['doc']})")
+    for a, b in _EXCLUSIVE.get(cls, ()):
+        if _given(node, a) and _given(node, b):
+            out.add(
+                node.keys[b],
+                f"{prefix}{b}",
+                f"give {prefix}{a} or {prefix}{b}, not both "
+                f"({a}={_plain(node.value[a])}, {b}={_plain(node.value[b])})",
+            )
+    if missing or any(n not in values and n in node.value for n in fields):
+        return None  # problems already recorded; the caller will raise
+    return cls(**values)
+
+
+def _cross_checks(spec: JobSpec, root: Node, out: _Collector) -> None:
+    """Checks that span fields; each names both fields and their values."""
+
+    def line_of(*keys: str | int) -> int:
+        node = root
+        line = root.line
+        for key in keys:
+            if node.kind == "mapping" and isinstance(key, str) and key in node.value:
+                line = node.keys[key]
+                node = node.value[key]
+            elif node.kind == "sequence" and isinstance(key, int) and key < len(node.value):
+                node = node.value[key]
+                line = node.line
+            else:
+                break
+        return line
+
+    alloc, broker = spec.allocation, spec.broker
+    if broker.gpus is not None and broker.virtual_gpus is None:
+        if alloc.gpus_per_node == 0:
+            out.add(
+                line_of("broker", "gpus"),
+                "broker.gpus",
+                f"broker.gpus={broker.gpus} but allocation.gpus_per_node=0: ask Slurm for GPUs "
+                "or use broker.virtual_gpus",
+            )
+        elif broker.gpus > alloc.gpus_per_node:
+            out.add(
+                line_of("broker", "gpus"),
+                "broker.gpus",
+                f"broker.gpus={broker.gpus} is more than allocation.gpus_per_node="
+                f"{alloc.gpus_per_node}: the assigner can only hand out GPUs Slurm gave the job",
+            )
+    if broker.gpus is not None and broker.virtual_gpus is not None:
+        out.add(
+            line_of("broker", "gpus"),
+            "broker.gpus",
+            f"broker.gpus={broker.gpus} and broker.virtual_gpus={broker.virtual_gpus} contradict "
+            "each other: virtual GPUs replace real ones; keep one",
+        )
+    if broker.gpu_memory is not None and broker.virtual_gpus is None:
+        out.add(
+            line_of("broker", "gpu_memory"),
+            "broker.gpu_memory",
+            "broker.gpu_memory is only used with broker.virtual_gpus (real GPUs report their own "
+            "memory); set broker.virtual_gpus or remove it",
+        )
+    gpu_memory = broker.gpu_memory or parse_size("80GiB")
+    if broker.virtual_gpus and broker.worker_memory and broker.worker_memory > gpu_memory:
+        out.add(
+            line_of("broker", "worker_memory"),
+            "broker.worker_memory",
+            f"broker.worker_memory={broker.worker_memory} bytes is more than broker.gpu_memory="
+            f"{gpu_memory} bytes: no worker could ever be granted a GPU",
+        )
+    gpus = spec.gpus_per_node
+    for i, group in enumerate(spec.workers):
+        where = f"workers[{i}]"
+        if group.mode in ("gate", "auto") and gpus == 0:
+            out.add(
+                line_of("workers", i, "mode"),
+                f"{where}.mode",
+                f"{where}.mode={group.mode} needs GPUs but allocation.gpus_per_node=0 and "
+                "broker.virtual_gpus is not set",
+            )
+        if group.per_gpu is not None and gpus == 0:
+            out.add(
+                line_of("workers", i, "per_gpu"),
+                f"{where}.per_gpu",
+                f"{where}.per_gpu={group.per_gpu} but the job has no GPUs "
+                "(allocation.gpus_per_node=0, no broker.virtual_gpus)",
+            )
+        if gpus and group.gpus > gpus:
+            out.add(
+                line_of("workers", i, "gpus"),
+                f"{where}.gpus",
+                f"{where}.gpus={group.gpus} is more than the {gpus} GPU(s) a node's assigner "
+                "has (allocation.gpus_per_node / broker.virtual_gpus / broker.gpus)",
+            )
+        if group.mode != "gate" and group.gpus != 1:
+            out.add(
+                line_of("workers", i, "gpus"),
+                f"{where}.gpus",
+                f"{where}.gpus={group.gpus} only applies to mode=gate, not mode={group.mode}",
+            )
+    for i, flag in enumerate(alloc.extra):
+        name = flag.split("=", 1)[0]
+        if name in _MANAGED_FLAGS:
+            owner = _MANAGED_FLAGS[name]
+            out.add(
+                line_of("allocation", "extra", i),
+                f"allocation.extra[{i}]",
+                f"{flag!r} repeats allocation.{owner}; set allocation.{owner} instead",
+            )
+
+
+def load_spec(path: str | os.PathLike[str]) -> JobSpec:
+    """Read and validate a job.yaml; SpecError lists every problem with file:line and field."""
+    file = os.fspath(path)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([Problem(file, 0, "", f"cannot read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError([Problem(file, 0, "", f"not UTF-8 text: {exc}")]) from None
+    return parse_spec(text, file, base_dir=Path(file).resolve().parent)
+
+
+def parse_spec(text: str, file: str = "<job.yaml>", base_dir: Path | None = None) -> JobSpec:
+    """Validate job.yaml text; `file` names it in messages, `base_dir` anchors relative paths."""
+    root = _compose(text, file)
+    out = _Collector(file)
+    if root is None:
+        raise SpecError([Problem(file, 1, "", "is empty; it needs at least `workers:`")])
+    if root.kind != "mapping":
+        raise SpecError(
+            [
+                Problem(
+                    file,
+                    root.line,
+                    "",
+                    "must be a mapping of sections "
+                    f"(allocation, broker, workers, campaign), got {_describe(_plain(root))}",
+                )
+            ]
+        )
+    ctx = _Context(base_dir or Path.cwd())
+    spec = _build(JobSpec, root, "", out, ctx)
+    if spec is not None and not out.problems:
+        spec = dataclasses.replace(spec, source=file)
+        _cross_checks(spec, root, out)
+    if out.problems or spec is None:
+        raise SpecError(sorted(out.problems, key=lambda p: (p.line, p.field)))
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON Schema
+
+
+def _section_schema(cls: type) -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    required = []
+    for f in _spec_fields(cls):
+        kind: Kind = f.metadata["kind"]
+        sub = kind.schema()
+        if f.metadata["nullable"]:
+            sub = {"anyOf": [sub, {"type": "null"}]}
+        sub = {"description": f.metadata["doc"], **sub}
+        if f.default is not dataclasses.MISSING and f.default is not None:
+            default = f.default
+            if dataclasses.is_dataclass(default):
+                default = None
+            elif isinstance(default, tuple):
+                default = [list(x) if isinstance(x, tuple) else x for x in default]
+            if default is not None:
+                sub["default"] = default
+        props[f.name] = sub
+        if f.metadata["required"]:
+            required.append(f.name)
+    out: dict[str, Any] = {
+        "type": "object",
+        "description": (cls.__doc__ or "").strip(),
+        "additionalProperties": False,
+        "properties": props,
+    }
+    if required:
+        out["required"] = required
+    exclusive = _EXCLUSIVE.get(cls, ())
+    if exclusive:
+        out["allOf"] = [
+            {
+                "not": {
+                    "required": [a, b],
+                    "properties": {a: {"type": "integer"}, b: {"type": "integer"}},
+                }
+            }
+            for a, b in exclusive
+        ]
+    return out
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of job.yaml, from the same fields validation uses."""
+    schema = _section_schema(JobSpec)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://acb-slurm.invalid/schema/job.json",
+        "title": "acb-slurm job.yaml",
+        **schema,
+    }
+
+
+def command_argv(command: str | Sequence[str]) -> list[str]:
+    """The argv a worker command runs as: a list as is, a string through `bash -c`."""
+    if isinstance(command, str):
+        return ["bash", "-c", command]
+    return list(command)
+
+
+def check_value(cls: type, name: str, value: Any, label: str, base_dir: Path | None = None) -> Any:
+    """Validate one value as field `name` of section `cls` (command-line options use the same
+    rules as job.yaml); SpecError names `label` (e.g. the option) when it is wrong."""
+    f = next(f for f in _spec_fields(cls) if f.name == name)
+    out = _Collector("command line")
+    ctx = _Context(base_dir or Path.cwd())
+    try:
+        result = f.metadata["kind"].convert(Node(value, 0, "scalar"), label, out, ctx)
+    except _Invalid as exc:
+        out.add(0, label, str(exc))
+        result = None
+    if out.problems:
+        raise SpecError(out.problems)
+    return result
