@@ -17,6 +17,23 @@ JOB_ID = "ACB_JOB_ID"
 WORKER = "ACB_WORKER"
 #: The job's run directory (sockets, event logs, the inter-node config file).
 RUN_DIR = "ACB_RUN_DIR"
+#: Set by `acb-run --auto` for its child: the automatic-mode settings (JSON). The child removes it
+#: at start, so programs it starts in turn do not install automatic mode again.
+AUTO = "ACB_AUTO"
+#: Idle interval (milliseconds) after which automatic mode gives the GPU back (`--idle-ms`).
+IDLE_MS = "ACB_IDLE_MS"
+#: Device automatic mode manages: "cuda" (default) or "cpu" (tests without a GPU) (`--device`).
+AUTO_DEVICE = "ACB_AUTO_DEVICE"
+#: Set by `acb-run --gate` for its child: the id of the lease the child runs under.
+LEASE_ID = "ACB_LEASE_ID"
+#: Directory of the job's Unix sockets (the run dir, or a short /tmp path when that is too long).
+SOCKET_DIR = "ACB_SOCKET_DIR"
+#: Path of the job's inter-node config file (assigners.json: each node's address, port, socket).
+ASSIGNERS_CONFIG = "ACB_ASSIGNERS_CONFIG"
+#: Campaign file a job's campaign workers read (job.yaml's `campaign:`).
+CAMPAIGN = "ACB_CAMPAIGN"
+#: A directory searched for sbatch templates before the packaged ones.
+TEMPLATE_DIR = "ACB_TEMPLATE_DIR"
 #: Metadata key that carries the token on every gRPC call.
 TOKEN_METADATA_KEY = "x-acb-token"
 

@@ -18,12 +18,13 @@ from typing import Any
 
 import jinja2
 
+from acb_slurm import env
 from acb_slurm.slurm.errors import RenderError
 from acb_slurm.slurm.spec import JobSpec, WorkerGroup, command_argv
 from acb_slurm.units import parse_size
 
 #: Environment variable naming a directory searched for templates before the project's.
-TEMPLATE_DIR_ENV = "ACB_TEMPLATE_DIR"
+TEMPLATE_DIR_ENV = env.TEMPLATE_DIR
 DEFAULT_GPU_MEMORY = "80GiB"
 
 
