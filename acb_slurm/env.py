@@ -24,6 +24,8 @@ AUTO = "ACB_AUTO"
 IDLE_MS = "ACB_IDLE_MS"
 #: Device automatic mode manages: "cuda" (default) or "cpu" (tests without a GPU) (`--device`).
 AUTO_DEVICE = "ACB_AUTO_DEVICE"
+#: Log level of automatic mode inside the program (default WARNING; INFO shows every swap).
+AUTO_LOG_LEVEL = "ACB_AUTO_LOG_LEVEL"
 #: Set by `acb-run --gate` for its child: the id of the lease the child runs under.
 LEASE_ID = "ACB_LEASE_ID"
 #: Directory of the job's Unix sockets (the run dir, or a short /tmp path when that is too long).

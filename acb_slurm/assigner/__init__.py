@@ -1,0 +1,7 @@
+"""The per-job GPU assigner daemon (`acb-assigner`) of one node.
+
+`inventory` (NVML or virtual GPUs) → `leases.LeaseBook` (sessions, leases, counters; drives the
+scheduler core) → `server` (thin grpc.aio servicers, token check, health) → `cli`. `eventlog`
+writes the JSON-lines log, `executor` reports to a multi-node job's controller, and `testing`
+starts a real daemon process for tests and benchmarks.
+"""

@@ -1,0 +1,144 @@
+"""`acb-assigner`: parse flags into an AssignerConfig and run the daemon; errors end as one line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from acb_slurm.assigner.errors import AssignerStartError
+from acb_slurm.assigner.inventory import nvml_inventory, virtual_inventory
+from acb_slurm.assigner.server import AssignerConfig, serve
+from acb_slurm.scheduler.types import UnknownPolicy
+from acb_slurm.units import parse_size
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def build_config(
+    socket_path: str,
+    tcp: str | None,
+    policy: str,
+    virtual_gpus: int | None,
+    gpu_memory: str | None,
+    event_log: str | None,
+    token_file: str | None,
+    ready_file: str | None,
+    controller: str | None,
+) -> AssignerConfig:
+    """Validate the flags into a config; AssignerStartError says what is wrong."""
+    from acb_slurm.scheduler import get_policy
+
+    try:
+        get_policy(policy)
+    except UnknownPolicy as exc:
+        raise AssignerStartError(str(exc), exit_code=2) from None
+    if virtual_gpus is not None:
+        if gpu_memory is None:
+            raise AssignerStartError(
+                "--virtual-gpus needs --gpu-memory (the memory of each virtual GPU, e.g. 80GiB)",
+                exit_code=2,
+            )
+        try:
+            memory = parse_size(gpu_memory)
+        except ValueError as exc:
+            raise AssignerStartError(f"--gpu-memory: {exc}", exit_code=2) from None
+        gpus = virtual_inventory(virtual_gpus, memory)
+    elif gpu_memory is not None:
+        raise AssignerStartError(
+            "--gpu-memory is only for virtual GPUs: add --virtual-gpus N, or drop it to use the "
+            "memory NVML reports",
+            exit_code=2,
+        )
+    else:
+        gpus = nvml_inventory()
+    token = None
+    if token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as fh:
+                token = fh.read().strip()
+        except OSError as exc:
+            raise AssignerStartError(f"cannot read --token-file {token_file}: {exc}") from None
+        if not token:
+            raise AssignerStartError(f"--token-file {token_file} is empty", exit_code=2)
+    if tcp is not None and ":" not in tcp:
+        raise AssignerStartError(f"--tcp wants HOST:PORT (port 0 = any), got {tcp!r}", exit_code=2)
+    if controller is not None and ":" not in controller:
+        raise AssignerStartError(
+            f"--controller wants HOST:PORT of the controller's TCP address, got {controller!r}",
+            exit_code=2,
+        )
+    return AssignerConfig(
+        socket_path=os.path.abspath(socket_path),
+        gpus=gpus,
+        policy=policy,
+        tcp=tcp,
+        event_log=event_log,
+        token=token,
+        ready_file=ready_file,
+        controller=controller,
+    )
+
+
+@app.command()
+def assigner(
+    socket: Annotated[
+        str, typer.Option("--socket", help="Unix socket to listen on; its directory is made 0700.")
+    ],
+    tcp: Annotated[
+        str | None, typer.Option(help="Also listen on TCP HOST:PORT (port 0 = ephemeral).")
+    ] = None,
+    policy: Annotated[
+        str, typer.Option(help="Scheduling policy: simple, gpu-sharing or gpu-affinity.")
+    ] = "simple",
+    virtual_gpus: Annotated[
+        int | None,
+        typer.Option(help="Declare N virtual GPUs instead of asking NVML (machines without GPUs)."),
+    ] = None,
+    gpu_memory: Annotated[
+        str | None, typer.Option(help="Memory of each virtual GPU, e.g. 80GiB.")
+    ] = None,
+    event_log: Annotated[
+        str | None, typer.Option(help="Append JSON-lines events to this file.")
+    ] = None,
+    token_file: Annotated[
+        str | None, typer.Option(help="Refuse calls whose x-acb-token is not this file's content.")
+    ] = None,
+    ready_file: Annotated[
+        str | None,
+        typer.Option(help="Write JSON {pid, socket, tcp, ...} here once serving."),
+    ] = None,
+    controller: Annotated[
+        str | None,
+        typer.Option(help="Join the controller at HOST:PORT as an executor (multi-node jobs)."),
+    ] = None,
+) -> None:
+    """Run the GPU assigner of one node of a job: leases, sessions, event log."""
+    try:
+        config = build_config(
+            socket,
+            tcp,
+            policy,
+            virtual_gpus,
+            gpu_memory,
+            event_log,
+            token_file,
+            ready_file,
+            controller,
+        )
+        asyncio.run(serve(config))
+    except AssignerStartError as exc:
+        typer.echo(f"acb-assigner: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

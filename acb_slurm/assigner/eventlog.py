@@ -1,0 +1,71 @@
+"""The assigner's event log: JSON lines, append-only, one object per event.
+
+Every line carries `ts` (Unix seconds), `event` and `node` (docs/ARCHITECTURE.md lists the events
+and their fields). `emit` only buffers; the daemon calls `flush()` at the end of each operation,
+before it answers the client, so one operation (a release and the grant it makes possible) costs
+one write system call, and a client that got an answer finds its lines in the file. A flush is
+also scheduled on the event loop as a safety net, and `close()` writes whatever is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import IO, Any
+
+_encoder = json.JSONEncoder(separators=(",", ":"))
+
+
+def _encode(record: dict[str, Any]) -> str:
+    """One JSON line (a reused encoder: half the cost of json.dumps with options)."""
+    return _encoder.encode(record) + "\n"
+
+
+class EventLog:
+    """Append-only JSON-lines writer; without a path it only keeps nothing (events are dropped)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, node: str) -> None:
+        self.node = node
+        self._file: IO[str] | None = None
+        if path is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._pending: list[str] = []
+        self._flush_scheduled = False
+
+    @property
+    def enabled(self) -> bool:
+        return self._file is not None
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """Record one event now; it reaches the file at the end of this event-loop turn."""
+        if self._file is None:
+            return
+        record = {"ts": time.time(), "event": event, "node": self.node, **fields}
+        self._pending.append(_encode(record))
+        if self._flush_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write and flush every buffered line."""
+        self._flush_scheduled = False
+        if self._file is None or not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        self._file.write("".join(lines))
+        self._file.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,83 @@
+"""The executor role: report this node's state to the controller of a multi-node job.
+
+The executor keeps one `Controller.Join` stream open to the controller: `join` with its
+NodeStatus first, then `state` whenever holders or the queue change (at most one report per
+`DEBOUNCE_S`), and a periodic refresh. If the controller is not up yet or the stream breaks, it
+reconnects with backoff. Grants stay local: each node serves its own workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
+from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
+from acb_slurm.assigner.leases import LeaseBook
+from acb_slurm.env import TOKEN_METADATA_KEY
+
+log = logging.getLogger(__name__)
+
+#: Keepalive pings notice a controller whose node died (no FIN ever comes then).
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+DEBOUNCE_S = 0.1
+REFRESH_S = 5.0
+RETRY_MAX_S = 5.0
+
+
+class ExecutorLink:
+    """The executor side of Controller.Join, running as a task on the daemon's loop."""
+
+    def __init__(self, book: LeaseBook, controller: str, token: str | None) -> None:
+        self.book = book
+        self.controller = controller
+        self.metadata = ((TOKEN_METADATA_KEY, token),) if token else None
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.connected = False
+
+    def start(self) -> None:
+        self.book.change_listeners.append(self._changed.set)
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(
+                    self.controller, options=CHANNEL_OPTIONS
+                ) as channel:
+                    stub = pb_grpc.ControllerStub(channel)
+                    call = stub.Join(self._messages(), metadata=self.metadata)
+                    async for _note in call:
+                        self.connected = True
+                        delay = 0.2
+            except grpc.RpcError as exc:
+                log.warning("controller %s: %s; retrying", self.controller, exc.details())
+            self.connected = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _messages(self) -> AsyncIterator[pb.ExecutorMessage]:
+        yield pb.ExecutorMessage(join=self.book.node_status())
+        while True:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), REFRESH_S)
+            await asyncio.sleep(DEBOUNCE_S)
+            yield pb.ExecutorMessage(state=self.book.node_status())

@@ -1,0 +1,531 @@
+"""The daemon's bookkeeping: sessions, leases, blocked Allocate calls and counters.
+
+`LeaseBook` is the shell around the pure scheduler core: it turns client actions into calls on
+`Scheduler`, commits the grants those calls return (resolving the waiting Allocate futures,
+notifying session streams, writing the event log) and keeps what the core does not: who the
+clients are, when things happened, labels, counters. Everything runs on the daemon's event loop,
+so nothing here needs a lock; no method awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+
+from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
+from acb_slurm.assigner.eventlog import EventLog
+from acb_slurm.scheduler.types import (
+    Grant,
+    Infeasible,
+    InvalidRequest,
+    Request,
+    SchedulerError,
+    UnknownRequest,
+)
+
+if TYPE_CHECKING:
+    from acb_slurm.scheduler import Scheduler
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _flushes_log(method: F) -> F:
+    """Write the events a book operation logged before its caller answers the client."""
+
+    @functools.wraps(method)
+    def wrapper(self: LeaseBook, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.log.flush()
+
+    return wrapper  # type: ignore[return-value]
+
+
+class LeaseState(StrEnum):
+    """Life of a lease: waiting → granted → released, or waiting → withdrawn."""
+
+    WAITING = "waiting"
+    GRANTED = "granted"
+    RELEASED = "released"
+    WITHDRAWN = "withdrawn"
+
+
+class BookError(Exception):
+    """A client action the book refuses; `code` is the gRPC status the daemon answers with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(eq=False)
+class ClientSession:
+    """One client process, alive exactly as long as its Session stream."""
+
+    session_id: str
+    identity: pb.ClientIdentity
+    opened_at: float
+    outbox: asyncio.Queue[pb.ServerMessage | None] = field(default_factory=asyncio.Queue)
+    leases: dict[str, Lease] = field(default_factory=dict)  # waiting and granted, by id
+
+    def who(self) -> dict[str, Any]:
+        """The fields naming this client on every event-log line. `client` is the session id:
+        unique by construction, and the client id the scheduler core knows (replay needs it)."""
+        return {
+            "client": self.session_id,
+            "worker": self.identity.worker,
+            "job": self.identity.job_id,
+        }
+
+
+@dataclass(eq=False)
+class Lease:
+    """One Allocate request and, once granted, the GPUs it holds."""
+
+    lease_id: str
+    session: ClientSession
+    gpu_count: int
+    memory_bytes: int
+    priority: int
+    label: str
+    requested_at: float
+    future: asyncio.Future[pb.AllocReply]
+    state: LeaseState = LeaseState.WAITING
+    granted_at: float = 0.0
+    gpu_indices: tuple[int, ...] = ()
+    granted_memory: int = 0
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    grants: int = 0
+    releases: int = 0
+    yields: int = 0
+    disconnects: int = 0
+    errors: int = 0
+    sessions: int = 0
+
+
+class LeaseBook:
+    """Sessions, leases and counters of one assigner, driving its scheduler core."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        node: str,
+        log: EventLog,
+        address: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.scheduler = scheduler
+        self.node = node
+        self.address = address
+        self.log = log
+        self.clock = clock
+        self.started_at = clock()
+        self.sessions: dict[str, ClientSession] = {}
+        self.leases: dict[str, Lease] = {}
+        self.counters = Counters()
+        self.closed = False
+        #: Called after every change of holders or queue (the executor role reports them).
+        self.change_listeners: list[Callable[[], None]] = []
+        boot = os.urandom(3).hex()
+        self._session_ids = (f"s{n}-{boot}" for n in itertools.count(1))
+        self._lease_ids = (f"l{n}-{boot}" for n in itertools.count(1))
+
+    # ---- sessions ----
+
+    @_flushes_log
+    def open_session(self, identity: pb.ClientIdentity) -> ClientSession:
+        """Register a client; its leases live until `close_session`."""
+        self._check_open()
+        session = ClientSession(next(self._session_ids), identity, self.clock())
+        self.sessions[session.session_id] = session
+        self.counters.sessions += 1
+        self.log.emit(
+            "session",
+            **session.who(),
+            pid=identity.pid,
+            host=identity.hostname,
+            client_id=identity.client_id,
+        )
+        return session
+
+    @_flushes_log
+    def close_session(self, session_id: str, reason: str = "disconnect") -> None:
+        """The client's stream ended: withdraw its waits, release its grants, serve the next."""
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return
+        session.outbox.put_nowait(None)
+        if self.closed:
+            return
+        dropped, grants = self.scheduler.disconnect(session_id)
+        released = []
+        for lease_id in dropped:
+            lease = self.leases.pop(lease_id, None)
+            if lease is None:
+                continue
+            if lease.state is LeaseState.GRANTED:
+                self._log_release(lease, reason)
+                released.append(lease_id)
+            else:
+                self._fail_waiting(lease, reason, "the client's session ended")
+        # Leases the core did not list (should not happen) are dropped here all the same.
+        for lease in list(session.leases.values()):
+            self.leases.pop(lease.lease_id, None)
+            if lease.state is LeaseState.WAITING:
+                self._fail_waiting(lease, reason, "the client's session ended")
+        session.leases.clear()
+        self.counters.disconnects += 1
+        self.log.emit("disconnect", **session.who(), leases=released)
+        self._commit(grants)
+        self._changed()
+
+    # ---- allocation ----
+
+    @_flushes_log
+    def submit(
+        self, session_id: str, gpu_count: int, memory_bytes: int, priority: int, label: str
+    ) -> Lease:
+        """Queue a request; its `future` resolves with the AllocReply once granted."""
+        self._check_open()
+        session = self._session(session_id)
+        lease = Lease(
+            lease_id=next(self._lease_ids),
+            session=session,
+            gpu_count=gpu_count,
+            memory_bytes=memory_bytes,
+            priority=priority,
+            label=label,
+            requested_at=self.clock(),
+            future=asyncio.get_running_loop().create_future(),
+        )
+        request = Request(
+            request_id=lease.lease_id,
+            client_id=session_id,
+            gpu_count=gpu_count,
+            memory_bytes=memory_bytes,
+            priority=priority,
+        )
+        self.leases[lease.lease_id] = lease
+        session.leases[lease.lease_id] = lease
+        try:
+            grants = self.scheduler.submit(request)
+        except (InvalidRequest, Infeasible) as exc:
+            del self.leases[lease.lease_id]
+            del session.leases[lease.lease_id]
+            code = (
+                grpc.StatusCode.INVALID_ARGUMENT
+                if isinstance(exc, InvalidRequest)
+                else grpc.StatusCode.FAILED_PRECONDITION
+            )
+            raise self._error(session, code, str(exc)) from exc
+        self.counters.requests += 1
+        self.log.emit(
+            "request",
+            **session.who(),
+            lease=lease.lease_id,
+            gpu_count=gpu_count,
+            memory_bytes=memory_bytes,
+            priority=priority,
+            label=label,
+        )
+        self._commit(grants)
+        self._changed()
+        return lease
+
+    @_flushes_log
+    def abandon(self, lease_id: str, reason: str) -> None:
+        """The Allocate caller gave up (cancelled, deadline): withdraw, or release a fresh grant."""
+        lease = self.leases.get(lease_id)
+        if lease is None or self.closed:
+            return
+        if lease.state is LeaseState.GRANTED:
+            self.release(lease.session.session_id, lease_id, reason=reason)
+            return
+        self.leases.pop(lease_id)
+        lease.session.leases.pop(lease_id, None)
+        grants = self.scheduler.withdraw(lease_id)
+        self._fail_waiting(lease, reason, f"the request was withdrawn ({reason})")
+        self._commit(grants)
+        self._changed()
+
+    @_flushes_log
+    def release(self, session_id: str, lease_id: str, reason: str = "release") -> None:
+        """Give a granted lease back and serve whoever its GPUs make possible."""
+        self._check_open()
+        session = self._session(session_id)
+        lease = session.leases.get(lease_id)
+        if lease is None:
+            raise self._error(
+                session,
+                grpc.StatusCode.NOT_FOUND,
+                f"lease {lease_id!r} is not held by this session (already released, or never "
+                "granted to it)",
+            )
+        if lease.state is not LeaseState.GRANTED:
+            raise self._error(
+                session,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"lease {lease_id!r} is still waiting; cancel its Allocate call to withdraw it",
+            )
+        grants = self.scheduler.release(lease_id)
+        del self.leases[lease_id]
+        del session.leases[lease_id]
+        self._log_release(lease, reason)
+        self._commit(grants)
+        self._changed()
+
+    @_flushes_log
+    def update_usage(self, session_id: str, lease_id: str, resident_bytes: int) -> None:
+        """A holder reports its resident device memory; gpu-sharing may fit more clients."""
+        session = self.sessions.get(session_id)
+        lease = session.leases.get(lease_id) if session else None
+        if lease is None or lease.state is not LeaseState.GRANTED or self.closed:
+            return
+        try:
+            grants = self.scheduler.update_usage(lease_id, resident_bytes)
+        except (UnknownRequest, SchedulerError):
+            return
+        who = lease.session.who()
+        self.log.emit(
+            "usage",
+            client=who["client"],
+            worker=who["worker"],
+            lease=lease_id,
+            resident_bytes=resident_bytes,
+        )
+        self._commit(grants)
+        self._changed()
+
+    @_flushes_log
+    def request_yield(self, lease_id: str, reason: str) -> bool:
+        """Ask the holder of `lease_id` to give it back at its next safe point."""
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.state is not LeaseState.GRANTED:
+            return False
+        self.counters.yields += 1
+        self.log.emit("yield", **lease.session.who(), lease=lease_id, reason=reason)
+        lease.session.outbox.put_nowait(
+            pb.ServerMessage(yield_request=pb.YieldRequest(lease_id=lease_id, reason=reason))
+        )
+        return True
+
+    @_flushes_log
+    def record_error(self, session_id: str, code: grpc.StatusCode, message: str) -> None:
+        """Count and log an error answered outside the book (e.g. a bad first stream message)."""
+        session = self.sessions.get(session_id)
+        self.counters.errors += 1
+        who = session.who() if session else {"client": session_id, "worker": ""}
+        self.log.emit("error", **who, code=code.name, message=message)
+
+    @_flushes_log
+    def shutdown(self) -> None:
+        """The daemon stops: every grant released and every waiter failed, all logged."""
+        if self.closed:
+            return
+        self.closed = True
+        for lease in list(self.leases.values()):
+            if lease.state is LeaseState.GRANTED:
+                self._log_release(lease, "shutdown")
+            else:
+                self._fail_waiting(
+                    lease, "shutdown", "the assigner is shutting down", grpc.StatusCode.UNAVAILABLE
+                )
+        self.leases.clear()
+        for session in self.sessions.values():
+            session.leases.clear()
+            session.outbox.put_nowait(None)
+
+    # ---- status ----
+
+    def node_status(self) -> pb.NodeStatus:
+        """Inventory, holders, queue and counters, as Status and the executor report them."""
+        now = self.clock()
+        holders: dict[int, list[Lease]] = {}
+        granted = [lease for lease in self.leases.values() if lease.state is LeaseState.GRANTED]
+        for lease in granted:
+            for index in lease.gpu_indices:
+                holders.setdefault(index, []).append(lease)
+        gpus = [
+            pb.GpuStatus(
+                index=gpu.index,
+                device_id=gpu.device_id,
+                uuid=gpu.uuid,
+                name=gpu.name,
+                memory_bytes=gpu.memory_bytes,
+                promised_bytes=self.scheduler.promised_bytes(gpu.index),
+                lease_ids=[lease.lease_id for lease in holders.get(gpu.index, [])],
+            )
+            for gpu in self.scheduler.gpus
+        ]
+        leases = [
+            pb.LeaseStatus(
+                lease_id=lease.lease_id,
+                client=lease.session.identity,
+                gpu_indices=lease.gpu_indices,
+                memory_bytes=lease.granted_memory,
+                held_seconds=now - lease.granted_at,
+                label=lease.label,
+            )
+            for lease in granted
+        ]
+        queue = []
+        for request in self.scheduler.queue:
+            waiting = self.leases.get(request.request_id)
+            if waiting is None:
+                continue
+            queue.append(
+                pb.WaiterStatus(
+                    client=waiting.session.identity,
+                    gpu_count=waiting.gpu_count,
+                    memory_bytes=waiting.memory_bytes,
+                    priority=waiting.priority,
+                    waiting_seconds=now - waiting.requested_at,
+                    label=waiting.label,
+                )
+            )
+        c = self.counters
+        return pb.NodeStatus(
+            node=self.node,
+            address=self.address,
+            policy=_policy_name(self.scheduler),
+            gpus=gpus,
+            leases=leases,
+            queue=queue,
+            counters=pb.Counters(
+                requests=c.requests,
+                grants=c.grants,
+                releases=c.releases,
+                yields=c.yields,
+                disconnects=c.disconnects,
+                errors=c.errors,
+                sessions=c.sessions,
+            ),
+            uptime_seconds=now - self.started_at,
+        )
+
+    # ---- internals ----
+
+    def _commit(self, grants: Iterable[Grant]) -> None:
+        now = self.clock()
+        gpus = self.scheduler.gpus
+        for grant in grants:
+            lease = self.leases.get(grant.request_id)
+            if lease is None:  # pragma: no cover - the core only grants what it was given
+                continue
+            lease.state = LeaseState.GRANTED
+            lease.granted_at = now
+            lease.gpu_indices = tuple(grant.gpu_indices)
+            lease.granted_memory = grant.memory_bytes
+            reply = pb.AllocReply(
+                lease_id=lease.lease_id,
+                gpu_indices=lease.gpu_indices,
+                device_ids=[gpus[i].device_id for i in lease.gpu_indices],
+                memory_bytes=grant.memory_bytes,
+                node=self.node,
+                waited_seconds=now - lease.requested_at,
+            )
+            self.counters.grants += 1
+            self.log.emit(
+                "grant",
+                **lease.session.who(),
+                lease=lease.lease_id,
+                gpus=list(lease.gpu_indices),
+                device_ids=list(reply.device_ids),
+                memory_bytes=grant.memory_bytes,
+                waited=reply.waited_seconds,
+            )
+            if not lease.future.done():
+                lease.future.set_result(reply)
+            # The notice goes out a loop turn later, behind the Allocate reply it duplicates.
+            asyncio.get_running_loop().call_soon(
+                lease.session.outbox.put_nowait,
+                pb.ServerMessage(grant=pb.GrantNotice(lease=reply)),
+            )
+
+    def _log_release(self, lease: Lease, reason: str) -> None:
+        lease.state = LeaseState.RELEASED
+        self.counters.releases += 1
+        self.log.emit(
+            "release",
+            **lease.session.who(),
+            lease=lease.lease_id,
+            gpus=list(lease.gpu_indices),
+            held=self.clock() - lease.granted_at,
+            reason=reason,
+        )
+
+    def _fail_waiting(
+        self,
+        lease: Lease,
+        reason: str,
+        message: str,
+        code: grpc.StatusCode = grpc.StatusCode.CANCELLED,
+    ) -> None:
+        lease.state = LeaseState.WITHDRAWN
+        who = lease.session.who()
+        self.log.emit(
+            "withdraw",
+            client=who["client"],
+            worker=who["worker"],
+            lease=lease.lease_id,
+            reason=reason,
+        )
+        if not lease.future.done():
+            lease.future.set_exception(BookError(code, message))
+            # Nobody may be awaiting it any more (the caller is gone); mark it retrieved.
+            lease.future.exception()
+
+    def _session(self, session_id: str) -> ClientSession:
+        session = self.sessions.get(session_id)
+        if session is None:
+            self.counters.errors += 1
+            self.log.emit(
+                "error",
+                client=session_id,
+                worker="",
+                code=grpc.StatusCode.FAILED_PRECONDITION.name,
+                message="unknown session",
+            )
+            raise BookError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"unknown session {session_id!r}: open a Session stream and use the session_id "
+                "its Registered message carries (sessions end when their stream does)",
+            )
+        return session
+
+    def _error(self, session: ClientSession, code: grpc.StatusCode, message: str) -> BookError:
+        self.counters.errors += 1
+        who = session.who()
+        self.log.emit(
+            "error", client=who["client"], worker=who["worker"], code=code.name, message=message
+        )
+        return BookError(code, message)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise BookError(grpc.StatusCode.UNAVAILABLE, "the assigner is shutting down")
+
+    def _changed(self) -> None:
+        for listener in self.change_listeners:
+            listener()
+
+
+def _policy_name(scheduler: Scheduler) -> str:
+    policy: Any = scheduler.policy
+    return str(getattr(policy, "name", policy))

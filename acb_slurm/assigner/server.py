@@ -1,0 +1,401 @@
+"""The gRPC face of the assigner: thin servicers over a `LeaseBook`, the token check, health.
+
+`create_server(...)` builds a grpc.aio server bound to a Unix socket (and optionally TCP) and
+returns it with the TCP port actually bound; `serve(config)` runs one daemon until SIGTERM or
+SIGINT, then releases everything (logged with reason `shutdown`), writes `stop` and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
+from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
+from acb_slurm.assigner.errors import AssignerStartError
+from acb_slurm.assigner.eventlog import EventLog
+from acb_slurm.assigner.inventory import describe
+from acb_slurm.assigner.leases import BookError, LeaseBook
+from acb_slurm.env import TOKEN_METADATA_KEY
+from acb_slurm.scheduler.types import Gpu
+
+log = logging.getLogger(__name__)
+
+#: Keepalive pings find a dead peer on another node (a local SIGKILL closes the socket at once).
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.so_reuseport", 0),
+]
+
+ASSIGNER_SERVICE = "acb.v1.Assigner"
+
+
+@dataclass
+class AssignerConfig:
+    """Everything `acb-assigner` was told on its command line, validated."""
+
+    socket_path: str
+    gpus: list[Gpu]
+    policy: str = "simple"
+    tcp: str | None = None
+    event_log: str | None = None
+    token: str | None = None
+    ready_file: str | None = None
+    controller: str | None = None
+    node: str = field(
+        default_factory=lambda: os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    )
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call whose `x-acb-token` metadata is not the job's token."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"missing or wrong {TOKEN_METADATA_KEY} metadata: this assigner serves one job; "
+                "set ACB_TOKEN_FILE to the job's token file",
+            )
+
+        async def refuse_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+            await refuse(None, context)
+
+        self._unary = grpc.unary_unary_rpc_method_handler(refuse)
+        self._stream = grpc.stream_stream_rpc_method_handler(refuse_stream)
+        self._unary_stream = grpc.unary_stream_rpc_method_handler(refuse)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == TOKEN_METADATA_KEY and value == self._token:
+                return await continuation(handler_call_details)
+        method = handler_call_details.method
+        if method.endswith(("/Session", "/Join")):
+            return self._stream
+        if method.endswith("/Watch"):
+            return self._unary_stream
+        return self._unary
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: BookError) -> None:
+    await context.abort(error.code, error.message)
+
+
+class AssignerServicer(pb_grpc.AssignerServicer):
+    """acb.v1.Assigner: each method hands its work to the LeaseBook."""
+
+    def __init__(self, book: LeaseBook, role: Callable[[], pb.StatusReply]) -> None:
+        self.book = book
+        self._status = role
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[pb.ClientMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ServerMessage]:
+        book = self.book
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "register":
+            refusal = "the first message of a Session stream must be `register`"
+            book.record_error("", grpc.StatusCode.INVALID_ARGUMENT, refusal)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+            return
+        try:
+            session = book.open_session(first.register)
+        except BookError as exc:
+            await _abort(context, exc)
+            return
+        reader = asyncio.ensure_future(self._read(session.session_id, request_iterator))
+        try:
+            yield pb.ServerMessage(
+                registered=pb.Registered(
+                    session_id=session.session_id, node=book.node, policy=book.scheduler.policy.name
+                )
+            )
+            while True:
+                message = await session.outbox.get()
+                if message is None:
+                    break
+                yield message
+        finally:
+            reader.cancel()
+            book.close_session(session.session_id)
+
+    async def _read(
+        self, session_id: str, request_iterator: AsyncIterator[pb.ClientMessage]
+    ) -> None:
+        """Usage reports and yield acknowledgements; the end of input ends the session."""
+        book = self.book
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("kind")
+                if kind == "usage":
+                    book.update_usage(
+                        session_id, message.usage.lease_id, message.usage.resident_bytes
+                    )
+        except (asyncio.CancelledError, grpc.RpcError):
+            return  # the stream broke: the Session handler is cancelled and cleans up
+        except Exception:
+            log.exception("session %s: unexpected error on its stream; ending it", session_id)
+        book.close_session(session_id)
+
+    async def Allocate(
+        self, request: pb.AllocRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AllocReply:
+        try:
+            lease = self.book.submit(
+                request.session_id,
+                request.gpu_count,
+                request.memory_bytes,
+                request.priority,
+                request.label,
+            )
+        except BookError as exc:
+            await _abort(context, exc)
+            raise  # unreachable: abort raises
+        if lease.future.done():
+            return lease.future.result()
+        try:
+            return await lease.future
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            reason = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
+            self.book.abandon(lease.lease_id, reason)
+            raise
+        except BookError as exc:
+            await _abort(context, exc)
+            raise
+
+    async def Release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseReply:
+        try:
+            self.book.release(request.session_id, request.lease_id)
+        except BookError as exc:
+            await _abort(context, exc)
+        # Let the Allocate calls this release unblocked answer first: the handoff is the
+        # latency that matters, the releaser's acknowledgement can wait one loop turn.
+        await asyncio.sleep(0)
+        return pb.ReleaseReply()
+
+    async def Status(
+        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatusReply:
+        return self._status()
+
+
+class ControllerServicer(pb_grpc.ControllerServicer):
+    """acb.v1.Controller: keeps the last state each joined executor reported."""
+
+    def __init__(self) -> None:
+        self.executors: dict[str, pb.NodeStatus] = {}
+        self.ever_joined = False
+        self._ids = 0
+
+    async def Join(
+        self,
+        request_iterator: AsyncIterator[pb.ExecutorMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ControllerMessage]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "join":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message of Join must be `join`"
+            )
+            return
+        self._ids += 1
+        key = f"{self._ids}"
+        self.executors[key] = first.join
+        self.ever_joined = True
+        try:
+            yield pb.ControllerMessage(note=f"joined as executor {first.join.node}")
+            async for message in request_iterator:
+                if message.WhichOneof("kind") == "state":
+                    self.executors[key] = message.state
+        finally:
+            self.executors.pop(key, None)
+
+
+def create_server(
+    book: LeaseBook,
+    socket_path: str,
+    tcp: str | None = None,
+    token: str | None = None,
+    controller: ControllerServicer | None = None,
+    role: Callable[[], pb.StatusReply] | None = None,
+) -> tuple[grpc.aio.Server, HealthServicer, int | None]:
+    """The daemon's server, bound but not started: (server, health servicer, bound TCP port)."""
+    interceptors = [TokenInterceptor(token)] if token else []
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    controller = controller or ControllerServicer()
+
+    def standalone() -> pb.StatusReply:
+        return pb.StatusReply(self=book.node_status(), role="standalone")
+
+    pb_grpc.add_AssignerServicer_to_server(AssignerServicer(book, role or standalone), server)
+    pb_grpc.add_ControllerServicer_to_server(controller, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    directory = os.path.dirname(os.path.abspath(socket_path))
+    if not os.path.isdir(directory):
+        try:
+            os.makedirs(directory, mode=0o700)
+            os.chmod(directory, 0o700)  # makedirs honours the umask; this directory must not
+        except OSError as exc:
+            raise AssignerStartError(f"cannot create the socket's directory: {exc}") from None
+    if os.path.exists(socket_path):
+        _remove_stale_socket(socket_path)
+    try:
+        server.add_insecure_port(f"unix:{os.path.abspath(socket_path)}")
+    except RuntimeError as exc:
+        raise AssignerStartError(f"cannot listen on Unix socket {socket_path}: {exc}") from exc
+    # Only this user may connect, even when the directory was there before and is shared.
+    with contextlib.suppress(OSError):
+        os.chmod(socket_path, 0o600)
+    port = None
+    if tcp:
+        try:
+            port = server.add_insecure_port(tcp)
+        except RuntimeError as exc:
+            raise AssignerStartError(
+                f"cannot listen on TCP {tcp}: {exc} (is the port in use? use port 0 for any)"
+            ) from exc
+    return server, health, port
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead assigner; refuse if one still answers on it."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise AssignerStartError(
+        f"another process is already listening on {path}: stop it or choose another --socket"
+    )
+
+
+def tcp_address(tcp: str, port: int) -> str:
+    """The reachable `host:port` of a TCP listen address whose port may have been 0."""
+    host = tcp.rsplit(":", 1)[0].strip("[]")
+    if host in ("", "0.0.0.0", "::", "*"):
+        host = socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def _write_ready_file(path: str, content: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(content, fh)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+async def serve(
+    config: AssignerConfig, started: Callable[[dict[str, Any]], None] | None = None
+) -> None:
+    """Run one assigner until SIGTERM/SIGINT; return after a clean shutdown."""
+    from acb_slurm.assigner.executor import ExecutorLink
+    from acb_slurm.scheduler import Scheduler
+
+    scheduler = Scheduler(config.gpus, policy=config.policy)
+    try:
+        log = EventLog(config.event_log, node=config.node)
+    except OSError as exc:
+        raise AssignerStartError(f"cannot open --event-log {config.event_log}: {exc}") from None
+    address = f"unix:{os.path.abspath(config.socket_path)}"
+    book = LeaseBook(scheduler, node=config.node, log=log, address=address)
+    controller = ControllerServicer()
+    link: ExecutorLink | None = None
+
+    def role() -> pb.StatusReply:
+        reply = pb.StatusReply(self=book.node_status())
+        if link is not None:
+            reply.role = "executor"
+        elif controller.ever_joined:
+            reply.role = "controller"
+            reply.executors.extend(controller.executors.values())
+        else:
+            reply.role = "standalone"
+        return reply
+
+    server, health, port = create_server(
+        book, config.socket_path, config.tcp, config.token, controller, role
+    )
+    tcp = tcp_address(config.tcp, port) if config.tcp and port is not None else None
+    if tcp:
+        book.address = tcp
+    stop = asyncio.Event()
+    stopped_by: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: signal.Signals) -> None:
+        stopped_by.append(signum.name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await server.start()
+    log.emit("start", policy=scheduler.policy.name, gpus=describe(config.gpus), pid=os.getpid())
+    if config.controller:
+        link = ExecutorLink(book, config.controller, config.token)
+        link.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(ASSIGNER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    ready = {
+        "pid": os.getpid(),
+        "socket": os.path.abspath(config.socket_path),
+        "target": address,
+        "tcp": tcp,
+        "node": config.node,
+        "policy": scheduler.policy.name,
+    }
+    try:
+        if config.ready_file:
+            _write_ready_file(config.ready_file, ready)
+        if started is not None:
+            started(ready)
+        await stop.wait()
+    except OSError as exc:
+        stopped_by.append("error")
+        raise AssignerStartError(f"cannot write --ready-file {config.ready_file}: {exc}") from None
+    finally:
+        await health.enter_graceful_shutdown()
+        if link is not None:
+            await link.stop()
+        book.shutdown()
+        await server.stop(grace=0.5)
+        log.emit("stop", reason=stopped_by[0] if stopped_by else "stopped")
+        log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(config.socket_path)
+        if config.ready_file:
+            with contextlib.suppress(OSError):
+                os.unlink(config.ready_file)

@@ -1,0 +1,57 @@
+"""What can go wrong when a client talks to its assigner, each with the assigner's own message."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class AssignerError(RuntimeError):
+    """Base of the client's errors. `code` is the gRPC status when the assigner answered."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AssignerNotConfigured(AssignerError):
+    """The environment does not say where the assigner is (ACB_ASSIGNER unset)."""
+
+
+class AssignerUnavailable(AssignerError):
+    """The assigner cannot be reached, or it is shutting down."""
+
+
+class Unauthenticated(AssignerError):
+    """The assigner refused the job token (ACB_TOKEN_FILE missing or of another job)."""
+
+
+class InvalidGpuRequest(AssignerError, ValueError):
+    """The request is malformed (zero GPUs, negative memory, ...)."""
+
+
+class GrantImpossible(AssignerError):
+    """The request can never be granted on this node (more GPUs or memory than exist, ...)."""
+
+
+class LeaseNotHeld(AssignerError):
+    """The lease is not held (already released, never granted, or on_device_end() without one)."""
+
+
+class SessionLost(AssignerError):
+    """The session stream broke (assigner gone): every lease of this process was released."""
+
+
+def from_rpc_error(exc: grpc.RpcError, what: str) -> AssignerError:
+    """Turn a gRPC error into the matching AssignerError, keeping the assigner's message."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    message = f"{what}: {details}"
+    kinds: dict[grpc.StatusCode, type[AssignerError]] = {
+        grpc.StatusCode.INVALID_ARGUMENT: InvalidGpuRequest,
+        grpc.StatusCode.FAILED_PRECONDITION: GrantImpossible,
+        grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+        grpc.StatusCode.NOT_FOUND: LeaseNotHeld,
+        grpc.StatusCode.UNAVAILABLE: AssignerUnavailable,
+    }
+    kind = kinds.get(code, AssignerError) if code is not None else AssignerError
+    return kind(message, code)

@@ -1,0 +1,72 @@
+"""The manual API: mark where a program needs a GPU, and the assigner time-shares the rest.
+
+    from acb_slurm.client import on_device, on_device_begin, on_device_end
+
+    lease = on_device_begin(gpus=1, memory="20GiB")   # blocks until granted
+    ...                                              # use lease.device_ids
+    on_device_end(lease)
+
+    with on_device() as lease:
+        ...
+
+All calls go through this process's `default_client()` (one Session per process, opened on
+first use from ACB_ASSIGNER / ACB_TOKEN_FILE / ACB_JOB_ID / ACB_WORKER). To act around these
+calls (the swap engine offloads before a release and onloads after a grant), register a
+`LeaseListener` on that client: see `acb_slurm.client.session`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from acb_slurm.client.errors import LeaseNotHeld
+from acb_slurm.client.session import Lease, default_client
+from acb_slurm.units import parse_size
+
+
+def on_device_begin(
+    gpus: int = 1,
+    memory: int | str | None = None,
+    priority: int = 0,
+    label: str = "",
+    timeout: float | None = None,
+) -> Lease:
+    """Block until `gpus` GPUs are granted (with `memory` per GPU, e.g. "20GiB"; None = whole).
+
+    Raises TimeoutError after `timeout` seconds (the request is withdrawn), GrantImpossible when
+    it can never be granted here, InvalidGpuRequest when it is malformed.
+    """
+    memory_bytes = 0 if memory is None else parse_size(memory)
+    return default_client().allocate(
+        gpus=gpus, memory=memory_bytes, priority=priority, label=label, timeout=timeout
+    )
+
+
+def on_device_end(lease: Lease | None = None) -> None:
+    """Give back `lease`, or the most recently granted lease still held."""
+    client = default_client()
+    if lease is None:
+        held = client.held
+        if not held:
+            raise LeaseNotHeld("on_device_end() called without a lease held by this process")
+        lease = held[-1]
+    client.release(lease)
+
+
+@contextmanager
+def on_device(
+    gpus: int = 1,
+    memory: int | str | None = None,
+    priority: int = 0,
+    label: str = "",
+    timeout: float | None = None,
+) -> Iterator[Lease]:
+    """Hold GPUs for the duration of a `with` block."""
+    lease = on_device_begin(
+        gpus=gpus, memory=memory, priority=priority, label=label, timeout=timeout
+    )
+    try:
+        yield lease
+    finally:
+        on_device_end(lease)

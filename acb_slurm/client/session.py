@@ -1,0 +1,399 @@
+"""The connection of one process to its node's assigner.
+
+A `Client` opens its Session stream lazily, on first use, and keeps it open from a daemon thread
+for as long as the process lives: every lease the process holds is bound to that stream, so when
+the process dies (even by SIGKILL) the assigner releases its GPUs at once. Calls are plain
+synchronous gRPC; a program needs no asyncio. One `Client` per process is the rule
+(`default_client()`), several are allowed (benchmarks, tests).
+
+Hooks for the swap engine and the automatic mode: register a `LeaseListener` with
+`Client.add_listener`. Its `on_granted(client, lease)` runs after a grant, before `allocate()`
+returns (onload there); `before_release(client, lease)` runs before the lease goes back to the
+assigner (offload there); `on_yield_request(client, lease_id, reason)` runs on the session thread
+when the assigner asks for a lease back (release it at the next safe point). A listener that raises
+in `on_granted` makes `allocate()` release the lease and re-raise.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import secrets
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from acb_slurm import env
+from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
+from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
+from acb_slurm.client.errors import (
+    AssignerError,
+    AssignerNotConfigured,
+    AssignerUnavailable,
+    LeaseNotHeld,
+    SessionLost,
+    from_rpc_error,
+)
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_retries", 0),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """GPUs granted to this process until released. `device_ids` go into CUDA_VISIBLE_DEVICES."""
+
+    lease_id: str
+    gpu_indices: tuple[int, ...]
+    device_ids: tuple[str, ...]
+    memory_bytes: int
+    node: str
+    waited_seconds: float
+    label: str = ""
+
+    @property
+    def cuda_visible_devices(self) -> str:
+        """The value of CUDA_VISIBLE_DEVICES that shows exactly the granted GPUs."""
+        return ",".join(self.device_ids)
+
+    @classmethod
+    def from_reply(cls, reply: pb.AllocReply, label: str = "") -> Lease:
+        return cls(
+            lease_id=reply.lease_id,
+            gpu_indices=tuple(reply.gpu_indices),
+            device_ids=tuple(reply.device_ids),
+            memory_bytes=reply.memory_bytes,
+            node=reply.node,
+            waited_seconds=reply.waited_seconds,
+            label=label,
+        )
+
+
+class LeaseListener:
+    """Hooks around a client's leases (the swap engine's seam); every method is optional."""
+
+    def on_granted(self, client: Client, lease: Lease) -> None:
+        """After a grant, before allocate() returns."""
+
+    def before_release(self, client: Client, lease: Lease) -> None:
+        """Before a held lease goes back to the assigner."""
+
+    def on_yield_request(self, client: Client, lease_id: str, reason: str) -> None:
+        """The assigner asks for `lease_id` back at the next safe point (session thread)."""
+
+
+class Client:
+    """One process's session with its assigner, and the calls made under it."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        token: str | None = None,
+        job_id: str | None = None,
+        worker: str | None = None,
+        connect_timeout: float = 30.0,
+    ) -> None:
+        try:
+            self.target = target or env.assigner_target()
+        except env.ConfigurationError as exc:
+            raise AssignerNotConfigured(str(exc)) from None
+        self._token = token if token is not None else env.token()
+        self.job_id = env.job_id() if job_id is None else job_id
+        self.worker = env.worker_name() if worker is None else worker
+        self.connect_timeout = connect_timeout
+        self.client_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.pid = os.getpid()
+        self._metadata = ((env.TOKEN_METADATA_KEY, self._token),) if self._token else ()
+        self._lock = threading.Lock()
+        self._listeners: list[LeaseListener] = []
+        self._held: dict[str, Lease] = {}  # in grant order
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.AssignerStub | None = None
+        self._session_id: str | None = None
+        self._session_error: AssignerError | None = None
+        self._outgoing: queue.SimpleQueue[pb.ClientMessage | None] | None = None
+        self._call: Any = None
+        self._closed = False
+        self.node = ""
+        self.policy = ""
+
+    # ---- session ----
+
+    @property
+    def session_id(self) -> str:
+        """The session's id, opening the session on first use."""
+        with self._lock:
+            if self._session_id is None or self._session_error is not None:
+                self._open_session()
+            assert self._session_id is not None
+            return self._session_id
+
+    @property
+    def connected(self) -> bool:
+        """Whether the session is open (False before first use and once it broke)."""
+        return self._session_id is not None and self._session_error is None
+
+    def _open_session(self) -> None:
+        if self._closed:
+            raise AssignerError("this client is closed")
+        self._teardown()
+        self._held.clear()
+        self._session_error = None
+        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.AssignerStub(self._channel)
+        outgoing: queue.SimpleQueue[pb.ClientMessage | None] = queue.SimpleQueue()
+        self._outgoing = outgoing
+        identity = pb.ClientIdentity(
+            client_id=self.client_id,
+            job_id=self.job_id,
+            worker=self.worker,
+            pid=os.getpid(),
+            hostname=socket.gethostname(),
+        )
+
+        def messages() -> Iterator[pb.ClientMessage]:
+            yield pb.ClientMessage(register=identity)
+            while True:
+                message = outgoing.get()
+                if message is None:
+                    return
+                yield message
+
+        registered = threading.Event()
+        result: dict[str, Any] = {}
+        call = self._stub.Session(messages(), metadata=self._metadata)
+        self._call = call
+        thread = threading.Thread(
+            target=self._read_session,
+            args=(call, registered, result),
+            name="acb-session",
+            daemon=True,
+        )
+        thread.start()
+        if not registered.wait(self.connect_timeout):
+            call.cancel()
+            raise AssignerUnavailable(
+                f"the assigner at {self.target} did not answer within {self.connect_timeout:g}s"
+            )
+        if "error" in result:
+            self._session_id = None
+            raise result["error"]
+        self._session_id = result["session_id"]
+
+    def _read_session(self, call: Any, registered: threading.Event, result: dict[str, Any]) -> None:
+        try:
+            for message in call:
+                kind = message.WhichOneof("kind")
+                if kind == "registered":
+                    result["session_id"] = message.registered.session_id
+                    self.node = message.registered.node
+                    self.policy = message.registered.policy
+                    registered.set()
+                elif kind == "yield_request":
+                    request = message.yield_request
+                    for listener in list(self._listeners):
+                        listener.on_yield_request(self, request.lease_id, request.reason)
+        except grpc.RpcError as exc:
+            if call is not self._call or self._closed:
+                return
+            if not registered.is_set():
+                error = from_rpc_error(
+                    exc, f"cannot open a session with the assigner at {self.target}"
+                )
+                if error.code == grpc.StatusCode.UNAVAILABLE:
+                    error = AssignerUnavailable(
+                        f"cannot reach the assigner at {self.target} ({exc.details()}): is "
+                        f"acb-assigner running, and is {env.ASSIGNER} right?",
+                        error.code,
+                    )
+                result["error"] = error
+                registered.set()
+                return
+            self._session_error = SessionLost(
+                f"the session with the assigner at {self.target} ended ({exc.details()}); its "
+                "leases were released",
+                exc.code(),
+            )
+            return
+        if not registered.is_set():
+            result["error"] = AssignerUnavailable(
+                f"the assigner at {self.target} closed the session before registering it"
+            )
+            registered.set()
+        elif call is self._call and not self._closed:
+            self._session_error = SessionLost(
+                f"the assigner at {self.target} ended the session; its leases were released"
+            )
+
+    def _teardown(self) -> None:
+        if self._outgoing is not None:
+            self._outgoing.put(None)
+        if self._call is not None:
+            self._call.cancel()
+        if self._channel is not None:
+            self._channel.close()
+        self._call = self._channel = self._stub = self._outgoing = None
+        self._session_id = None
+
+    def close(self) -> None:
+        """End the session: the assigner releases whatever this client still holds."""
+        with self._lock:
+            self._closed = True
+            self._teardown()
+            self._held.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- listeners ----
+
+    def add_listener(self, listener: LeaseListener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: LeaseListener) -> None:
+        self._listeners.remove(listener)
+
+    # ---- calls ----
+
+    @property
+    def held(self) -> list[Lease]:
+        """Leases this client holds, oldest first."""
+        return list(self._held.values())
+
+    def allocate(
+        self,
+        gpus: int = 1,
+        memory: int = 0,
+        priority: int = 0,
+        label: str = "",
+        timeout: float | None = None,
+    ) -> Lease:
+        """Block until the assigner grants `gpus` GPUs; TimeoutError (request withdrawn) after
+        `timeout` seconds."""
+        session_id = self.session_id
+        assert self._stub is not None
+        request = pb.AllocRequest(
+            session_id=session_id,
+            gpu_count=gpus,
+            memory_bytes=memory,
+            priority=priority,
+            label=label,
+        )
+        try:
+            reply = self._stub.Allocate(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+                raise TimeoutError(
+                    f"no GPU granted within {timeout:g}s by the assigner at {self.target}; "
+                    "the request was withdrawn"
+                ) from None
+            raise self._rpc_error(exc, "allocate") from None
+        lease = Lease.from_reply(reply, label)
+        self._held[lease.lease_id] = lease
+        try:
+            for listener in list(self._listeners):
+                listener.on_granted(self, lease)
+        except BaseException:
+            self._release(lease, notify=False)
+            raise
+        return lease
+
+    def release(self, lease: Lease | str) -> None:
+        """Give a lease back (listeners' before_release runs first)."""
+        lease_id = lease if isinstance(lease, str) else lease.lease_id
+        held = self._held.get(lease_id)
+        if held is None:
+            raise LeaseNotHeld(f"lease {lease_id!r} is not held by this process")
+        self._release(held, notify=True)
+
+    def _release(self, lease: Lease, notify: bool) -> None:
+        try:
+            if notify:
+                for listener in list(self._listeners):
+                    listener.before_release(self, lease)
+        finally:
+            self._held.pop(lease.lease_id, None)
+            if self._session_error is None and self._stub is not None:
+                try:
+                    self._stub.Release(
+                        pb.ReleaseRequest(session_id=self._session_id, lease_id=lease.lease_id),
+                        timeout=30,
+                        metadata=self._metadata,
+                    )
+                except grpc.RpcError as exc:
+                    # A session that ended took its leases with it: nothing left to give back.
+                    if self._session_error is None:
+                        raise self._rpc_error(exc, "release") from None
+
+    def report_usage(self, lease: Lease | str, resident_bytes: int) -> None:
+        """Tell the assigner how much device memory a lease really uses (gpu-sharing)."""
+        lease_id = lease if isinstance(lease, str) else lease.lease_id
+        self.session_id  # noqa: B018 - opens the session
+        if self._outgoing is not None:
+            self._outgoing.put(
+                pb.ClientMessage(
+                    usage=pb.UsageReport(lease_id=lease_id, resident_bytes=resident_bytes)
+                )
+            )
+
+    def yield_done(self, lease_id: str) -> None:
+        """Acknowledge a yield request (after releasing the lease)."""
+        if self._outgoing is not None:
+            self._outgoing.put(pb.ClientMessage(yield_done=pb.YieldDone(lease_id=lease_id)))
+
+    def status(self, timeout: float = 10.0) -> pb.StatusReply:
+        """The assigner's inventory, holders, queue and counters."""
+        self.session_id  # noqa: B018 - opens the channel
+        assert self._stub is not None
+        try:
+            return self._stub.Status(pb.StatusRequest(), timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._rpc_error(exc, "status") from None
+
+    def _rpc_error(self, exc: grpc.RpcError, what: str) -> AssignerError:
+        if self._session_error is not None:
+            return self._session_error
+        return from_rpc_error(exc, f"{what} at the assigner {self.target}")
+
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """This process's Client, made from the environment on first use (and anew after fork)."""
+    global _default
+    with _default_lock:
+        if _default is None or _default.pid != os.getpid():
+            _default = Client()
+        return _default
+
+
+def set_default_client(client: Client | None) -> Client | None:
+    """Make `client` this process's default (None: build anew from the environment next time);
+    returns the previous one, which stays open."""
+    global _default
+    with _default_lock:
+        previous, _default = _default, client
+        return previous
+
+
+def _close_default() -> None:
+    if _default is not None and _default.pid == os.getpid():
+        _default.close()
+
+
+atexit.register(_close_default)

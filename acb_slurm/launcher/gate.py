@@ -1,0 +1,120 @@
+"""Process-level gating: hold a lease exactly while a command runs (any framework).
+
+`run_gated(spec)` acquires GPUs from the node's assigner, runs the command with
+CUDA_VISIBLE_DEVICES set to the granted device ids (and ACB_LEASE_ID), forwards
+SIGINT/SIGTERM/SIGHUP/SIGUSR1/SIGUSR2 to it, waits, releases and returns the child's exit code
+(128+N when the child died of signal N). If this process is killed outright, its session ends
+and the assigner releases the lease by itself (the child is not killed with it: under Slurm the
+step's end does that).
+
+Without a terminal (batch jobs) the child runs in its own process group and receives every
+forwarded signal exactly once, from here. With a terminal on stdin the child stays in the
+terminal's foreground group (so an interactive program can read it), the terminal delivers Ctrl-C
+to both processes, and SIGINT is therefore not forwarded a second time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+
+from acb_slurm import env
+from acb_slurm.client.session import Client
+
+FORWARDED_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+class GateError(RuntimeError):
+    """The command could not be started under a lease; the message says why."""
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """What `acb-run --gate` was asked to run, validated."""
+
+    command: Sequence[str]
+    gpus: int = 1
+    memory_bytes: int = 0
+    priority: int = 0
+    label: str = ""
+    timeout: float | None = None
+
+
+def exit_code(returncode: int) -> int:
+    """A child's returncode as a shell reports it (128+N for death by signal N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run_gated(spec: GateSpec, client: Client | None = None) -> int:
+    """Run `spec.command` under a lease and return its exit code."""
+    if not spec.command:
+        raise GateError("no command to run: put it after `--`, e.g. acb-run --gate -- python x.py")
+    own_client = client is None
+    client = client or Client()
+    try:
+        lease = client.allocate(
+            gpus=spec.gpus,
+            memory=spec.memory_bytes,
+            priority=spec.priority,
+            label=spec.label or os.path.basename(spec.command[0]),
+            timeout=spec.timeout,
+        )
+        try:
+            child_env = dict(os.environ)
+            child_env["CUDA_VISIBLE_DEVICES"] = lease.cuda_visible_devices
+            child_env[env.LEASE_ID] = lease.lease_id
+            return _run_child(spec.command, child_env)
+        finally:
+            client.release(lease)
+    finally:
+        if own_client:
+            client.close()
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return os.isatty(sys.stdin.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _run_child(command: Sequence[str], child_env: dict[str, str]) -> int:
+    """Spawn, forward signals, wait; the previous signal handlers come back afterwards."""
+    interactive = _stdin_is_terminal()
+    try:
+        child = subprocess.Popen(
+            list(command), env=child_env, process_group=None if interactive else 0
+        )
+    except OSError as exc:
+        raise GateError(f"cannot start {command[0]!r}: {exc.strerror or exc}") from None
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if interactive and signum == signal.SIGINT:
+            return  # the terminal sent it to the child too
+        if child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    try:
+        while True:
+            try:
+                return exit_code(child.wait())
+            except KeyboardInterrupt:  # pragma: no cover - SIGINT is forwarded, not raised
+                continue
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        sys.stdout.flush()

@@ -1,0 +1,210 @@
+"""The client library against a real acb-assigner: manual API, errors, hooks, usage reports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from acb_slurm import env
+from acb_slurm.assigner.testing import AssignerProcess
+from acb_slurm.client import (
+    AssignerNotConfigured,
+    AssignerUnavailable,
+    Client,
+    Lease,
+    LeaseListener,
+    LeaseNotHeld,
+    default_client,
+    on_device,
+    on_device_begin,
+    on_device_end,
+    set_default_client,
+)
+from acb_slurm.scheduler.replay import replay
+from acb_slurm.units import parse_size
+
+StartAssigner = Callable[..., AssignerProcess]
+
+
+@pytest.fixture
+def manual_env(
+    start_assigner: StartAssigner, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[AssignerProcess]:
+    """An assigner with two GPUs that this process's manual API talks to."""
+    assigner = start_assigner(gpus=2, token="tok")
+    monkeypatch.setenv(env.ASSIGNER, assigner.target)
+    assert assigner.token_file is not None
+    monkeypatch.setenv(env.TOKEN_FILE, str(assigner.token_file))
+    monkeypatch.setenv(env.WORKER, "manual-test")
+    monkeypatch.setenv(env.JOB_ID, "4242")
+    set_default_client(None)
+    yield assigner
+    previous = set_default_client(None)
+    if previous is not None:
+        previous.close()
+
+
+def of(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["event"] == kind]
+
+
+def test_on_device_grants_and_releases_with_identity_in_the_log(
+    manual_env: AssignerProcess,
+) -> None:
+    with on_device(memory="10GiB", label="fold") as lease:
+        assert isinstance(lease, Lease)
+        assert lease.gpu_indices == (0,)
+        assert lease.device_ids == ("0",)
+        assert lease.cuda_visible_devices == "0"
+        assert lease.memory_bytes == parse_size("80GiB")  # simple: the whole GPU
+        assert lease.waited_seconds >= 0
+        assert lease.node
+        assert default_client().held == [lease]
+    assert default_client().held == []
+    events = manual_env.events()
+    (request,) = of(events, "request")
+    assert request["label"] == "fold"
+    assert request["memory_bytes"] == parse_size("10GiB")
+    assert request["worker"] == "manual-test"
+    assert request["job"] == "4242"
+    (release,) = of(events, "release")
+    assert release["reason"] == "release"
+
+
+def test_on_device_end_releases_the_latest_lease_and_refuses_without_one(
+    manual_env: AssignerProcess,
+) -> None:
+    first = on_device_begin()
+    second = on_device_begin()
+    assert {first.gpu_indices, second.gpu_indices} == {(0,), (1,)}
+    on_device_end()
+    assert default_client().held == [first]
+    on_device_end(first)
+    with pytest.raises(LeaseNotHeld, match="without a lease"):
+        on_device_end()
+    with pytest.raises(LeaseNotHeld):
+        on_device_end(first)
+
+
+def test_timeout_raises_and_withdraws_the_request(manual_env: AssignerProcess) -> None:
+    held = [on_device_begin(), on_device_begin()]
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="withdrawn"):
+        on_device_begin(timeout=0.3)
+    assert time.monotonic() - started < 10
+    status = default_client().status()
+    assert len(status.self.queue) == 0
+    for lease in held:
+        on_device_end(lease)
+    (withdraw,) = of(manual_env.events(), "withdraw")
+    assert withdraw["reason"] == "deadline"
+
+
+def test_missing_assigner_variable_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(env.ASSIGNER, raising=False)
+    set_default_client(None)
+    with pytest.raises(AssignerNotConfigured, match="ACB_ASSIGNER is not set"):
+        on_device_begin()
+
+
+def test_unreachable_assigner_is_a_clear_error(tmp_path: Any) -> None:
+    client = Client(target=f"unix:{tmp_path}/nobody.sock", token="", connect_timeout=10)
+    with pytest.raises(AssignerUnavailable, match="cannot reach the assigner"):
+        client.allocate()
+    client.close()
+
+
+class Recorder(LeaseListener):
+    def __init__(self, fail_on_grant: bool = False) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.fail_on_grant = fail_on_grant
+
+    def on_granted(self, client: Client, lease: Lease) -> None:
+        self.calls.append(("granted", lease.lease_id))
+        if self.fail_on_grant:
+            raise RuntimeError("onload failed")
+
+    def before_release(self, client: Client, lease: Lease) -> None:
+        self.calls.append(("before_release", lease.lease_id))
+
+
+def test_listeners_run_around_grant_and_release(start_assigner: StartAssigner) -> None:
+    assigner = start_assigner(gpus=1)
+    with Client(target=assigner.target, token="") as client:
+        recorder = Recorder()
+        client.add_listener(recorder)
+        lease = client.allocate()
+        assert recorder.calls == [("granted", lease.lease_id)]
+        client.release(lease)
+        assert recorder.calls[-1] == ("before_release", lease.lease_id)
+        client.remove_listener(recorder)
+        failing = Recorder(fail_on_grant=True)
+        client.add_listener(failing)
+        with pytest.raises(RuntimeError, match="onload failed"):
+            client.allocate()
+        assert client.held == []
+        assert client.status().self.leases == []  # rolled back: the GPU is free again
+
+
+def test_a_process_that_exits_holding_a_lease_gives_it_back(
+    start_assigner: StartAssigner,
+) -> None:
+    assigner = start_assigner(gpus=1)
+    code = "from acb_slurm.client import on_device_begin; on_device_begin()"
+    subprocess.run([sys.executable, "-c", code], env=assigner.client_env(), check=True, timeout=60)
+    with Client(target=assigner.target, token="") as client:
+        lease = client.allocate(timeout=10)
+        client.release(lease)
+    (first_release, _) = of(assigner.events(), "release")
+    assert first_release["reason"] == "disconnect"
+
+
+def test_usage_reports_tighten_and_loosen_a_shared_gpu(start_assigner: StartAssigner) -> None:
+    assigner = start_assigner(gpus=1, gpu_memory="80GiB", policy="gpu-sharing")
+    gib = parse_size("1GiB")
+    with (
+        Client(target=assigner.target, token="") as a,
+        Client(target=assigner.target, token="") as b,
+    ):
+        lease = a.allocate(memory=10 * gib)
+        a.report_usage(lease, 75 * gib)
+        deadline = time.monotonic() + 10
+        while a.status().self.gpus[0].promised_bytes != 75 * gib:
+            assert time.monotonic() < deadline, "usage report not applied"
+            time.sleep(0.02)
+        with pytest.raises(TimeoutError):
+            b.allocate(memory=10 * gib, timeout=0.3)
+        a.report_usage(lease, 5 * gib)
+        other = b.allocate(memory=10 * gib, timeout=10)
+        assert other.gpu_indices == (0,)
+    events = assigner.events()
+    assert [e["resident_bytes"] for e in events if e["event"] == "usage"] == [75 * gib, 5 * gib]
+    replay(events)  # usage reports are in the log, so the log replays exactly
+
+
+def test_a_restarted_assigner_means_a_new_session_and_no_stale_lease(
+    start_assigner: StartAssigner,
+) -> None:
+    assigner = start_assigner(gpus=1)
+    with Client(target=assigner.target, token="") as client:
+        lease = client.allocate(timeout=10)
+        assert assigner.terminate() == 0
+        first_session = lease.lease_id
+        deadline = time.monotonic() + 10
+        while client.connected:  # the session thread notices the end
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        client.release(lease)  # died with the session: nothing to give back, no error
+        assigner.start()
+        again = client.allocate(timeout=10)
+        assert again.lease_id != first_session
+        client.release(again)
+    assert [e["reason"] for e in assigner.events() if e["event"] == "release"] == [
+        "shutdown",
+        "release",
+    ]

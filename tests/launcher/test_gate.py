@@ -1,0 +1,213 @@
+"""`acb-run --gate` as a real process against a real acb-assigner."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from acb_slurm.assigner.testing import AssignerProcess
+
+StartAssigner = Callable[..., AssignerProcess]
+_SCRIPT = os.path.join(os.path.dirname(sys.executable), "acb-run")
+#: The installed console script when there is one (what users run), else the module.
+ACB_RUN = (
+    [_SCRIPT] if os.access(_SCRIPT, os.X_OK) else [sys.executable, "-m", "acb_slurm.launcher.cli"]
+)
+
+#: A child that reports its environment, then waits for a signal and records it.
+SIGNALLED_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    marker = sys.argv[1]
+    def on_signal(signum, frame):
+        with open(marker, "w") as fh:
+            fh.write(signal.Signals(signum).name)
+        sys.exit(7)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(os.environ["CUDA_VISIBLE_DEVICES"], os.environ["ACB_LEASE_ID"], flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def acb_run(assigner: AssignerProcess | None, *args: str, **kwargs: Any) -> Any:
+    environ = (
+        assigner.client_env()
+        if assigner
+        else {k: v for k, v in os.environ.items() if not k.startswith("ACB_")}
+    )
+    return subprocess.run(
+        [*ACB_RUN, *args], env=environ, capture_output=True, text=True, timeout=60, **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("raise SystemExit(0)", 0),
+        ("raise SystemExit(3)", 3),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", 128 + signal.SIGTERM),
+    ],
+    ids=["success", "exit-3", "killed-by-sigterm"],
+)
+def test_exit_code_of_the_child_comes_back(
+    start_assigner: StartAssigner, script: str, expected: int
+) -> None:
+    assigner = start_assigner(gpus=1)
+    result = acb_run(assigner, "--gate", "--", sys.executable, "-c", script)
+    assert result.returncode == expected, result.stderr
+    events = assigner.events()
+    assert [e["event"] for e in events if e["event"] in ("grant", "release")] == [
+        "grant",
+        "release",
+    ]
+
+
+def test_child_sees_its_granted_gpus(start_assigner: StartAssigner) -> None:
+    assigner = start_assigner(gpus=3, policy="gpu-affinity")
+    code = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['ACB_LEASE_ID'])"
+    result = acb_run(
+        assigner, "--gate", "--gpus", "2", "--label", "fold", "--", sys.executable, "-c", code
+    )
+    assert result.returncode == 0, result.stderr
+    devices, lease_id = result.stdout.split()
+    assert devices == "0,1"
+    (grant,) = [e for e in assigner.events() if e["event"] == "grant"]
+    assert grant["lease"] == lease_id
+    assert grant["device_ids"] == ["0", "1"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signals_are_forwarded_to_the_child(
+    start_assigner: StartAssigner, tmp_path: Path, signum: signal.Signals
+) -> None:
+    assigner = start_assigner(gpus=1)
+    marker = tmp_path / "signal.txt"
+    proc = subprocess.Popen(
+        [*ACB_RUN, "--gate", "--", sys.executable, "-c", SIGNALLED_CHILD, str(marker)],
+        env=assigner.client_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    devices, _lease = proc.stdout.readline().split()
+    assert devices == "0"
+    proc.send_signal(signum)
+    proc.wait(timeout=30)
+    assert marker.read_text() == signum.name
+    assert proc.returncode == 7
+    releases = [e for e in assigner.events() if e["event"] == "release"]
+    assert [r["reason"] for r in releases] == ["release"]
+
+
+def test_sigkilled_launcher_gives_the_lease_back(start_assigner: StartAssigner) -> None:
+    assigner = start_assigner(gpus=1)
+    proc = subprocess.Popen(
+        [
+            *ACB_RUN,
+            "--gate",
+            "--",
+            sys.executable,
+            "-c",
+            "import time; print(1, flush=True); time.sleep(120)",
+        ],
+        env=assigner.client_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    (child,) = [
+        int(pid)
+        for pid in subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+    ]
+    proc.kill()
+    proc.wait()
+    os.kill(child, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not [e for e in assigner.events() if e["event"] == "release"]:
+        assert time.monotonic() < deadline, "lease of a SIGKILLed acb-run not released"
+        time.sleep(0.02)
+    (release,) = [e for e in assigner.events() if e["event"] == "release"]
+    assert release["reason"] == "disconnect"
+
+
+def test_without_an_assigner_it_says_what_to_set() -> None:
+    result = acb_run(None, "--gate", "--", "true")
+    assert result.returncode == 2
+    assert "ACB_ASSIGNER is not set" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_impossible_grant_is_a_clear_error(start_assigner: StartAssigner) -> None:
+    assigner = start_assigner(gpus=1)
+    result = acb_run(assigner, "--gate", "--gpus", "2", "--", "true")
+    assert result.returncode == 2
+    assert "asks for 2 GPUs" in result.stderr
+
+
+def test_a_timeout_while_waiting_is_a_clear_error(start_assigner: StartAssigner) -> None:
+    assigner = start_assigner(gpus=1)
+    with subprocess.Popen(
+        [
+            *ACB_RUN,
+            "--gate",
+            "--",
+            sys.executable,
+            "-c",
+            "import time; print(1, flush=True); time.sleep(60)",
+        ],
+        env=assigner.client_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        assert holder.stdout is not None
+        holder.stdout.readline()
+        result = acb_run(assigner, "--gate", "--timeout", "0.3", "--", "true")
+        holder.send_signal(signal.SIGTERM)
+    assert result.returncode == 2
+    assert "no GPU granted within 0.3s" in result.stderr
+
+
+def test_without_a_mode_it_asks_to_pick_one() -> None:
+    result = acb_run(None, "--", "true")
+    assert result.returncode == 2
+    assert "pick a mode" in result.stderr
+    assert "--gate" in result.stderr
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["batch", "terminal"])
+def test_child_has_its_own_process_group_unless_stdin_is_a_terminal(
+    start_assigner: StartAssigner, terminal: bool
+) -> None:
+    assigner = start_assigner(gpus=1)
+    code = "import os; print(os.getpgrp() == os.getpgid(os.getppid()))"
+    primary, secondary = os.openpty() if terminal else (None, None)
+    try:
+        result = subprocess.run(
+            [*ACB_RUN, "--gate", "--", sys.executable, "-c", code],
+            env=assigner.client_env(),
+            stdin=secondary if terminal else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        for fd in (primary, secondary):
+            if fd is not None:
+                os.close(fd)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(terminal)
