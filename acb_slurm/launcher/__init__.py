@@ -1,0 +1,1 @@
+"""`acb-run`: run a program under the node's assigner (`gate`: process-level; `auto`: PyTorch)."""

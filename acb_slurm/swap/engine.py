@@ -1,0 +1,486 @@
+"""Storage-level swap: move every tensor storage of this process off a device and back.
+
+`SwapEngine.offload()` finds every live storage on the managed device, copies it into one host
+buffer and frees the device memory with ``untyped_storage().resize_(0)``; `onload()` resizes the
+storages back and copies the bytes in. The Python tensor objects are never touched: parameters,
+gradients, optimizer state, views and tied weights keep their identity, so the program continues
+as if nothing happened.
+
+Approaches considered, and why this one:
+
+- Moving modules with ``module.to("cpu")``: replaces ``param.data`` but misses tensors held in
+  plain variables, optimizer state and anything outside a module, and breaks views.
+- A pluggable CUDA allocator backed by CUDA virtual memory (vLLM's sleep mode,
+  ``vllm/device_allocator/cumem.py``): unmaps physical pages while keeping virtual addresses, so
+  even captured CUDA graphs survive. It needs a C extension calling the driver API (vLLM records
+  that ctypes and cuda-python bindings failed on context mismatch) and must own every allocation
+  from process start; it cannot run on ``cpu``, so CI could not prove it.
+- Storage resize (this module): works with the stock allocators of every device type, so the
+  SAME code runs on ``cpu`` in CI and on CUDA in production. Its limits are the objects it cannot
+  see or resize, and each of them is reported (`SwapWarning`) with the bytes left behind:
+  storages that are not resizable (``from_numpy``, ``from_blob``, DLPack) and the storages whose
+  memory they alias, storages shared with other processes, storages inside CUDA graph pools (a
+  graph replays fixed addresses), and device memory torch keeps that no Python tensor reaches
+  (autograd saved tensors, C++ buffers: ``torch.cuda.memory_reserved`` after the swap). Memory
+  handed to other libraries without a torch tensor (a CuPy array made with DLPack, a numpy view
+  of a ``cpu`` tensor) cannot be seen: it must not be used across a swap.
+
+Finding storages: a walk of ``gc.get_objects()`` for tensors (Parameters, ``.grad``, optimizer
+state, locals and globals alike: all are gc-tracked Python objects), deduplicated by the storage
+implementation (``untyped_storage()._cdata``), so a storage shared by views or tied weights moves
+once. While away, the engine holds each storage; one that nothing else holds any more (the
+program dropped its tensors meanwhile) is not brought back.
+
+Copies: on CUDA, one page-locked host buffer (``cudaHostRegister`` of a plain allocation, kept
+between swaps so the pinning cost is paid once), every copy queued ``non_blocking`` on the current
+stream and one synchronisation per device. On ``cpu`` the host buffer is a separate allocation (a
+uint8 tensor), so ``resize_(0)`` really frees the storage's own memory; the bytes simply live in
+another buffer of the same RAM while away.
+
+Failure is never half-done: offload frees no storage before every host copy is complete; a failed
+onload gives back what it re-allocated, keeps the host copies and re-raises, so a retry works.
+"""
+
+from __future__ import annotations
+
+import enum
+import gc
+import logging
+import threading
+import time
+import warnings
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import accumulate, compress
+
+import torch
+
+from acb_slurm.units import format_size
+
+log = logging.getLogger(__name__)
+
+#: Host-buffer slices start on this boundary (DMA-friendly, and cheap).
+_ALIGN = 512
+
+
+class SwapError(RuntimeError):
+    """A swap could not be done; the data is where it was before the call."""
+
+
+class SwapWarning(UserWarning):
+    """A swap was not complete: some device bytes could not be moved (the message says which)."""
+
+
+class SwapState(enum.StrEnum):
+    """Where the managed storages are: RESIDENT (on the device) ⇄ OFFLOADED (in host memory)."""
+
+    RESIDENT = "resident"
+    OFFLOADED = "offloaded"
+
+
+@dataclass(frozen=True)
+class SwapStats:
+    """What one offload or onload did."""
+
+    direction: str  # "offload" or "onload"
+    storages: int
+    bytes: int
+    seconds: float
+    skipped_bytes: int = 0  # device bytes left where they were (reported in a SwapWarning)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+    def __str__(self) -> str:
+        return (
+            f"{self.direction}: {self.storages} storages, {format_size(self.bytes)} in "
+            f"{self.seconds * 1e3:.1f} ms ({self.gb_per_s:.2f} GB/s)"
+        )
+
+
+@dataclass
+class _Entry:
+    """One device storage that is (or is about to be) away, and where its bytes are."""
+
+    storage: torch.UntypedStorage
+    nbytes: int
+    device: torch.device
+    offset: int  # into the host buffer
+
+
+@dataclass
+class _Found:
+    """The result of a walk: storages to move, and what cannot be moved and why."""
+
+    storages: list[torch.UntypedStorage] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> bytes
+
+    def skip(self, reason: str, nbytes: int) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + nbytes
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A flat uint8 tensor over all of `storage` (no copy)."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+def _tensor_types() -> set[type]:
+    """torch.Tensor and every subclass defined so far (Parameter, Buffer, user subclasses)."""
+    kinds: set[type] = set()
+    todo: list[type] = [torch.Tensor]
+    while todo:
+        cls = todo.pop()
+        if cls not in kinds:
+            kinds.add(cls)
+            todo.extend(cls.__subclasses__())
+    return kinds
+
+
+def _orphaned(storage: torch.UntypedStorage) -> bool:
+    """True when only the engine still holds `storage` (the program dropped every tensor on it)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count is not None and use_count(storage._cdata) <= 1
+
+
+def _storages_of(tensor: torch.Tensor) -> Iterator[torch.UntypedStorage]:
+    """The storages behind one tensor object (two for a sparse COO tensor, none for meta/fake)."""
+    if tensor.is_sparse:
+        yield from _storages_of(tensor._values())
+        yield from _storages_of(tensor._indices())
+        return
+    try:
+        yield tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        # Tensors without storage (meta, functional or fake wrappers): nothing on the device.
+        return
+
+
+class SwapEngine:
+    """Offload/onload every tensor storage of this process on one device type (or index).
+
+    `device` is ``"cuda"`` (all CUDA devices of the process), ``"cuda:1"`` or ``"cpu"`` (the
+    testable stand-in). Thread-safe: offload and onload are serialised by an internal lock; the
+    caller (automatic mode) is responsible for no tensor op running concurrently with them.
+    """
+
+    def __init__(self, device: str | torch.device = "cuda", *, keep_host_buffer: bool = True):
+        self.device = torch.device(device)
+        self._keep_host_buffer = keep_host_buffer and self.device.type == "cuda"
+        self._entries: list[_Entry] = []
+        self._host: torch.Tensor | None = None  # holds the bytes of the offloaded storages
+        self._host_registered = False  # page-locked with cudaHostRegister (to unregister)
+        self._state = SwapState.RESIDENT
+        self._lock = threading.Lock()
+        self._own: set[int] = set()  # ids of tensors the engine made (never swapped)
+        self.last: SwapStats | None = None
+
+    # ---- public API -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SwapState:
+        return self._state
+
+    @property
+    def offloaded_bytes(self) -> int:
+        """Bytes held in host memory for the device while offloaded (0 while resident)."""
+        return sum(e.nbytes for e in self._entries)
+
+    def resident_bytes(self) -> int:
+        """Bytes of live storages on the managed device now (a gc walk; not for hot paths)."""
+        return sum(s.nbytes() for s in self._find().storages)
+
+    def offload(self) -> SwapStats:
+        """Copy every device storage to host memory, then free it on the device.
+
+        Raises SwapError (with the data untouched) when the host copy cannot be made. Warns
+        `SwapWarning` naming the bytes that stay on the device.
+        """
+        with self._lock:
+            if self._state is SwapState.OFFLOADED:
+                raise SwapError("offload() called twice: the storages are already in host memory")
+            start = time.perf_counter()
+            self._synchronize(self._devices_in_use())
+            found = self._find()
+            entries, total = self._plan(found.storages)
+            try:
+                host = self._host_buffer(total)
+                self._copy_out(entries, host)
+            except Exception as exc:
+                self._drop_host_buffer()
+                raise SwapError(
+                    f"offload failed before any device memory was freed ({exc}); the program's "
+                    f"tensors are intact. Free host memory (needed {format_size(total)}) and retry."
+                ) from exc
+            self._free_device(entries)
+            self._entries, self._state = entries, SwapState.OFFLOADED
+            if self.device.type == "cuda":
+                self._return_to_driver()
+                self._check_reserved(found)
+            moved = sum(e.nbytes for e in entries)
+            elapsed = time.perf_counter() - start
+            self.last = SwapStats(
+                "offload", len(entries), moved, elapsed, sum(found.skipped.values())
+            )
+            self._warn_skipped(found)
+            log.debug("%s", self.last)
+            return self.last
+
+    def onload(self) -> SwapStats:
+        """Re-allocate every offloaded storage on the device and copy its bytes back.
+
+        On failure (device out of memory, ...) everything re-allocated is freed again, the host
+        copies are kept, and SwapError is raised: call onload() again once memory is available.
+        """
+        with self._lock:
+            if self._state is SwapState.RESIDENT:
+                raise SwapError("onload() called while resident: offload() first")
+            start = time.perf_counter()
+            assert self._host is not None
+            live = [(e, e.storage) for e in self._entries if not _orphaned(e.storage)]
+            grown: list[torch.UntypedStorage] = []
+            try:
+                for entry, storage in live:
+                    storage.resize_(entry.nbytes)
+                    grown.append(storage)
+                    _byte_view(storage).copy_(
+                        self._host[entry.offset : entry.offset + entry.nbytes], non_blocking=True
+                    )
+                self._synchronize({e.device for e, _ in live})
+            except Exception as exc:
+                for storage in grown:
+                    storage.resize_(0)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise SwapError(
+                    f"onload failed after {len(grown)} of {len(live)} storages ({exc}); their "
+                    "bytes are still in host memory and nothing was lost: free device memory and "
+                    "call onload() again"
+                ) from exc
+            moved = sum(e.nbytes for e, _ in live)
+            self._entries, self._state = [], SwapState.RESIDENT
+            if not self._keep_host_buffer:
+                self._drop_host_buffer()
+            self.last = SwapStats("onload", len(live), moved, time.perf_counter() - start)
+            log.debug("%s", self.last)
+            return self.last
+
+    def close(self) -> None:
+        """Give back the host buffer (after onload; a no-op while offloaded)."""
+        with self._lock:
+            if self._state is SwapState.RESIDENT:
+                self._drop_host_buffer()
+
+    # ---- finding storages -------------------------------------------------------------------
+
+    def _matches(self, device: torch.device) -> bool:
+        if device.type != self.device.type:
+            return False
+        return self.device.index is None or device.index == self.device.index
+
+    def _find(self) -> _Found:
+        """Every distinct, non-empty storage on the managed device reachable from a tensor."""
+        found = _Found()
+        seen: set[int] = set()
+        fixed: list[tuple[int, int]] = []  # memory of storages that stay: [start, end)
+        own = self._own
+        # Filtering by exact type in C (compress/map) keeps the walk at a few ns per object.
+        kinds = _tensor_types()
+        objects = gc.get_objects()
+        tensors = list(compress(objects, map(kinds.__contains__, map(type, objects))))
+        del objects
+        for obj in tensors:
+            if id(obj) in own:
+                continue
+            for storage in _storages_of(obj):
+                key = storage._cdata
+                if key in seen:
+                    continue
+                seen.add(key)
+                nbytes = storage.nbytes()
+                if nbytes == 0 or not self._matches(storage.device):
+                    continue
+                reason = self._unmovable(storage)
+                if reason:
+                    found.skip(reason, nbytes)
+                    fixed.append((storage.data_ptr(), storage.data_ptr() + nbytes))
+                else:
+                    found.storages.append(storage)
+        if fixed:
+            self._skip_aliases(found, fixed)
+        if self.device.type == "cuda" and found.storages:
+            self._skip_graph_pools(found)
+        return found
+
+    @staticmethod
+    def _unmovable(storage: torch.UntypedStorage) -> str | None:
+        if not storage.resizable():
+            return "not resizable (from_numpy, from_blob or DLPack memory)"
+        if storage.device.type == "cpu" and storage.is_shared():
+            return "shared with other processes (share_memory_)"
+        return None
+
+    @staticmethod
+    def _skip_aliases(found: _Found, fixed: list[tuple[int, int]]) -> None:
+        """Leave storages whose memory a storage that stays also covers (``from_dlpack(t)``
+        while ``t`` lives): moving one would leave the other pointing at freed memory."""
+        fixed.sort()
+        starts = [lo for lo, _ in fixed]
+        ends = list(accumulate((hi for _, hi in fixed), max))  # furthest end up to each start
+        keep = []
+        for storage in found.storages:
+            lo = storage.data_ptr()
+            hi = lo + storage.nbytes()
+            i = bisect_left(starts, hi) - 1  # last fixed range starting before `hi`
+            if i >= 0 and ends[i] > lo:
+                found.skip("sharing memory with a storage that cannot move", storage.nbytes())
+            else:
+                keep.append(storage)
+        found.storages = keep
+
+    @staticmethod
+    def _skip_graph_pools(found: _Found) -> None:
+        """Leave storages inside private pools (CUDA graphs, MemPools): graphs replay addresses."""
+        ranges = [
+            (seg["address"], seg["address"] + seg["total_size"])
+            for seg in torch.cuda.memory_snapshot()
+            if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)
+        ]
+        if not ranges:
+            return
+        keep = []
+        for storage in found.storages:
+            ptr = storage.data_ptr()
+            if any(lo <= ptr < hi for lo, hi in ranges):
+                found.skip(
+                    "in a CUDA graph or private memory pool (do not replay a graph captured "
+                    "before a swap: its inputs moved)",
+                    storage.nbytes(),
+                )
+            else:
+                keep.append(storage)
+        found.storages = keep
+
+    # ---- copies -----------------------------------------------------------------------------
+
+    def _plan(self, storages: Iterable[torch.UntypedStorage]) -> tuple[list[_Entry], int]:
+        entries, offset = [], 0
+        for storage in storages:
+            nbytes = storage.nbytes()
+            entries.append(_Entry(storage, nbytes, storage.device, offset))
+            offset = _align(offset + nbytes)
+        return entries, offset
+
+    def _host_buffer(self, nbytes: int) -> torch.Tensor:
+        """A host uint8 buffer of at least `nbytes`: page-locked when the device is CUDA."""
+        if self._host is not None and self._host.numel() >= nbytes:
+            return self._host
+        self._drop_host_buffer()
+        host = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        self._own.add(id(host))
+        self._host = host
+        if self.device.type == "cuda":
+            self._host_registered = self._pin(host)
+            if not self._host_registered:  # fall back on torch's caching host allocator
+                self._own.discard(id(host))
+                host = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+                self._own.add(id(host))
+                self._host = host
+        return host
+
+    @staticmethod
+    def _pin(host: torch.Tensor) -> bool:
+        """Page-lock `host` in place (no power-of-two rounding, unlike pin_memory=True)."""
+        try:
+            rc = int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel(), 0))
+        except Exception:  # cudart not exposed by this build
+            return False
+        return rc == 0
+
+    def _drop_host_buffer(self) -> None:
+        if self._host is None:
+            return
+        if self._host_registered:
+            torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
+            self._host_registered = False
+        self._own.discard(id(self._host))
+        self._host = None
+
+    def _copy_out(self, entries: list[_Entry], host: torch.Tensor) -> None:
+        for entry in entries:
+            storage = entry.storage
+            host[entry.offset : entry.offset + entry.nbytes].copy_(
+                _byte_view(storage), non_blocking=True
+            )
+        self._synchronize({e.device for e in entries})
+
+    def _free_device(self, entries: list[_Entry]) -> None:
+        """resize_(0) every storage; if one refuses, bring the freed ones back and raise."""
+        freed: list[_Entry] = []
+        try:
+            for entry in entries:
+                entry.storage.resize_(0)
+                freed.append(entry)
+        except Exception as exc:
+            assert self._host is not None
+            for entry in freed:
+                entry.storage.resize_(entry.nbytes)
+                _byte_view(entry.storage).copy_(
+                    self._host[entry.offset : entry.offset + entry.nbytes]
+                )
+            self._drop_host_buffer()
+            raise SwapError(
+                f"offload failed while freeing device storages ({exc}); rolled back"
+            ) from exc
+
+    @staticmethod
+    def _return_to_driver() -> None:
+        """Give cached device memory back: cuBLAS workspaces (re-created on next use), then
+        every unused block of the caching allocator."""
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:
+            clear()
+        torch.cuda.empty_cache()
+
+    def _devices_in_use(self) -> set[torch.device]:
+        if self.device.type != "cuda" or not torch.cuda.is_initialized():
+            return set()
+        if self.device.index is not None:
+            return {self.device}
+        return {torch.device("cuda", i) for i in range(torch.cuda.device_count())}
+
+    @staticmethod
+    def _synchronize(devices: Iterable[torch.device]) -> None:
+        for device in devices:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+    # ---- reporting what could not move --------------------------------------------------
+
+    def _check_reserved(self, found: _Found) -> None:
+        """Device memory torch still reserves after the swap: storages no Python tensor reaches."""
+        reserved = sum(
+            torch.cuda.memory_reserved(d) for d in self._devices_in_use() if self._matches(d)
+        )
+        unexplained = reserved - sum(found.skipped.values())
+        if unexplained > 0:
+            found.skip(
+                "held by torch but reachable from no Python tensor (autograd saved tensors, "
+                "C++ buffers, allocator fragmentation)",
+                unexplained,
+            )
+
+    def _warn_skipped(self, found: _Found) -> None:
+        if not found.skipped:
+            return
+        parts = "; ".join(f"{format_size(n)} {why}" for why, n in found.skipped.items())
+        warnings.warn(
+            f"offload left {format_size(sum(found.skipped.values()))} on {self.device}: {parts}",
+            SwapWarning,
+            stacklevel=3,
+        )

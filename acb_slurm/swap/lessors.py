@@ -1,0 +1,83 @@
+"""Where automatic mode gets its leases: the node's assigner (`ClientLessor`) or nowhere
+(`LocalLessor`, grants at once)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from acb_slurm.swap.auto import AutoSwap, Lease
+
+if TYPE_CHECKING:
+    from acb_slurm.client import Client
+    from acb_slurm.client import Lease as ClientLease
+
+
+class ClientLessor:
+    """Leases from the node's assigner through a `Client`; yield requests reach `AutoSwap`."""
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        gpus: int = 1,
+        memory_bytes: int = 0,
+        priority: int = 0,
+        label: str = "auto",
+    ):
+        self.client = client
+        self.gpus = gpus
+        self.memory_bytes = memory_bytes
+        self.priority = priority
+        self.label = label
+        self._held: dict[str, ClientLease] = {}
+
+    def attach(self, auto: AutoSwap) -> None:
+        """Route the session's YieldRequests to `auto` (a safe point will honour them)."""
+        from acb_slurm.client import LeaseListener
+
+        class _Yields(LeaseListener):
+            def on_yield_request(self, client: Client, lease_id: str, reason: str) -> None:
+                auto.request_yield(lease_id, reason)
+
+        self.client.add_listener(_Yields())
+
+    def acquire(self) -> Lease:
+        granted = self.client.allocate(
+            gpus=self.gpus, memory=self.memory_bytes, priority=self.priority, label=self.label
+        )
+        self._held[granted.lease_id] = granted
+        return Lease(granted.lease_id, granted.device_ids)
+
+    def release(self, lease: Lease, *, yielded: bool = False) -> None:
+        held = self._held.pop(lease.lease_id, None)
+        self.client.release(held or lease.lease_id)
+        if yielded:
+            self.client.yield_done(lease.lease_id)
+
+    def report_usage(self, lease: Lease, resident_bytes: int) -> None:
+        self.client.report_usage(lease.lease_id, resident_bytes)
+
+
+class LocalLessor:
+    """Grants at once, with no assigner: automatic mode's swapping alone (benchmarks, hook tests,
+    a run outside any allocation). Counts what it was asked."""
+
+    def __init__(self, device_ids: tuple[str, ...] = ()):
+        self.device_ids = device_ids
+        self.acquired = 0
+        self.released = 0
+        self.yielded = 0
+        self.usage: list[int] = []
+        self._next = 0
+
+    def acquire(self) -> Lease:
+        self._next += 1
+        self.acquired += 1
+        return Lease(f"local-{self._next}", self.device_ids)
+
+    def release(self, lease: Lease, *, yielded: bool = False) -> None:
+        self.released += 1
+        self.yielded += int(yielded)
+
+    def report_usage(self, lease: Lease, resident_bytes: int) -> None:
+        self.usage.append(resident_bytes)

@@ -1,0 +1,205 @@
+"""CUDA cases of the swap engine, one per fresh process (device memory measured without the
+leftovers of other tests). `python cuda_cases.py CASE` prints one JSON line.
+
+Deterministic algorithms are switched on before CUDA starts, so two runs of the same training
+on the same GPU are bit-for-bit equal (embedding backward otherwise uses atomics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import torch
+
+from acb_slurm.swap.auto import AutoSwap, Phase
+from acb_slurm.swap.engine import SwapEngine, SwapWarning
+from acb_slurm.swap.lessors import LocalLessor
+
+torch.use_deterministic_algorithms(True)
+GiB = 1024**3
+CASES: dict[str, Callable[[], dict[str, Any]]] = {}
+
+
+def case(func: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    CASES[func.__name__] = func
+    return func
+
+
+class Run:
+    """A tied-weight model with Adam on cuda, and tensors in plain variables."""
+
+    def __init__(self, width: int = 1024, vocab: int = 8192, seed: int = 0):
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, width, device="cuda")
+        self.body = torch.nn.Sequential(
+            *(torch.nn.Linear(width, width, device="cuda") for _ in range(8))
+        )
+        self.head = torch.nn.Linear(width, vocab, bias=False, device="cuda")
+        self.head.weight = self.embed.weight
+        self.params = [*self.embed.parameters(), *self.body.parameters()]
+        self.opt = torch.optim.Adam(self.params, lr=1e-3)
+        self.tokens = torch.randint(0, vocab, (8, 65), device="cuda")
+        self.view = self.embed.weight[:16]
+        self.losses: list[torch.Tensor] = []
+
+    def train(self, steps: int) -> None:
+        for _ in range(steps):
+            self.opt.zero_grad()
+            h = self.body(self.embed(self.tokens[:, :-1]))
+            logits = self.head(h)
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), self.tokens[:, 1:].reshape(-1)
+            )
+            loss.backward()
+            self.opt.step()
+            self.losses.append(loss.detach())
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [*self.params, self.tokens, self.view, *self.losses]
+        out += [p.grad for p in self.params if p.grad is not None]
+        for state in self.opt.state.values():
+            out += [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_cuda]
+        return out
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@case
+def training_bit_for_bit() -> dict[str, Any]:
+    reference = Run()
+    reference.train(6)
+    ref_params = [p.detach().clone() for p in reference.params]
+    ref_losses = [x.clone() for x in reference.losses]
+    del reference
+
+    run = Run()
+    run.train(3)
+    ids = [id(t) for t in run.tensors()]
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    engine = SwapEngine("cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SwapWarning)
+        out = engine.offload()
+    free_after = torch.cuda.mem_get_info()[0]
+    empty = all(t.untyped_storage().nbytes() == 0 for t in run.tensors())
+    reserved_after = torch.cuda.memory_reserved()
+    pinned = engine._host is not None and engine._host.is_pinned()
+    back = engine.onload()
+    identity_kept = [id(t) for t in run.tensors()] == ids
+    run.train(3)
+    return {
+        "moved": out.bytes,
+        "freed_on_device": free_after - free_before,
+        "reserved_after_offload": reserved_after,
+        "all_empty": empty,
+        "pinned_host_buffer": pinned,
+        "onloaded": back.bytes,
+        "identity_kept": identity_kept,
+        "losses_equal": same(run.losses, ref_losses),
+        "params_equal": same([p.detach() for p in run.params], ref_params),
+        "warnings": [str(w.message) for w in caught],
+    }
+
+
+@case
+def unmovable_memory_is_reported() -> dict[str, Any]:
+    keep = torch.randn(1 << 20, device="cuda")
+    alias = torch.from_dlpack(torch.randn(1 << 18, device="cuda"))  # storage not resizable
+    graph_input = torch.randn(1 << 16, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph_input.mul(2)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        graph_output = graph_input * 2
+    engine = SwapEngine("cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SwapWarning)
+        out = engine.offload()
+    result = {
+        "warnings": [str(w.message) for w in caught],
+        "skipped_bytes": out.skipped_bytes,
+        "alias_kept": alias.untyped_storage().nbytes() == (1 << 18) * 4,
+        "graph_output_kept": graph_output.untyped_storage().nbytes() > 0,
+        "moved_plain": keep.untyped_storage().nbytes() == 0,
+    }
+    engine.onload()
+    return result
+
+
+@case
+def failed_onload_keeps_host_copies() -> dict[str, Any]:
+    """Fill the device after offload so that onload runs out of memory, then free and retry."""
+    run = Run(width=2048)
+    run.train(1)
+    before = [p.detach().cpu() for p in run.params]
+    engine = SwapEngine("cuda")
+    out = engine.offload()
+    free, _ = torch.cuda.mem_get_info()
+    hog = torch.empty(max(free - out.bytes // 2, 1), dtype=torch.uint8, device="cuda")
+    try:
+        engine.onload()
+        error = None
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    state_after_failure = engine.state.value
+    del hog
+    torch.cuda.empty_cache()
+    engine.onload()
+    after = [p.detach().cpu() for p in run.params]
+    return {
+        "error": error,
+        "state_after_failure": state_after_failure,
+        "intact": same(before, after),
+    }
+
+
+@case
+def auto_mode_releases_memory_when_idle() -> dict[str, Any]:
+    reference = Run()
+    reference.train(4)
+    ref_losses = [x.clone() for x in reference.losses]
+    del reference
+    torch.cuda.empty_cache()
+
+    lessor = LocalLessor(device_ids=())
+    auto = AutoSwap(lessor, device="cuda", idle_ms=100)
+    auto.install()
+    try:
+        run = Run()
+        run.train(2)
+        deadline = time.monotonic() + 30
+        while auto.phase is not Phase.AWAY and time.monotonic() < deadline:
+            time.sleep(0.02)
+        away = auto.phase is Phase.AWAY
+        reserved_while_away = torch.cuda.memory_reserved()
+        run.train(2)
+        result = {
+            "went_away": away,
+            "reserved_while_away": reserved_while_away,
+            "acquired": lessor.acquired,
+            "released": lessor.released,
+            "losses_equal": same(run.losses, ref_losses),
+            "usage_reported": max(lessor.usage, default=0),
+            "offloaded": auto.stats.offloaded_bytes,
+        }
+    finally:
+        auto.uninstall()
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(CASES[sys.argv[1]]()))

@@ -1,0 +1,219 @@
+"""The swap engine on device `cpu`: what moves, that nothing else changes, and failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from acb_slurm.swap import SwapEngine, SwapError, SwapState, SwapWarning
+
+DATA = Path(__file__).parent / "data"
+
+
+class TiedLM(torch.nn.Module):
+    """A small language model whose output layer shares the embedding's weight."""
+
+    def __init__(self, vocab: int = 97, width: int = 48):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.mix = torch.nn.Linear(width, width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.out = torch.nn.Linear(width, vocab, bias=False)
+        self.out.weight = self.embed.weight  # tied
+        self.register_buffer("scale", torch.full((width,), 0.5))
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens) + memory[: tokens.shape[1]]
+        h = self.norm(torch.relu(self.mix(h)) * self.scale + h)
+        return self.out(h)
+
+
+class Run:
+    """A model, its Adam state and tensors the program holds in plain variables."""
+
+    def __init__(self, seed: int = 1234):
+        torch.manual_seed(seed)
+        self.model = TiedLM()
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-2)
+        self.memory = torch.randn(16, 48)  # a plain variable used by every step
+        self.memory_rows = self.memory[::2]  # a view of it
+        self.head_view = self.model.out.weight[:10]  # a view of the tied weight
+        self.tokens = torch.randint(0, 97, (4, 12))
+        self.losses: list[torch.Tensor] = []
+
+    def train(self, steps: int) -> None:
+        for _ in range(steps):
+            self.opt.zero_grad()
+            logits = self.model(self.tokens[:, :-1], self.memory)
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), self.tokens[:, 1:].reshape(-1)
+            )
+            loss.backward()
+            self.opt.step()
+            self.memory_rows.mul_(0.99)  # writes through the view into `memory`
+            self.losses.append(loss.detach().clone())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor object of the run that lives on the device."""
+        out = [*self.model.parameters(), *self.model.buffers(), self.memory, self.memory_rows]
+        out += [self.head_view, self.tokens, *self.losses]
+        out += [p.grad for p in self.model.parameters() if p.grad is not None]
+        for state in self.opt.state.values():
+            out += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        return out
+
+
+def distinct_bytes(tensors: list[torch.Tensor]) -> int:
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def test_offloaded_training_equals_a_run_never_offloaded_bit_for_bit() -> None:
+    reference = Run()
+    reference.train(6)
+
+    run = Run()
+    run.train(3)
+    ids = [id(t) for t in run.tensors()]
+    state_ids = {id(p): {k: id(v) for k, v in s.items()} for p, s in run.opt.state.items()}
+    expected_bytes = distinct_bytes(run.tensors())
+    engine = SwapEngine("cpu")
+
+    stats = engine.offload()
+
+    assert engine.state is SwapState.OFFLOADED
+    assert all(t.untyped_storage().nbytes() == 0 for t in run.tensors())
+    assert stats.bytes >= expected_bytes > 0
+    assert engine.offloaded_bytes == stats.bytes
+    assert engine.resident_bytes() == 0, "a storage on the device was not found by the walk"
+
+    back = engine.onload()
+    assert back.bytes == stats.bytes and back.storages == stats.storages
+    assert [id(t) for t in run.tensors()] == ids
+    assert {id(p): {k: id(v) for k, v in s.items()} for p, s in run.opt.state.items()} == state_ids
+    assert run.model.out.weight is run.model.embed.weight
+    run.train(3)
+
+    assert len(run.losses) == len(reference.losses) == 6
+    for mine, theirs in zip(run.losses, reference.losses, strict=True):
+        assert torch.equal(mine, theirs)
+    for (name, mine), theirs in zip(
+        run.model.state_dict().items(), reference.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(mine, theirs), name
+    assert torch.equal(run.memory, reference.memory)
+
+
+def test_views_and_tied_weights_move_once() -> None:
+    base = torch.randn(1000)
+    views = [base[10:20], base.view(10, 100), base[::3]]
+    engine = SwapEngine("cpu")
+    stats = engine.offload()
+    try:
+        keys = [e.storage._cdata for e in engine._entries]
+        assert len(keys) == len(set(keys)) == stats.storages
+        kept = [e for e in engine._entries if e.storage._cdata == base.untyped_storage()._cdata]
+        assert len(kept) == 1 and kept[0].nbytes == 4000
+        assert all(v.untyped_storage().nbytes() == 0 for v in views)
+    finally:
+        engine.onload()
+    assert torch.equal(views[1].reshape(-1), base)
+
+
+def test_unresizable_storage_is_left_in_place_with_a_warning_naming_its_bytes() -> None:
+    array = np.arange(4096, dtype=np.float64)
+    wrapped = torch.from_numpy(array)  # memory owned by numpy: cannot be resized
+    moved = torch.randn(256)
+    engine = SwapEngine("cpu")
+    with pytest.warns(SwapWarning, match=r"32\.0KiB not resizable"):
+        stats = engine.offload()
+    try:
+        assert stats.skipped_bytes >= 4096 * 8
+        assert moved.untyped_storage().nbytes() == 0
+        assert wrapped.untyped_storage().nbytes() == 4096 * 8
+    finally:
+        engine.onload()
+    assert wrapped.sum().item() == array.sum()
+
+
+def test_storage_shared_with_other_processes_is_not_moved() -> None:
+    shared = torch.arange(1024, dtype=torch.float32).share_memory_()
+    engine = SwapEngine("cpu")
+    with pytest.warns(SwapWarning, match="shared with other processes"):
+        engine.offload()
+    try:
+        assert shared.untyped_storage().nbytes() == 4096
+    finally:
+        engine.onload()
+    assert torch.equal(shared, torch.arange(1024, dtype=torch.float32))
+
+
+def test_a_tensor_dropped_while_offloaded_is_not_brought_back() -> None:
+    keep, drop = torch.randn(1000), torch.randn(3000)
+    keep_copy = keep.clone()
+    engine = SwapEngine("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SwapWarning)
+        out = engine.offload()
+    del drop
+    back = engine.onload()
+    assert back.storages == out.storages - 1
+    assert back.bytes == out.bytes - 12000
+    assert torch.equal(keep, keep_copy)
+
+
+def test_calls_out_of_order_are_refused_with_a_reason() -> None:
+    engine = SwapEngine("cpu")
+    with pytest.raises(SwapError, match="offload\\(\\) first"):
+        engine.onload()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SwapWarning)
+        engine.offload()
+    try:
+        with pytest.raises(SwapError, match="already in host memory"):
+            engine.offload()
+    finally:
+        engine.onload()
+
+
+def test_failed_offload_and_failed_onload_lose_nothing() -> None:
+    """Real allocation failures (an address-space limit) in a fresh process."""
+    proc = subprocess.run(
+        [sys.executable, str(DATA / "swap_under_memory_limit.py")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "before any device memory was freed" in result["offload_error"]
+    assert result["state_after_failed_offload"] == "resident"
+    assert result["intact_after_failed_offload"]
+    assert "nothing was lost" in result["onload_error"]
+    assert result["state_after_failed_onload"] == "offloaded"
+    assert result["empty_after_failed_onload"]
+    assert result["resident_at_end"] and result["intact_at_end"]
+
+
+def test_a_storage_aliased_by_one_that_cannot_move_stays_too() -> None:
+    """torch.from_dlpack(t) makes a second, non-resizable storage over t's memory: moving t's
+    storage would leave the alias pointing at freed memory."""
+    original = torch.arange(2048, dtype=torch.float32)
+    alias = torch.from_dlpack(original)
+    engine = SwapEngine("cpu")
+    with pytest.warns(SwapWarning, match="sharing memory with a storage that cannot move"):
+        engine.offload()
+    try:
+        assert original.untyped_storage().nbytes() == 8192
+    finally:
+        engine.onload()
+    alias.add_(1)
+    assert torch.equal(original, torch.arange(2048, dtype=torch.float32) + 1)
