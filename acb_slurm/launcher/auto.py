@@ -104,7 +104,7 @@ def child_environment(spec: AutoSpec, environ: Mapping[str, str]) -> dict[str, s
 
 def run_auto(spec: AutoSpec, environ: Mapping[str, str] | None = None) -> int:
     """Run `spec.command` in automatic mode; returns its exit code (128+N for signal N)."""
-    from acb_slurm.launcher.gate import _run_child
+    from acb_slurm.launcher.gate import run_child
 
     if not spec.command:
         raise AutoError(
@@ -115,7 +115,7 @@ def run_auto(spec: AutoSpec, environ: Mapping[str, str] | None = None) -> int:
         env.assigner_target(dict(base))
     except env.ConfigurationError as exc:
         raise AutoError(str(exc)) from None
-    return _run_child(spec.command, child_environment(spec, base))
+    return run_child(spec.command, child_environment(spec, base))
 
 
 # ---- in the child ------------------------------------------------------------------------------

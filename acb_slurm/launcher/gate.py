@@ -75,7 +75,7 @@ def run_gated(spec: GateSpec, client: Client | None = None) -> int:
             child_env = dict(os.environ)
             child_env["CUDA_VISIBLE_DEVICES"] = lease.cuda_visible_devices
             child_env[env.LEASE_ID] = lease.lease_id
-            return _run_child(spec.command, child_env)
+            return run_child(spec.command, child_env)
         finally:
             client.release(lease)
     finally:
@@ -90,7 +90,7 @@ def _stdin_is_terminal() -> bool:
         return False
 
 
-def _run_child(command: Sequence[str], child_env: dict[str, str]) -> int:
+def run_child(command: Sequence[str], child_env: dict[str, str]) -> int:
     """Spawn, forward signals, wait; the previous signal handlers come back afterwards."""
     interactive = _stdin_is_terminal()
     try:
