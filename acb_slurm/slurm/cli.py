@@ -53,6 +53,8 @@ Examples:
     acb-sbatch submit job.yaml            # validate, submit, print job id and paths
     acb-sbatch status 1234                # who holds which GPU, who waits
     acb-sbatch cancel 1234
+    acb-sbatch report 1234                # timeline PNG + HTML of who held which GPU when
+    acb-sbatch report 1234 --compare 1200 --names shared static
     acb-sbatch schema > job.schema.json   # JSON Schema of job.yaml for editors
 In an existing batch script:
     eval "$(acb-sbatch prologue --policy simple)"
@@ -289,6 +291,55 @@ def cancel(job_id: Annotated[str, typer.Argument(help="Slurm job id.")]) -> None
     with _edge():
         cancel_job(job_id)
         typer.echo(f"cancelled job {job_id} (scancel {job_id})")
+
+
+@app.command()
+def report(
+    job_id: Annotated[str, typer.Argument(help="Slurm job id (its run dir holds the event logs).")],
+    compare: Annotated[
+        str | None,
+        typer.Option(help="A second job id, drawn beside the first (e.g. static vs shared)."),
+    ] = None,
+    names: Annotated[
+        list[str] | None, typer.Option("--names", help="Labels of the runs, once per run.")
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Output directory; default: <run dir>/report.")
+    ] = None,
+    run_dir: Annotated[
+        str | None, typer.Option(help="The job's run dir, if not <submit dir>/acb-runs/<id>.")
+    ] = None,
+    holdings: Annotated[
+        bool, typer.Option("--holdings", help="Also list every lease: who held which GPU when.")
+    ] = False,
+) -> None:
+    """Turn a job's assigner event logs into a timeline picture (PNG and a self-contained HTML)
+    and a summary table: busy fraction, waits p50/p99, handoffs.
+
+    Works on finished jobs too: the event logs stay in the run dir.
+    Example: acb-sbatch report 1234 --compare 1200 --names shared static
+    """
+    from acb_slurm.report import EventLogError, build_report, build_run
+    from acb_slurm.report.events import find_event_logs
+    from acb_slurm.report.summary import format_holdings, render_table
+
+    with _edge():
+        folder = runtime.find_run_dir(job_id, run_dir)
+        other = runtime.find_run_dir(compare) if compare else None
+        target = Path(out) if out else folder / "report"
+        try:
+            paths = build_report(
+                [folder], target, [other] if other else None, names=names or None,
+                title=f"acb-slurm job {job_id}" + (f" vs {compare}" if compare else ""),
+            )
+        except (EventLogError, ValueError) as exc:
+            raise AcbSlurmError(str(exc)) from None
+        summaries = json.loads(paths.summary.read_text(encoding="utf-8"))
+        typer.echo(render_table(summaries))
+        if holdings:
+            typer.echo("")
+            typer.echo(format_holdings(build_run(find_event_logs([folder]))))
+        typer.echo(f"\ntimeline: {paths.png}\nreport:   {paths.html}")
 
 
 @app.command()

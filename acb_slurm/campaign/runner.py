@@ -1,0 +1,576 @@
+"""The campaign worker: claim an item, run its stages, record the outcome, repeat.
+
+A gpu stage in `gate` mode holds a lease from the node's assigner exactly while its command runs
+(CUDA_VISIBLE_DEVICES = the lease's device ids); in `auto` mode it runs under `acb-run --auto`.
+A cpu stage sees no GPU (CUDA_VISIBLE_DEVICES=""). A failed item is retried up to `retries`
+times, resuming after the stages already finished, then recorded as failed; it never stops the
+campaign. SIGTERM/SIGINT stop the worker cleanly: the running stage gets the signal, the attempt
+is recorded as interrupted (it does not count as a failure) and the claim is released.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any, TextIO
+
+from acb_slurm import env as acb_env
+from acb_slurm.campaign.errors import CampaignError, StageFailed
+from acb_slurm.campaign.gpu import ClientLeaseProvider, HeldLease, LeaseProvider
+from acb_slurm.campaign.items import Item, read_items
+from acb_slurm.campaign.progress import ProgressDisplay
+from acb_slurm.campaign.spec import CampaignSpec, Device, GpuMode, Stage, substitute
+from acb_slurm.campaign.store import Claim, Outcome, ResultsStore, WorkerIdentity
+
+#: Set for every stage command: which item, stage and attempt it runs for.
+ITEM_ENV = "ACB_CAMPAIGN_ITEM"
+STAGE_ENV = "ACB_CAMPAIGN_STAGE"
+ATTEMPT_ENV = "ACB_CAMPAIGN_ATTEMPT"
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - not Linux
+    _libc = None
+
+
+def _child_setup(nice: int) -> Callable[[], None]:
+    """What the stage's child process does before exec: get SIGKILL when the worker dies
+    (Linux), so a killed worker never leaves a stage running on a GPU whose lease died with it;
+    and take its CPU niceness."""
+
+    def setup() -> None:
+        if _libc is not None:
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if nice:
+            os.nice(nice)
+
+    return setup
+
+
+class ItemResult(enum.StrEnum):
+    """What a worker did with a claimed item."""
+
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # already finished when we got the claim
+    INTERRUPTED = "interrupted"
+
+
+class WorkerStopped(CampaignError):
+    """The worker was asked to stop (SIGTERM, SIGINT, SIGHUP)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayTask:
+    """This worker's Slurm array task (index from 0) and the number of tasks."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> ArrayTask:
+        """The array task from SLURM_ARRAY_TASK_ID/COUNT/MIN/STEP (one task outside arrays)."""
+        env = os.environ if environ is None else environ
+        try:
+            task = int(env["SLURM_ARRAY_TASK_ID"])
+            count = int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
+            low = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            step = max(1, int(env.get("SLURM_ARRAY_TASK_STEP", "1")))
+        except (KeyError, ValueError):
+            return cls()
+        count = max(1, count)
+        return cls(((task - low) // step) % count, count)
+
+    @property
+    def label(self) -> str:
+        """'index/count' in an array, '' otherwise (shown in records and logs)."""
+        return f"{self.index}/{self.count}" if self.count > 1 else ""
+
+
+def shard_order(items: Sequence[Item], task: ArrayTask) -> list[Item]:
+    """The order a worker tries items in: the list rotated to this array task's shard, so tasks
+    start on different items and, once their shard is done, help with the others'."""
+    if not items:
+        return []
+    offset = task.index * len(items) // task.count
+    return [*items[offset:], *items[:offset]]
+
+
+@dataclass
+class WorkerSummary:
+    """What one worker did."""
+
+    done: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=list)
+    took_over: list[str] = field(default_factory=list)
+    stopped_by: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 128 + the signal that stopped the worker."""
+        return 128 + self.stopped_by if self.stopped_by else 0
+
+
+def acb_run_command() -> str:
+    """Path of `acb-run`: beside this Python (a venv) or on PATH."""
+    beside = Path(sys.executable).parent / "acb-run"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("acb-run")
+    if found is None:
+        raise CampaignError(
+            "acb-run not found beside the Python interpreter or on PATH; install acb-slurm in "
+            "the environment that runs the workers"
+        )
+    return found
+
+
+#: The worker forks stage processes that exec at once, so gRPC's fork handlers are not needed
+#: (they only log "Other threads are currently calling into gRPC, skipping fork() handlers").
+_GRPC_FORK_ENV = "GRPC_ENABLE_FORK_SUPPORT"
+
+
+class Worker:
+    """One campaign worker process. `run()` loops until no item is left to claim."""
+
+    def __init__(
+        self,
+        spec: CampaignSpec,
+        *,
+        name: str | None = None,
+        array_task: ArrayTask | None = None,
+        leases: LeaseProvider | None = None,
+        max_items: int | None = None,
+        stream: TextIO | None = None,
+        progress: bool = True,
+        tty: bool | None = None,
+    ) -> None:
+        self.spec = spec
+        self.name = name or acb_env.worker_name()
+        self.array_task = array_task or ArrayTask.from_env()
+        self.leases = leases
+        self.max_items = max_items
+        self.store = ResultsStore(spec.results, spec.stale_after_s)
+        self.me = WorkerIdentity.current(self.name, self.array_task.label)
+        self.items = read_items(spec.items)
+        self.order = shard_order(self.items, self.array_task)
+        self.display = ProgressDisplay(
+            self.store,
+            (i.id for i in self.items),
+            spec.name,
+            stream=stream,
+            interval_s=spec.progress_interval_s,
+            tty=tty,
+            enabled=progress,
+            reporter_lock=spec.results
+            / f".progress-{os.environ.get('SLURM_JOB_ID') or socket.gethostname()}.lock",
+        )
+        self.summary = WorkerSummary()
+        self._finished: set[str] = set()
+        self._claim: Claim | None = None
+        self._child: subprocess.Popen[bytes] | None = None
+        self._acquiring = False
+        self._stop_signal: int | None = None
+        self._ticker_stop = threading.Event()
+        self._own_grpc_fork_env = _GRPC_FORK_ENV not in os.environ
+        if self._own_grpc_fork_env:
+            os.environ[_GRPC_FORK_ENV] = "false"
+
+    # ---- signals ----
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM, SIGINT and SIGHUP stop the worker cleanly (main thread only)."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        first = self._stop_signal is None
+        self._stop_signal = signum
+        child = self._child
+        if child is not None and child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGTERM if first else signal.SIGKILL)
+        elif self._acquiring:
+            raise WorkerStopped(signum)
+
+    def _check_stop(self) -> None:
+        if self._stop_signal is not None:
+            raise WorkerStopped(self._stop_signal)
+
+    # ---- the loop ----
+
+    def run(self) -> WorkerSummary:
+        """Claim and process items until none is left (or --max-items, or a signal)."""
+        self.store.create()
+        ticker = threading.Thread(target=self._tick, name="campaign-ticker", daemon=True)
+        ticker.start()
+        self.display.say(
+            f"{self.name}: campaign {self.spec.name}: {len(self.items)} items, stages "
+            f"{', '.join(s.name for s in self.spec.stages)}; results in {self.spec.results}"
+            + (f"; array task {self.array_task.label}" if self.array_task.label else "")
+        )
+        try:
+            while self._wants_more():
+                self._check_stop()
+                claimed = self._claim_next()
+                if claimed is None:
+                    break
+                item, claim = claimed
+                self._claim = claim
+                try:
+                    result = self._process(item, claim)
+                finally:
+                    self._claim = None
+                getattr(self.summary, result.value).append(item.id)
+        except WorkerStopped as exc:
+            self.summary.stopped_by = exc.signum
+            self.display.say(f"{self.name}: {exc}; claim released, the item stays for others")
+        finally:
+            self._ticker_stop.set()
+            ticker.join(timeout=5)
+            self.display.close()
+        self.display.say(
+            f"{self.name}: finished: {len(self.summary.done)} done, "
+            f"{len(self.summary.failed)} failed, {len(self.summary.skipped)} skipped"
+        )
+        return self.summary
+
+    def _wants_more(self) -> bool:
+        """False once --max-items items have been finished (done or failed) by this worker."""
+        finished = len(self.summary.done) + len(self.summary.failed)
+        return self.max_items is None or finished < self.max_items
+
+    def _tick(self) -> None:
+        """Background: heartbeat the current claim and show progress."""
+        last_beat = time.monotonic()
+        while not self._ticker_stop.wait(1.0):
+            now = time.monotonic()
+            claim = self._claim
+            if claim is not None and now - last_beat >= self.spec.heartbeat_s:
+                last_beat = now
+                with contextlib.suppress(OSError):
+                    if not self.store.heartbeat(claim):
+                        self.display.say(
+                            f"{self.name}: lost the claim on {claim.item_id} (taken over as "
+                            "stale); its result will be discarded"
+                        )
+            with contextlib.suppress(OSError):
+                self.display.tick()
+
+    def _claim_next(self) -> tuple[Item, Claim] | None:
+        for item in self.order:
+            if item.id in self._finished:
+                continue
+            if self.store.is_finished(item.id):
+                self._finished.add(item.id)
+                continue
+            claim = self.store.try_claim(item.id, self.me)
+            if claim is None:
+                info = self.store.read_claim(item.id)
+                if info is None:
+                    claim = self.store.try_claim(item.id, self.me)
+                elif self.store.is_stale(info):
+                    claim = self.store.take_over(info, self.me)
+                    if claim is not None:
+                        holder = info.data.get("worker", "?")
+                        self.display.say(
+                            f"{self.name}: took over {item.id} from {holder} "
+                            f"(pid {info.data.get('pid', '?')} on {info.data.get('host', '?')} "
+                            "is gone)"
+                        )
+                        self.summary.took_over.append(item.id)
+                if claim is None:
+                    continue
+            if self.store.is_finished(item.id):
+                self.store.release(claim)
+                self._finished.add(item.id)
+                continue
+            return item, claim
+        return None
+
+    # ---- one item ----
+
+    def _process(self, item: Item, claim: Claim) -> ItemResult:
+        store = self.store
+        store.prepare_item(item)
+        previous = store.attempts(item.id)
+        for record in previous:
+            if record.get("outcome") == Outcome.RUNNING:
+                # We hold the claim, so whoever ran this attempt is gone: it crashed.
+                record["outcome"] = "crashed"
+                record["error"] = "the worker running this attempt died"
+                store.write_attempt(item.id, int(record["attempt"]), record)
+        counted = [r for r in previous if r.get("outcome") != Outcome.INTERRUPTED]
+        attempt = max((int(r.get("attempt", 0)) for r in previous), default=0) + 1
+        while True:
+            if len(counted) >= self.spec.max_attempts:
+                last = counted[-1]
+                store.record_failed(
+                    item.id,
+                    {
+                        "item": item.id,
+                        "attempts": len(counted),
+                        "error": last.get("error", "unknown"),
+                        "log": last.get("log", ""),
+                        "worker": self.name,
+                        "failed_at": time.time(),
+                    },
+                )
+                store.release(claim)
+                self._finished.add(item.id)
+                self.display.say(
+                    f"{self.name}: {item.id} FAILED after {len(counted)} attempts: "
+                    f"{last.get('error')} (log: {last.get('log')})"
+                )
+                return ItemResult.FAILED
+            try:
+                record = self._attempt(item, claim, attempt)
+            except CampaignError:
+                store.release(claim)
+                self.summary.interrupted.append(item.id)
+                raise
+            if record["outcome"] == Outcome.DONE:
+                if not store.still_mine(claim):
+                    self.display.say(
+                        f"{self.name}: {item.id} finished, but its claim was taken over "
+                        "meanwhile; not recorded by this worker"
+                    )
+                    return ItemResult.SKIPPED
+                stages = record["stages"]
+                published = store.record_done(
+                    item.id,
+                    {
+                        "item": item.id,
+                        "worker": self.name,
+                        "host": self.me.host,
+                        "pid": self.me.pid,
+                        "array_task": self.array_task.label,
+                        "attempt": attempt,
+                        "started": record["started"],
+                        "finished": record["ended"],
+                        "stages": stages,
+                    },
+                )
+                store.release(claim)
+                self._finished.add(item.id)
+                if not published:
+                    return ItemResult.SKIPPED
+                took = record["ended"] - record["started"]
+                self.display.say(f"{self.name}: {item.id} done in {took:.1f}s (attempt {attempt})")
+                return ItemResult.DONE
+            counted.append(record)
+            self.display.say(
+                f"{self.name}: {item.id} attempt {attempt} failed: {record['error']}"
+                + ("; retrying" if len(counted) < self.spec.max_attempts else "")
+            )
+            attempt += 1
+
+    def _attempt(self, item: Item, claim: Claim, attempt: int) -> dict[str, Any]:
+        store = self.store
+        log_path = store.attempt_log(item.id, attempt)
+        record: dict[str, Any] = {
+            "attempt": attempt,
+            "item": item.id,
+            "worker": self.name,
+            "host": self.me.host,
+            "pid": self.me.pid,
+            "started": time.time(),
+            "outcome": Outcome.RUNNING.value,
+            "log": str(log_path),
+            "stages": {},
+        }
+        store.write_attempt(item.id, attempt, record)
+        with open(log_path, "ab", buffering=0) as log:
+            try:
+                for stage in self.spec.stages:
+                    self._check_stop()
+                    if store.stage_done(item.id, stage.name):
+                        log.write(f"== stage {stage.name}: done in an earlier attempt\n".encode())
+                        continue
+                    store.write_state(
+                        item.id,
+                        {
+                            "stage": stage.name,
+                            "attempt": attempt,
+                            "worker": self.name,
+                            "since": time.time(),
+                        },
+                    )
+                    timing = self._run_stage(item, stage, attempt, log)
+                    record["stages"][stage.name] = timing
+                    store.mark_stage_done(item.id, stage.name, timing)
+                record["outcome"] = Outcome.DONE.value
+            except StageFailed as exc:
+                record["outcome"] = Outcome.FAILED.value
+                record["error"] = str(exc)
+                log.write(f"== {exc}\n".encode())
+            except CampaignError as exc:
+                # Stopped by a signal, or the set-up is broken (no assigner): not the item's
+                # fault, so the attempt does not count against its retries.
+                record["outcome"] = Outcome.INTERRUPTED.value
+                record["error"] = str(exc)
+                log.write(f"== {exc}\n".encode())
+                raise
+            finally:
+                record["ended"] = time.time()
+                store.write_attempt(item.id, attempt, record)
+        return record
+
+    def _values(self, item: Item, stage: Stage, attempt: int) -> dict[str, str]:
+        store = self.store
+        return {
+            "item": item.id,
+            "fasta": str(store.item_dir(item.id) / "input.fasta"),
+            "sequence": item.sequence,
+            "length": str(len(item.sequence)),
+            "outdir": str(store.outdir(item.id)),
+            "results": str(self.spec.results),
+            "campaign_dir": str(self.spec.campaign_dir),
+            "python": sys.executable,
+            "attempt": str(attempt),
+            "stage": stage.name,
+        }
+
+    def _run_stage(self, item: Item, stage: Stage, attempt: int, log: IO[bytes]) -> dict[str, Any]:
+        values = self._values(item, stage, attempt)
+        argv = [substitute(arg, values) for arg in stage.command]
+        env = dict(os.environ)
+        if self._own_grpc_fork_env:
+            env.pop(_GRPC_FORK_ENV, None)
+        env.update({k: substitute(v, values) for k, v in stage.env.items()})
+        env[ITEM_ENV] = item.id
+        env[STAGE_ENV] = stage.name
+        env[ATTEMPT_ENV] = str(attempt)
+        label = f"{item.id}/{stage.name}"
+        timing: dict[str, Any] = {"device": stage.device.value}
+
+        if stage.device is Device.CPU:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            return timing | self._run_process(stage, argv, env, item, log)
+
+        if stage.mode is GpuMode.AUTO:
+            env[acb_env.WORKER] = self.name
+            options = ["--label", label, "--priority", str(stage.priority)]
+            if stage.memory_bytes:
+                options += ["--memory", str(stage.memory_bytes)]
+            argv = [acb_run_command(), "--auto", *options, "--", *argv]
+            timing["mode"] = "auto"
+            return timing | self._run_process(stage, argv, env, item, log)
+
+        timing["mode"] = "gate"
+        lease = self._acquire(stage, label, log)
+        try:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(lease.device_ids)
+            timing["device_ids"] = list(lease.device_ids)
+            timing["lease_wait_s"] = round(lease.waited_s, 4)
+            result = self._run_process(stage, argv, env, item, log)
+        finally:
+            try:
+                lease.release()
+            except Exception as exc:
+                # The session is gone (assigner restarted or unreachable): the assigner dropped
+                # the lease with it, so there is nothing left to give back.
+                log.write(f"== stage {stage.name}: releasing the lease failed: {exc}\n".encode())
+        return timing | result
+
+    def _acquire(self, stage: Stage, label: str, log: IO[bytes]) -> HeldLease:
+        if self.leases is None:
+            self.leases = ClientLeaseProvider()
+        log.write(f"== stage {stage.name}: waiting for {stage.gpus} GPU(s)\n".encode())
+        self._acquiring = True
+        try:
+            self._check_stop()
+            return self.leases.acquire(
+                gpus=stage.gpus,
+                memory_bytes=stage.memory_bytes,
+                priority=stage.priority,
+                label=label,
+            )
+        except WorkerStopped:
+            raise
+        except Exception as exc:
+            # The assigner cannot be reached or can never grant this: a problem of the set-up,
+            # not of the item, so the worker stops instead of failing every item in turn.
+            raise CampaignError(
+                f"stage {stage.name}: cannot get a GPU lease from the assigner: {exc}"
+            ) from exc
+        finally:
+            self._acquiring = False
+
+    def _run_process(
+        self, stage: Stage, argv: list[str], env: dict[str, str], item: Item, log: IO[bytes]
+    ) -> dict[str, Any]:
+        log.write(
+            f"== stage {stage.name} on {socket.gethostname()} by {self.name}: {argv!r}\n".encode()
+        )
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.time()
+        try:
+            child = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.store.outdir(item.id),
+                start_new_session=True,
+                preexec_fn=_child_setup(stage.nice),
+            )
+        except OSError as exc:
+            raise StageFailed(f"stage {stage.name} could not start {argv[0]!r}: {exc}") from None
+        self._child = child
+        timed_out = False
+        try:
+            while True:
+                try:
+                    rc = child.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if stage.timeout_s is not None and time.time() - started > stage.timeout_s:
+                        timed_out = True
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(child.pid, signal.SIGKILL)
+        finally:
+            self._child = None
+            # Whatever the stage left behind in its process group goes with it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
+        wall = time.time() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        log.write(f"== stage {stage.name}: exit {rc} after {wall:.2f}s\n".encode())
+        self._check_stop()
+        if timed_out:
+            raise StageFailed(
+                f"stage {stage.name} timed out after {stage.timeout_s:g}s (killed); raise its "
+                "timeout in the campaign file if that is too short"
+            )
+        if rc != 0:
+            how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+            raise StageFailed(f"stage {stage.name} {how}")
+        return {
+            "started": round(started, 4),
+            "wall_s": round(wall, 4),
+            "cpu_s": round(cpu, 4),
+        }

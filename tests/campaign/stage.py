@@ -1,0 +1,47 @@
+"""A stage command for the campaign tests (standard library only, runs with `python -S`).
+
+    stage.py NAME OUTDIR [--sleep S] [--fail-attempts N] [--fail-item ID] [--marker PATH]
+
+Appends one JSON line per run to OUTDIR/runs.jsonl (stage, item, attempt, pid,
+CUDA_VISIBLE_DEVICES, argv, start, end); exits 7 while the attempt number is <= N, or always for
+item ID. With --marker, creates PATH once it runs (so a test knows the stage has started).
+"""
+
+import json
+import os
+import sys
+import time
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    name, outdir = args[0], args[1]
+    opts = {args[i]: args[i + 1] for i in range(2, len(args) - 1, 2)}
+    start = time.time()
+    item = os.environ.get("ACB_CAMPAIGN_ITEM", "")
+    attempt = int(os.environ.get("ACB_CAMPAIGN_ATTEMPT", "0"))
+    if "--marker" in opts:
+        with open(opts["--marker"], "a") as fh:
+            fh.write(f"{item} {os.getpid()}\n")
+    time.sleep(float(opts.get("--sleep", "0")))
+    record = {
+        "stage": name,
+        "item": item,
+        "attempt": attempt,
+        "pid": os.getpid(),
+        "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "argv": sys.argv[1:],
+        "cwd": os.getcwd(),
+        "start": start,
+        "end": time.time(),
+    }
+    with open(os.path.join(outdir, "runs.jsonl"), "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    if attempt <= int(opts.get("--fail-attempts", "0")) or item == opts.get("--fail-item"):
+        print(f"stage {name} failing on purpose (item {item}, attempt {attempt})", file=sys.stderr)
+        return 7
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The campaign file: valid files load into typed objects; invalid ones name file, line, field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from acb_slurm.campaign.errors import SpecError
+from acb_slurm.campaign.spec import Device, GpuMode, load_spec, substitute
+
+GOOD = """\
+name: screen
+items: items.fasta
+results: out
+retries: 3
+heartbeat: 10s
+stale_after: 2m
+stages:
+  - name: msa
+    command: [colabfold_search, "{fasta}", /db, "{outdir}/msa"]
+  - name: predict
+    device: gpu
+    mode: gate
+    memory: 16GiB
+    timeout: 1h
+    env: {XLA_PYTHON_CLIENT_PREALLOCATE: false, TAG: "{item}"}
+    command: [colabfold_batch, "{outdir}/msa", "{outdir}/pred"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "items.fasta").write_text(">a\nMKV\n")
+    path = tmp_path / "campaign.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_valid_file_loads_into_typed_stages(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, GOOD))
+    assert spec.name == "screen"
+    assert spec.items == (tmp_path / "items.fasta").resolve()
+    assert spec.results == (tmp_path / "out").resolve()
+    assert spec.retries == 3 and spec.max_attempts == 4
+    assert spec.heartbeat_s == 10.0 and spec.stale_after_s == 120.0
+    msa, predict = spec.stages
+    assert msa.device is Device.CPU and msa.command[1] == "{fasta}"
+    assert predict.device is Device.GPU and predict.mode is GpuMode.GATE
+    assert predict.memory_bytes == 16 * 1024**3
+    assert predict.timeout_s == 3600.0
+    assert predict.env == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TAG": "{item}"}
+
+
+@pytest.mark.parametrize(
+    ("sentence", "text", "line", "field", "words"),
+    [
+        (
+            "an unknown top-level key is named with the valid keys",
+            GOOD.replace("retries: 3", "retrys: 3"),
+            4,
+            "retrys",
+            ["unknown key 'retrys'", "retries ("],
+        ),
+        (
+            "an unknown stage key names the stage",
+            GOOD.replace("    mode: gate", "    mdoe: gate"),
+            12,
+            "stages[1] (predict).mdoe",
+            ["unknown key", "mode ("],
+        ),
+        (
+            "a command given as one string is refused: never through a shell",
+            GOOD.replace(
+                '[colabfold_search, "{fasta}", /db, "{outdir}/msa"]', '"colabfold_search x"'
+            ),
+            9,
+            "stages[0] (msa).command",
+            ["list of arguments", "never run through a shell"],
+        ),
+        (
+            "an unknown placeholder lists the known ones",
+            GOOD.replace('"{outdir}/pred"', '"{outdri}/pred"'),
+            16,
+            "stages[1] (predict).command",
+            ["{outdri}", "{outdir}", "{fasta}"],
+        ),
+        (
+            "a gpu-only key on a cpu stage says how to fix it",
+            GOOD.replace("  - name: msa\n", "  - name: msa\n    memory: 1GiB\n"),
+            9,
+            "stages[0] (msa).memory",
+            ["device: gpu"],
+        ),
+        (
+            "a bad device",
+            GOOD.replace("device: gpu", "device: tpu"),
+            11,
+            "stages[1] (predict).device",
+            ["cpu or gpu", "'tpu'"],
+        ),
+        (
+            "a bad mode",
+            GOOD.replace("mode: gate", "mode: swap"),
+            12,
+            "stages[1] (predict).mode",
+            ["gate or auto"],
+        ),
+        (
+            "a bad memory size",
+            GOOD.replace("memory: 16GiB", "memory: lots"),
+            13,
+            "stages[1] (predict).memory",
+            ["80GiB"],
+        ),
+        (
+            "auto mode with several GPUs names both fields",
+            GOOD.replace("mode: gate", "mode: auto\n    gpus: 2"),
+            13,
+            "stages[1] (predict).gpus",
+            ["mode auto", "gpus is 2"],
+        ),
+        (
+            "retries are bounded",
+            GOOD.replace("retries: 3", "retries: 1000"),
+            4,
+            "retries",
+            ["0 to 100"],
+        ),
+        (
+            "stale_after must exceed twice the heartbeat: both values named",
+            GOOD.replace("stale_after: 2m", "stale_after: 15s"),
+            6,
+            "stale_after",
+            ["15s", "10s", "heartbeat"],
+        ),
+        (
+            "duplicate stage names",
+            GOOD.replace("name: predict", "name: msa"),
+            10,
+            "stages[1].name",
+            ["unique"],
+        ),
+        (
+            "a missing items file",
+            GOOD.replace("items: items.fasta", "items: nowhere.fasta"),
+            2,
+            "items",
+            ["does not exist"],
+        ),
+        (
+            "a missing stages list",
+            GOOD.split("stages:")[0],
+            1,
+            "stages",
+            ["missing"],
+        ),
+        (
+            "a duplicated key",
+            GOOD.replace("retries: 3", "retries: 3\nretries: 4"),
+            5,
+            "retries",
+            ["given twice", "line 4"],
+        ),
+    ],
+)
+def test_errors_name_file_line_and_field(
+    tmp_path: Path, sentence: str, text: str, line: int, field: str, words: list[str]
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    error = info.value
+    assert error.path == path
+    assert error.line == line, str(error)
+    assert error.field == field, str(error)
+    message = str(error)
+    assert message.startswith(f"{path}:{line}: {field}: ")
+    for word in words:
+        assert word in message, message
+
+
+def test_broken_yaml_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "items: [unclosed\nresults: x\n")
+    with pytest.raises(SpecError, match=r"campaign.yaml:\d+: not valid YAML"):
+        load_spec(path)
+
+
+def test_substitution_keeps_each_argument_whole() -> None:
+    values = {"outdir": "/r/it's a dir; rm -rf ~", "item": "p1"}
+    assert substitute("{outdir}", values) == values["outdir"]
+    assert substitute("--out={outdir}/x", values) == f"--out={values['outdir']}/x"
+    assert substitute("{{literal}} {item}", values) == "{literal} p1"
+    with pytest.raises(KeyError):
+        substitute("{nope}", values)
