@@ -34,6 +34,10 @@ SOCKET_DIR = "ACB_SOCKET_DIR"
 ASSIGNERS_CONFIG = "ACB_ASSIGNERS_CONFIG"
 #: Campaign file a job's campaign workers read (job.yaml's `campaign:`).
 CAMPAIGN = "ACB_CAMPAIGN"
+#: Set for each stage command of a campaign: the item, the stage name and the attempt (1, 2, ...).
+CAMPAIGN_ITEM = "ACB_CAMPAIGN_ITEM"
+CAMPAIGN_STAGE = "ACB_CAMPAIGN_STAGE"
+CAMPAIGN_ATTEMPT = "ACB_CAMPAIGN_ATTEMPT"
 #: A directory searched for sbatch templates before the packaged ones.
 TEMPLATE_DIR = "ACB_TEMPLATE_DIR"
 #: Metadata key that carries the token on every gRPC call.

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from acb_slurm import env
 from acb_slurm.campaign.errors import CampaignError
 from acb_slurm.campaign.items import read_items
 from acb_slurm.campaign.progress import format_duration, format_snapshot, snapshot
@@ -22,7 +23,7 @@ from acb_slurm.campaign.store import ResultsStore
 from acb_slurm.units import format_size
 
 #: Set by acb-sbatch from job.yaml's `campaign:`; the default campaign file.
-CAMPAIGN_ENV = "ACB_CAMPAIGN"
+CAMPAIGN_ENV = env.CAMPAIGN
 
 app = typer.Typer(
     add_completion=False,

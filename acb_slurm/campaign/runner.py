@@ -37,9 +37,9 @@ from acb_slurm.campaign.spec import CampaignSpec, Device, GpuMode, Stage, substi
 from acb_slurm.campaign.store import Claim, Outcome, ResultsStore, WorkerIdentity
 
 #: Set for every stage command: which item, stage and attempt it runs for.
-ITEM_ENV = "ACB_CAMPAIGN_ITEM"
-STAGE_ENV = "ACB_CAMPAIGN_STAGE"
-ATTEMPT_ENV = "ACB_CAMPAIGN_ATTEMPT"
+ITEM_ENV = acb_env.CAMPAIGN_ITEM
+STAGE_ENV = acb_env.CAMPAIGN_STAGE
+ATTEMPT_ENV = acb_env.CAMPAIGN_ATTEMPT
 
 _PR_SET_PDEATHSIG = 1
 try:

@@ -140,6 +140,8 @@ export ACB_ASSIGNER="unix:$ACB_SOCKET_DIR/${ACB_NODES[0]}/assigner.sock"
 echo "acb: ${#ACB_NODES[@]} assigner(s) ready (${ACB_NODES[*]}), controller $ACB_CONTROLLER, run dir $ACB_RUN_DIR" >&2
 # ---- end of acb-slurm prologue ----
 
+# Workers find acb-run, acb-campaign and the rest where acb-sbatch was installed.
+export PATH="$ACB_BIN:$PATH"
 
 # ---- workers: one srun step each, all at once; a failing worker does not stop the others ----
 acb_worker_pids=()
@@ -149,7 +151,8 @@ acb_worker_names=()
 acb_group=demo
 for acb_node in "${ACB_NODES[@]}"; do
     for ((acb_i = 0; acb_i < 4; acb_i++)); do
-        acb_name="$acb_group-$acb_node-$acb_i"
+        # The array task is part of the name: tasks of one array share results and logs.
+        acb_name="$acb_group-${SLURM_ARRAY_TASK_ID:+a$SLURM_ARRAY_TASK_ID-}$acb_node-$acb_i"
         ACB_WORKER="$acb_name" ACB_ASSIGNER="unix:$ACB_SOCKET_DIR/$acb_node/assigner.sock" \
             srun --overlap --export=ALL --nodes=1 --ntasks=1 --nodelist="$acb_node" --gres=gpu:1 \
             /opt/acb/bin/acb-run --gate --gpus 1 --memory 4294967296 -- bash -c 'echo "$ACB_WORKER holds GPU $CUDA_VISIBLE_DEVICES"; sleep 1' &
