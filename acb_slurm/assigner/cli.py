@@ -28,6 +28,7 @@ def build_config(
     token_file: str | None,
     ready_file: str | None,
     controller: str | None,
+    time_slice: float = 0.0,
 ) -> AssignerConfig:
     """Validate the flags into a config; AssignerStartError says what is wrong."""
     from acb_slurm.scheduler import get_policy
@@ -66,6 +67,11 @@ def build_config(
             raise AssignerStartError(f"--token-file {token_file} is empty", exit_code=2)
     if tcp is not None and ":" not in tcp:
         raise AssignerStartError(f"--tcp wants HOST:PORT (port 0 = any), got {tcp!r}", exit_code=2)
+    if not time_slice >= 0:  # also refuses NaN
+        raise AssignerStartError(
+            f"--time-slice wants seconds >= 0 (0 = never ask holders to yield), got {time_slice}",
+            exit_code=2,
+        )
     if controller is not None and ":" not in controller:
         raise AssignerStartError(
             f"--controller wants HOST:PORT of the controller's TCP address, got {controller!r}",
@@ -80,6 +86,7 @@ def build_config(
         token=token,
         ready_file=ready_file,
         controller=controller,
+        time_slice=time_slice,
     )
 
 
@@ -109,12 +116,20 @@ def assigner(
     ] = None,
     ready_file: Annotated[
         str | None,
-        typer.Option(help="Write JSON {pid, socket, tcp, ...} here once serving."),
+        typer.Option(help="Write JSON {pid, socket, target, tcp, node, policy} here once serving."),
     ] = None,
     controller: Annotated[
         str | None,
         typer.Option(help="Join the controller at HOST:PORT as an executor (multi-node jobs)."),
     ] = None,
+    time_slice: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS",
+            help="While a request waits, ask each holder to yield once it has held its lease "
+            "this long (0 = never).",
+        ),
+    ] = 0.0,
 ) -> None:
     """Run the GPU assigner of one node of a job: leases, sessions, event log."""
     try:
@@ -128,6 +143,7 @@ def assigner(
             token_file,
             ready_file,
             controller,
+            time_slice,
         )
         asyncio.run(serve(config))
     except AssignerStartError as exc:

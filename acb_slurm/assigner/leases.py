@@ -89,6 +89,13 @@ class ClientSession:
             "job": self.identity.job_id,
         }
 
+    @property
+    def affinity_key(self) -> str:
+        """Who gpu-affinity remembers: the job's worker, so that a worker reconnecting under the
+        same name (one `acb-run --gate` per item) gets its GPUs back; "" (the session) unnamed."""
+        worker = self.identity.worker
+        return f"{self.identity.job_id}/{worker}" if worker else ""
+
 
 @dataclass(eq=False)
 class Lease:
@@ -106,6 +113,8 @@ class Lease:
     granted_at: float = 0.0
     gpu_indices: tuple[int, ...] = ()
     granted_memory: int = 0
+    yield_requested: bool = False  # asked once to give the lease back (time slice)
+    request_tag: str = ""  # the client's tag of its Allocate call, echoed in the grant
 
 
 @dataclass
@@ -129,6 +138,7 @@ class LeaseBook:
         log: EventLog,
         address: str = "",
         clock: Callable[[], float] = time.monotonic,
+        time_slice: float = 0.0,
     ) -> None:
         self.scheduler = scheduler
         self.node = node
@@ -140,6 +150,10 @@ class LeaseBook:
         self.leases: dict[str, Lease] = {}
         self.counters = Counters()
         self.closed = False
+        #: Seconds a lease may be held while others wait before its holder is asked to yield
+        #: (0 = never ask). Its timer runs on the event loop: `clock` must be the loop's time.
+        self.time_slice = time_slice
+        self._slice_timer: asyncio.TimerHandle | None = None
         #: Called after every change of holders or queue (the executor role reports them).
         self.change_listeners: list[Callable[[], None]] = []
         boot = os.urandom(3).hex()
@@ -199,7 +213,13 @@ class LeaseBook:
 
     @_flushes_log
     def submit(
-        self, session_id: str, gpu_count: int, memory_bytes: int, priority: int, label: str
+        self,
+        session_id: str,
+        gpu_count: int,
+        memory_bytes: int,
+        priority: int,
+        label: str,
+        request_tag: str = "",
     ) -> Lease:
         """Queue a request; its `future` resolves with the AllocReply once granted."""
         self._check_open()
@@ -213,6 +233,7 @@ class LeaseBook:
             label=label,
             requested_at=self.clock(),
             future=asyncio.get_running_loop().create_future(),
+            request_tag=request_tag,
         )
         request = Request(
             request_id=lease.lease_id,
@@ -220,6 +241,7 @@ class LeaseBook:
             gpu_count=gpu_count,
             memory_bytes=memory_bytes,
             priority=priority,
+            affinity_key=session.affinity_key,
         )
         self.leases[lease.lease_id] = lease
         session.leases[lease.lease_id] = lease
@@ -243,6 +265,7 @@ class LeaseBook:
             memory_bytes=memory_bytes,
             priority=priority,
             label=label,
+            affinity_key=request.affinity_key,
         )
         self._commit(grants)
         self._changed()
@@ -266,10 +289,16 @@ class LeaseBook:
 
     @_flushes_log
     def release(self, session_id: str, lease_id: str, reason: str = "release") -> None:
-        """Give a granted lease back and serve whoever its GPUs make possible."""
+        """Give a granted lease back and serve whoever its GPUs make possible.
+
+        Reason `deadline` or `cancelled`: the caller gave up on its Allocate just as it was
+        granted; a lease already released on that account is then not an error.
+        """
         self._check_open()
         session = self._session(session_id)
         lease = session.leases.get(lease_id)
+        if lease is None and reason in ("deadline", "cancelled"):
+            return
         if lease is None:
             raise self._error(
                 session,
@@ -318,6 +347,7 @@ class LeaseBook:
         lease = self.leases.get(lease_id)
         if lease is None or lease.state is not LeaseState.GRANTED:
             return False
+        lease.yield_requested = True
         self.counters.yields += 1
         self.log.emit("yield", **lease.session.who(), lease=lease_id, reason=reason)
         lease.session.outbox.put_nowait(
@@ -339,6 +369,9 @@ class LeaseBook:
         if self.closed:
             return
         self.closed = True
+        if self._slice_timer is not None:
+            self._slice_timer.cancel()
+            self._slice_timer = None
         for lease in list(self.leases.values()):
             if lease.state is LeaseState.GRANTED:
                 self._log_release(lease, "shutdown")
@@ -439,6 +472,7 @@ class LeaseBook:
                 memory_bytes=grant.memory_bytes,
                 node=self.node,
                 waited_seconds=now - lease.requested_at,
+                request_tag=lease.request_tag,
             )
             self.counters.grants += 1
             self.log.emit(
@@ -452,11 +486,13 @@ class LeaseBook:
             )
             if not lease.future.done():
                 lease.future.set_result(reply)
-            # The notice goes out a loop turn later, behind the Allocate reply it duplicates.
-            asyncio.get_running_loop().call_soon(
-                lease.session.outbox.put_nowait,
-                pb.ServerMessage(grant=pb.GrantNotice(lease=reply)),
-            )
+            # The notice goes out a loop turn later, behind the Allocate reply it duplicates,
+            # unless the lease is gone by then (its caller gave up, its session ended).
+            asyncio.get_running_loop().call_soon(self._notify_grant, lease, reply)
+
+    def _notify_grant(self, lease: Lease, reply: pb.AllocReply) -> None:
+        if lease.state is LeaseState.GRANTED and self.leases.get(lease.lease_id) is lease:
+            lease.session.outbox.put_nowait(pb.ServerMessage(grant=pb.GrantNotice(lease=reply)))
 
     def _log_release(self, lease: Lease, reason: str) -> None:
         lease.state = LeaseState.RELEASED
@@ -522,8 +558,32 @@ class LeaseBook:
             raise BookError(grpc.StatusCode.UNAVAILABLE, "the assigner is shutting down")
 
     def _changed(self) -> None:
+        self._check_time_slice()
         for listener in self.change_listeners:
             listener()
+
+    def _check_time_slice(self) -> None:
+        """While a request waits, ask every holder whose lease is at least `time_slice` old to
+        yield (once per lease); then arm a timer for the next lease to come of age."""
+        if self._slice_timer is not None:
+            self._slice_timer.cancel()
+            self._slice_timer = None
+        if self.time_slice <= 0 or self.closed or not self.scheduler.queue:
+            return
+        now = self.clock()
+        next_due: float | None = None
+        for lease in list(self.leases.values()):
+            if lease.state is not LeaseState.GRANTED or lease.yield_requested:
+                continue
+            due = lease.granted_at + self.time_slice
+            if due <= now:
+                self.request_yield(lease.lease_id, "time-slice")
+            elif next_due is None or due < next_due:
+                next_due = due
+        if next_due is not None:
+            self._slice_timer = asyncio.get_running_loop().call_later(
+                next_due - now, self._check_time_slice
+            )
 
 
 def _policy_name(scheduler: Scheduler) -> str:

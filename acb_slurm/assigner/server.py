@@ -44,6 +44,8 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 ASSIGNER_SERVICE = "acb.v1.Assigner"
+#: Reasons a client may give in a ReleaseRequest (logged on the `release` event).
+RELEASE_REASONS = ("release", "deadline", "cancelled")
 
 
 @dataclass
@@ -58,6 +60,7 @@ class AssignerConfig:
     token: str | None = None
     ready_file: str | None = None
     controller: str | None = None
+    time_slice: float = 0.0
     node: str = field(
         default_factory=lambda: os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     )
@@ -171,6 +174,7 @@ class AssignerServicer(pb_grpc.AssignerServicer):
                 request.memory_bytes,
                 request.priority,
                 request.label,
+                request.request_tag,
             )
         except BookError as exc:
             await _abort(context, exc)
@@ -191,8 +195,15 @@ class AssignerServicer(pb_grpc.AssignerServicer):
     async def Release(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseReply:
+        reason = request.reason or "release"
+        if reason not in RELEASE_REASONS:
+            known = ", ".join(RELEASE_REASONS)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown release reason {request.reason!r}; known reasons: {known}",
+            )
         try:
-            self.book.release(request.session_id, request.lease_id)
+            self.book.release(request.session_id, request.lease_id, reason)
         except BookError as exc:
             await _abort(context, exc)
         # Let the Allocate calls this release unblocked answer first: the handoff is the
@@ -331,7 +342,14 @@ async def serve(
     except OSError as exc:
         raise AssignerStartError(f"cannot open --event-log {config.event_log}: {exc}") from None
     address = f"unix:{os.path.abspath(config.socket_path)}"
-    book = LeaseBook(scheduler, node=config.node, log=log, address=address)
+    book = LeaseBook(
+        scheduler,
+        node=config.node,
+        log=log,
+        address=address,
+        clock=asyncio.get_running_loop().time,
+        time_slice=config.time_slice,
+    )
     controller = ControllerServicer()
     link: ExecutorLink | None = None
 

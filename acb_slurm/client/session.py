@@ -10,18 +10,26 @@ Hooks for the swap engine and the automatic mode: register a `LeaseListener` wit
 `Client.add_listener`. Its `on_granted(client, lease)` runs after a grant, before `allocate()`
 returns (onload there); `before_release(client, lease)` runs before the lease goes back to the
 assigner (offload there); `on_yield_request(client, lease_id, reason)` runs on the session thread
-when the assigner asks for a lease back (release it at the next safe point). A listener that raises
-in `on_granted` makes `allocate()` release the lease and re-raise.
+when the assigner asks for a lease back (release it at the next safe point; a program without a
+listener can poll `Client.yield_requested(lease)` there instead; gate mode ignores both). A
+listener that raises in `on_granted` makes `allocate()` release the lease and re-raise.
+
+A grant that arrives just after `allocate()` gave up (its timeout fired, or it was interrupted)
+is given back at once: every Allocate call carries a tag, the grant's notice on the session
+stream echoes it, and the session thread releases a grant whose call no longer waits.
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
+import logging
 import os
 import queue
 import secrets
 import socket
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +47,12 @@ from acb_slurm.client.errors import (
     SessionLost,
     from_rpc_error,
 )
+
+log = logging.getLogger(__name__)
+
+#: How many given-up Allocate calls are remembered for a grant that may still come (it comes
+#: within a few milliseconds, if at all, so a short memory is enough).
+ABANDONED_MEMORY = 256
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -89,7 +103,8 @@ class LeaseListener:
         """Before a held lease goes back to the assigner."""
 
     def on_yield_request(self, client: Client, lease_id: str, reason: str) -> None:
-        """The assigner asks for `lease_id` back at the next safe point (session thread)."""
+        """The assigner asks for `lease_id` back at the next safe point (session thread; do not
+        block here: release from the program's own thread). `reason` is e.g. "time-slice"."""
 
 
 class Client:
@@ -117,6 +132,13 @@ class Client:
         self._lock = threading.Lock()
         self._listeners: list[LeaseListener] = []
         self._held: dict[str, Lease] = {}  # in grant order
+        self._yield_requests: set[str] = set()  # lease ids the assigner asked back
+        # Allocate calls by tag: in flight, their grant notices seen early, and given up.
+        self._tags = (str(n) for n in itertools.count(1))
+        self._calls_lock = threading.Lock()
+        self._in_flight: set[str] = set()
+        self._early_notices: dict[str, pb.AllocReply] = {}
+        self._abandoned: OrderedDict[str, str] = OrderedDict()  # tag -> reason it gave up
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.AssignerStub | None = None
         self._session_id: str | None = None
@@ -148,6 +170,7 @@ class Client:
             raise AssignerError("this client is closed")
         self._teardown()
         self._held.clear()
+        self._yield_requests.clear()
         self._session_error = None
         self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.AssignerStub(self._channel)
@@ -199,10 +222,16 @@ class Client:
                     self.node = message.registered.node
                     self.policy = message.registered.policy
                     registered.set()
+                elif kind == "grant":
+                    self._on_grant_notice(message.grant.lease)
                 elif kind == "yield_request":
                     request = message.yield_request
+                    self._yield_requests.add(request.lease_id)
                     for listener in list(self._listeners):
-                        listener.on_yield_request(self, request.lease_id, request.reason)
+                        try:
+                            listener.on_yield_request(self, request.lease_id, request.reason)
+                        except Exception:
+                            log.exception("a lease listener failed on a yield request")
         except grpc.RpcError as exc:
             if call is not self._call or self._closed:
                 return
@@ -273,6 +302,10 @@ class Client:
         """Leases this client holds, oldest first."""
         return list(self._held.values())
 
+    def yield_requested(self, lease: Lease | str) -> bool:
+        """Whether the assigner asked for this lease back (poll it at a safe point)."""
+        return (lease if isinstance(lease, str) else lease.lease_id) in self._yield_requests
+
     def allocate(
         self,
         gpus: int = 1,
@@ -285,22 +318,31 @@ class Client:
         `timeout` seconds."""
         session_id = self.session_id
         assert self._stub is not None
+        tag = next(self._tags)
         request = pb.AllocRequest(
             session_id=session_id,
             gpu_count=gpus,
             memory_bytes=memory,
             priority=priority,
             label=label,
+            request_tag=tag,
         )
+        with self._calls_lock:
+            self._in_flight.add(tag)
+        reply: pb.AllocReply | None = None
+        gave_up = "cancelled"
         try:
             reply = self._stub.Allocate(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+                gave_up = "deadline"
                 raise TimeoutError(
                     f"no GPU granted within {timeout:g}s by the assigner at {self.target}; "
                     "the request was withdrawn"
                 ) from None
             raise self._rpc_error(exc, "allocate") from None
+        finally:
+            self._call_ended(tag, reply, gave_up)
         lease = Lease.from_reply(reply, label)
         self._held[lease.lease_id] = lease
         try:
@@ -310,6 +352,44 @@ class Client:
             self._release(lease, notify=False)
             raise
         return lease
+
+    def _call_ended(self, tag: str, reply: pb.AllocReply | None, gave_up: str) -> None:
+        """An Allocate call returned (`reply`) or gave up; give back a grant it will not use."""
+        with self._calls_lock:
+            self._in_flight.discard(tag)
+            notice = self._early_notices.pop(tag, None)
+            if reply is not None or notice is None:
+                if reply is None:
+                    self._abandoned[tag] = gave_up
+                    while len(self._abandoned) > ABANDONED_MEMORY:
+                        self._abandoned.popitem(last=False)
+                return
+        self._give_back(notice.lease_id, gave_up)
+
+    def _on_grant_notice(self, reply: pb.AllocReply) -> None:
+        """Session thread: a grant. Kept while its call is in flight, given back if it gave up."""
+        tag = reply.request_tag
+        with self._calls_lock:
+            if tag in self._in_flight:
+                self._early_notices[tag] = reply
+                return
+            reason = self._abandoned.pop(tag, None)
+        if reason is not None:
+            self._give_back(reply.lease_id, reason)
+
+    def _give_back(self, lease_id: str, reason: str) -> None:
+        """Release a grant nobody waits for any more (best effort: a broken session took it)."""
+        stub, session_id = self._stub, self._session_id
+        if stub is None or self._session_error is not None:
+            return
+        try:
+            stub.Release(
+                pb.ReleaseRequest(session_id=session_id, lease_id=lease_id, reason=reason),
+                timeout=30,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            log.warning("could not give back lease %s granted too late: %s", lease_id, exc)
 
     def release(self, lease: Lease | str) -> None:
         """Give a lease back (listeners' before_release runs first)."""
@@ -326,6 +406,7 @@ class Client:
                     listener.before_release(self, lease)
         finally:
             self._held.pop(lease.lease_id, None)
+            self._yield_requests.discard(lease.lease_id)
             if self._session_error is None and self._stub is not None:
                 try:
                     self._stub.Release(
@@ -364,9 +445,15 @@ class Client:
             raise self._rpc_error(exc, "status") from None
 
     def _rpc_error(self, exc: grpc.RpcError, what: str) -> AssignerError:
-        if self._session_error is not None:
-            return self._session_error
-        return from_rpc_error(exc, f"{what} at the assigner {self.target}")
+        session_error = self._session_error
+        if session_error is None:
+            return from_rpc_error(exc, f"{what} at the assigner {self.target}")
+        # The session ended too (its end and this call's answer race): say both, so that the
+        # assigner's own reason ("the assigner is shutting down") is never lost.
+        details = exc.details() if hasattr(exc, "details") else ""
+        if not details:
+            return session_error
+        return SessionLost(f"{session_error} ({what}: {details})", session_error.code)
 
 
 _default: Client | None = None

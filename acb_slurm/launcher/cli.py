@@ -13,6 +13,8 @@ from acb_slurm.units import parse_size
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: flags show no `<bool>` type, and the examples keep their line breaks.
+    rich_markup_mode=None,
     context_settings={"allow_interspersed_args": False},
 )
 
@@ -28,33 +30,64 @@ MODES_HELP = (
 def run(
     ctx: typer.Context,
     command: Annotated[
-        list[str] | None, typer.Argument(help="The command to run, after `--`.")
+        list[str] | None, typer.Argument(metavar="-- CMD", show_default=False, hidden=True)
     ] = None,
     gate: Annotated[
-        bool, typer.Option("--gate", help="Hold a lease exactly while the command runs.")
+        bool,
+        typer.Option(
+            "--gate", metavar="", help="Hold a lease exactly while the command runs (any program)."
+        ),
     ] = False,
-    gpus: Annotated[int, typer.Option(help="GPUs to ask for.")] = 1,
+    gpus: Annotated[int, typer.Option(metavar="N", help="GPUs to ask for.")] = 1,
     memory: Annotated[
-        str | None, typer.Option(help="Memory needed per GPU, e.g. 10GiB (default: whole GPU).")
+        str | None,
+        typer.Option(
+            metavar="SIZE", help="Memory needed per GPU, e.g. 10GiB (default: the whole GPU)."
+        ),
     ] = None,
-    priority: Annotated[int, typer.Option(help="Higher is served first.")] = 0,
-    label: Annotated[str, typer.Option(help="Shown in status and the event log.")] = "",
+    priority: Annotated[int, typer.Option(metavar="P", help="Higher is served first.")] = 0,
+    label: Annotated[
+        str, typer.Option(metavar="TEXT", help="Shown in status and the event log.")
+    ] = "",
     timeout: Annotated[
-        float | None, typer.Option(help="Give up after this many seconds of waiting (exit 2).")
+        float | None,
+        typer.Option(metavar="SECONDS", help="Give up after this long waiting (exit 2)."),
     ] = None,
     auto: Annotated[
         bool,
-        typer.Option("--auto", help="PyTorch: hold a GPU only while the program uses it."),
+        typer.Option(
+            "--auto", metavar="", help="PyTorch: hold a GPU only while the program uses it."
+        ),
     ] = False,
     idle_ms: Annotated[
         float | None,
-        typer.Option(help="--auto: give the GPU back after this idle time (env ACB_IDLE_MS)."),
+        typer.Option(
+            metavar="MS", help="--auto: give the GPU back after this idle time (env ACB_IDLE_MS)."
+        ),
     ] = None,
     device: Annotated[
-        str, typer.Option(help="--auto: managed device, cuda or cpu (env ACB_AUTO_DEVICE).")
+        str,
+        typer.Option(
+            metavar="DEVICE", help="--auto: managed device, cuda or cpu (env ACB_AUTO_DEVICE)."
+        ),
     ] = "",
 ) -> None:
-    """Run CMD with GPUs from the node's assigner (acb-slurm)."""
+    """Run CMD with GPUs from the node's assigner (acb-slurm). Pick a mode:
+
+    --gate holds the GPUs while the whole command runs, for any framework (JAX, TensorFlow,
+    PyTorch, a binary); the command sees them in CUDA_VISIBLE_DEVICES. --auto runs an unmodified
+    PyTorch program and holds a GPU only while it uses one. Outside an acb-sbatch job, set
+    ACB_ASSIGNER to the socket of a running acb-assigner.
+
+    Examples:
+
+    \b
+      acb-run --gate -- python fold.py
+      acb-run --gate --gpus 2 --memory 20GiB -- python fold.py --model multimer
+      acb-run --gate --timeout 600 --label msa -- ./run_alphafold.sh input.fasta
+      acb-run --auto -- python train.py
+      ACB_WORKER=worker-3 acb-run --gate -- python fold.py   # name the worker in logs
+    """
     if auto and not gate:
         _run_auto(command or [], idle_ms, device, memory, priority, label)
     if not gate:

@@ -9,6 +9,12 @@ equal priorities by arrival). When an earlier waiter cannot be placed now, a lat
 be placed is granted anyway (backfill), and every earlier waiter it went past counts one bypass.
 A waiter bypassed `max_bypass` times holds a reservation: nothing behind it is granted until it
 is served, so no waiter is passed more than `max_bypass` times.
+
+Affinity memory (read by gpu-affinity): the GPUs of the latest grant of each affinity key
+(`Request.affinity`: the request's `affinity_key`, else its client). A client's own key is
+forgotten when it disconnects. A named key outlives its clients, so a worker that reconnects under
+it gets its GPUs back, but only while one of its GPUs has not been granted to another key since:
+memory stays bounded by the connected clients' keys plus one key per GPU.
 """
 
 from __future__ import annotations
@@ -95,8 +101,11 @@ class Scheduler:
         self._promised = [0] * len(gpus)
         self._holders: list[dict[str, None]] = [{} for _ in gpus]  # ordered sets of request ids
         self._exclusive_holder: list[str | None] = [None] * len(gpus)
-        self._last: dict[str, tuple[int, ...]] = {}  # client -> GPUs of its latest grant
-        self._last_client: list[str | None] = [None] * len(gpus)
+        self._last: dict[str, tuple[int, ...]] = {}  # affinity key -> GPUs of its latest grant
+        self._last_view = MappingProxyType(self._last)
+        self._last_key: list[str | None] = [None] * len(gpus)  # GPU -> key that got it last
+        self._keys_of: dict[str, dict[str, None]] = {}  # client -> affinity keys it used
+        self._users: dict[str, set[str]] = {}  # affinity key -> connected clients using it
 
     # ---- read-only views -------------------------------------------------------------------
 
@@ -138,13 +147,18 @@ class Scheduler:
         """Whether a GPU is held by an exclusive grant."""
         return self._exclusive_holder[self._gpu(gpu_index)] is not None
 
-    def last_gpus(self, client_id: str) -> tuple[int, ...]:
-        """GPUs of the client's latest grant (forgotten when the client disconnects)."""
-        return self._last.get(client_id, ())
+    def last_gpus(self, key: str) -> tuple[int, ...]:
+        """GPUs of the latest grant under an affinity key (a client id, or a named key)."""
+        return self._last.get(key, ())
 
-    def last_client_of(self, gpu_index: int) -> str | None:
-        """The connected client whose latest grant included this GPU, if any."""
-        return self._last_client[self._gpu(gpu_index)]
+    def last_key_of(self, gpu_index: int) -> str | None:
+        """The remembered affinity key whose latest grant included this GPU, if any."""
+        return self._last_key[self._gpu(gpu_index)]
+
+    @property
+    def affinity_memory(self) -> Mapping[str, tuple[int, ...]]:
+        """Every remembered affinity key and the GPUs of its latest grant (a live view)."""
+        return self._last_view
 
     def bypass_count(self, request_id: str) -> int:
         """How often later requests were granted ahead of a waiting request."""
@@ -185,6 +199,8 @@ class Scheduler:
         self._seq += 1
         bisect.insort(self._queue, waiter, key=lambda w: w.key)
         self._waiting[request.request_id] = waiter
+        self._keys_of.setdefault(request.client_id, {})[request.affinity] = None
+        self._users.setdefault(request.affinity, set()).add(request.client_id)
         return self._schedule()
 
     def release(self, request_id: str) -> list[Grant]:
@@ -215,9 +231,15 @@ class Scheduler:
             self._drop_holding(rid)
         for rid in waiting:
             self._drop_waiter(rid)
-        for index in self._last.pop(client_id, ()):
-            if self._last_client[index] == client_id:
-                self._last_client[index] = None
+        for key in self._keys_of.pop(client_id, {}):
+            users = self._users[key]
+            users.discard(client_id)
+            if users:
+                continue
+            del self._users[key]
+            if key == client_id:  # the client's own key: nobody comes back under it
+                self._last_key = [None if k == key else k for k in self._last_key]
+            self._forget_if_unused(key)
         return held + waiting, self._schedule()
 
     def update_usage(self, request_id: str, resident_bytes: int) -> list[Grant]:
@@ -267,6 +289,10 @@ class Scheduler:
         if not isinstance(request.client_id, str) or not request.client_id:
             raise InvalidRequest(
                 f"request {rid!r}: client_id must be a non-empty string, got {request.client_id!r}"
+            )
+        if not isinstance(request.affinity_key, str):
+            raise InvalidRequest(
+                f"request {rid!r}: affinity_key must be a string, got {request.affinity_key!r}"
             )
         for name in ("gpu_count", "memory_bytes", "priority"):
             value = getattr(request, name)
@@ -349,14 +375,25 @@ class Scheduler:
                 self._promised[index] += self._gpus[index].memory_bytes
             else:
                 self._promised[index] += request.memory_bytes
-        previous = self._last.get(request.client_id, ())
-        for index in previous:
-            if self._last_client[index] == request.client_id:
-                self._last_client[index] = None
-        self._last[request.client_id] = gpus
+        key = request.affinity
+        for index in self._last.get(key, ()):
+            if self._last_key[index] == key:
+                self._last_key[index] = None
+        self._last[key] = gpus
+        displaced = []
         for index in gpus:
-            self._last_client[index] = request.client_id
+            previous = self._last_key[index]
+            if previous is not None and previous != key:
+                displaced.append(previous)
+            self._last_key[index] = key
+        for previous in displaced:
+            self._forget_if_unused(previous)
         return grant
+
+    def _forget_if_unused(self, key: str) -> None:
+        """Drop a key's memory once no connected client uses it and no GPU names it last."""
+        if key not in self._users and key not in self._last_key:
+            self._last.pop(key, None)
 
     def _check_placement(self, request: Request, gpus: tuple[int, ...], exclusive: bool) -> None:
         """Guard the invariants against a faulty policy: a bad placement is a bug, not a grant."""

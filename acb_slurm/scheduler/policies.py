@@ -43,9 +43,9 @@ class PolicyView(Protocol):
 
     def is_exclusive(self, gpu_index: int) -> bool: ...
 
-    def last_gpus(self, client_id: str) -> tuple[int, ...]: ...
+    def last_gpus(self, key: str) -> tuple[int, ...]: ...
 
-    def last_client_of(self, gpu_index: int) -> str | None: ...
+    def last_key_of(self, gpu_index: int) -> str | None: ...
 
 
 class Policy(ABC):
@@ -198,7 +198,8 @@ class GpuSharing(Policy):
 
 @register_policy
 class GpuAffinity(Policy):
-    """Exclusive, multi-GPU grants; a client gets back the GPUs it held last when they are free."""
+    """Exclusive, multi-GPU grants; a client (or a worker that reconnects under the same affinity
+    key) gets back the GPUs it held last when they are free."""
 
     name = "gpu-affinity"
     description = "exclusive multi-GPU grants that return a client to the GPUs it held last"
@@ -207,13 +208,13 @@ class GpuAffinity(Policy):
         free = _free_fitting(request, view)
         if len(free) < request.gpu_count:
             return None
-        own = set(view.last_gpus(request.client_id))
+        own = set(view.last_gpus(request.affinity))
 
-        # The client's own last GPUs first (warm caches, memory it left pinned), then GPUs nobody
-        # held last, then those another client held last (so that it can get them back too).
+        # The key's own last GPUs first (warm caches, memory it left pinned), then GPUs nobody
+        # held last, then those another key held last (so that it can get them back too).
         def rank(index: int) -> tuple[int, int]:
             if index in own:
                 return (0, index)
-            return (1 if view.last_client_of(index) is None else 2, index)
+            return (1 if view.last_key_of(index) is None else 2, index)
 
         return tuple(sorted(sorted(free, key=rank)[: request.gpu_count]))

@@ -22,13 +22,24 @@ class Gpu:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A client's wish for GPUs. `memory_bytes` is per GPU; 0 means the whole GPU."""
+    """A client's wish for GPUs. `memory_bytes` is per GPU; 0 means the whole GPU.
+
+    `affinity_key` names who gpu-affinity remembers the last GPUs of; empty means the client
+    itself. A key other than the client id outlives the client's disconnect, so a worker that
+    reconnects under the same key (the daemon uses job/worker) gets its GPUs back.
+    """
 
     request_id: str
     client_id: str
     gpu_count: int = 1
     memory_bytes: int = 0
     priority: int = 0  # higher first; equal priorities FIFO
+    affinity_key: str = ""
+
+    @property
+    def affinity(self) -> str:
+        """The key the core remembers this request's GPUs under: `affinity_key` or the client."""
+        return self.affinity_key or self.client_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -353,12 +353,31 @@ def test_session_stream_registers_first_and_carries_grant_notices(
     first = next(stream)
     assert first.WhichOneof("kind") == "registered"
     assert first.registered.policy == "simple"
+    session_id = first.registered.session_id
     reply = stub.Allocate(
-        pb.AllocRequest(session_id=first.registered.session_id, gpu_count=1), timeout=10
+        pb.AllocRequest(session_id=session_id, gpu_count=1, request_tag="t1"), timeout=10
     )
+    assert reply.request_tag == "t1"
     notice = next(stream)
     assert notice.WhichOneof("kind") == "grant"
     assert notice.grant.lease.lease_id == reply.lease_id
+    assert notice.grant.lease.request_tag == "t1"
+    with pytest.raises(grpc.RpcError) as unknown_reason:
+        stub.Release(
+            pb.ReleaseRequest(session_id=session_id, lease_id=reply.lease_id, reason="bored"),
+            timeout=10,
+        )
+    assert unknown_reason.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "known reasons: release, deadline, cancelled" in (unknown_reason.value.details() or "")
+    # A caller that gave up gives back a late grant; giving back one already gone is no error.
+    for _ in range(2):
+        stub.Release(
+            pb.ReleaseRequest(session_id=session_id, lease_id=reply.lease_id, reason="deadline"),
+            timeout=10,
+        )
+    assert of(assigner.events(), "release", lease=reply.lease_id, reason="deadline")
+    reply = stub.Allocate(pb.AllocRequest(session_id=session_id, gpu_count=1), timeout=10)
+    assert next(stream).grant.lease.lease_id == reply.lease_id
     pending.put(None)  # end our side: the session ends and its lease is released
     wait_for(
         lambda: of(assigner.events(), "release", lease=reply.lease_id, reason="disconnect"),

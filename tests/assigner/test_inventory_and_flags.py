@@ -92,6 +92,8 @@ def config(tmp_path: Path, **flags: object) -> object:
         ({"tcp": "8080"}, "--tcp wants HOST:PORT"),
         ({"controller": "node1"}, "--controller wants HOST:PORT"),
         ({"token_file": "/nonexistent/token"}, "cannot read --token-file"),
+        ({"time_slice": -1.0}, "--time-slice wants seconds >= 0"),
+        ({"time_slice": float("nan")}, "--time-slice wants seconds >= 0"),
     ],
 )
 def test_bad_flags_are_refused_with_what_to_do(
@@ -104,8 +106,11 @@ def test_bad_flags_are_refused_with_what_to_do(
 def test_flags_become_a_config(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("abc\n")
-    built = config(tmp_path, token_file=str(token), tcp="127.0.0.1:0", policy="gpu-sharing")
+    built = config(
+        tmp_path, token_file=str(token), tcp="127.0.0.1:0", policy="gpu-sharing", time_slice=2.5
+    )
     assert built.token == "abc"  # type: ignore[attr-defined]
+    assert built.time_slice == 2.5  # type: ignore[attr-defined]
     assert len(built.gpus) == 2  # type: ignore[attr-defined]
     assert built.gpus[0].memory_bytes == 80 * 1024**3  # type: ignore[attr-defined]
 
@@ -123,6 +128,7 @@ def test_help_lists_the_documented_flags() -> None:
         "--token-file",
         "--ready-file",
         "--controller",
+        "--time-slice",
     ):
         assert flag in result.output
 

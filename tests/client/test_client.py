@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import queue
 import subprocess
 import sys
 import time
@@ -208,3 +210,107 @@ def test_a_restarted_assigner_means_a_new_session_and_no_stale_lease(
         "shutdown",
         "release",
     ]
+
+
+class YieldRecorder(LeaseListener):
+    """Records the yield requests its client receives, with the time they came."""
+
+    def __init__(self) -> None:
+        self.asked: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+
+    def on_yield_request(self, client: Client, lease_id: str, reason: str) -> None:
+        self.asked.put((lease_id, reason))
+
+
+def test_a_holder_is_asked_to_yield_after_its_time_slice_only_while_another_waits(
+    start_assigner: StartAssigner,
+) -> None:
+    time_slice = 0.4
+    assigner = start_assigner(gpus=1, extra_args=["--time-slice", str(time_slice)])
+    first_recorder, second_recorder = YieldRecorder(), YieldRecorder()
+    with (
+        Client(target=assigner.target, token="", worker="first") as first,
+        Client(target=assigner.target, token="", worker="second") as second,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        first.add_listener(first_recorder)
+        second.add_listener(second_recorder)
+        lease = first.allocate(timeout=10)
+        # Nobody waits: however long the lease is held, nobody is asked to yield.
+        with pytest.raises(queue.Empty):
+            first_recorder.asked.get(timeout=3 * time_slice)
+        assert not first.yield_requested(lease)
+        # A waiter comes while the lease is older than the slice: the holder is asked at once,
+        # and only once.
+        waiting = pool.submit(second.allocate, timeout=30)
+        assert first_recorder.asked.get(timeout=10) == (lease.lease_id, "time-slice")
+        assert first.yield_requested(lease)
+        with pytest.raises(queue.Empty):
+            first_recorder.asked.get(timeout=2 * time_slice)
+        first.release(lease)
+        handed = waiting.result(timeout=10)
+        # The new holder is asked once its own slice is used up, not before.
+        again = pool.submit(first.allocate, timeout=30)
+        assert second_recorder.asked.get(timeout=10) == (handed.lease_id, "time-slice")
+        second.release(handed)
+        first.release(again.result(timeout=10))
+    events = assigner.events()
+    (grant,) = [e for e in of(events, "grant") if e["lease"] == handed.lease_id]
+    (asked,) = [e for e in of(events, "yield") if e["lease"] == handed.lease_id]
+    assert asked["ts"] - grant["ts"] >= time_slice - 0.01
+    assert asked["reason"] == "time-slice" and asked["worker"] == "second"
+    assert len(of(events, "yield")) == 2
+    assert first_recorder.asked.empty() and second_recorder.asked.empty()
+    replay(events)
+
+
+def test_without_a_time_slice_nobody_is_asked_to_yield(start_assigner: StartAssigner) -> None:
+    assigner = start_assigner(gpus=1)
+    recorder = YieldRecorder()
+    with (
+        Client(target=assigner.target, token="") as holder,
+        Client(target=assigner.target, token="") as other,
+    ):
+        holder.add_listener(recorder)
+        lease = holder.allocate(timeout=10)
+        with pytest.raises(TimeoutError):
+            other.allocate(timeout=1.0)
+        assert recorder.asked.empty() and not holder.yield_requested(lease)
+    assert of(assigner.events(), "yield") == []
+
+
+def test_a_grant_that_comes_just_after_the_timeout_is_given_back(
+    start_assigner: StartAssigner,
+) -> None:
+    # A free GPU and timeouts shorter than one Allocate round trip: most calls still return in
+    # time, some time out before the assigner saw them, and some time out while their grant is
+    # on its way back (the race). None of them may leave a lease held.
+    assigner = start_assigner(gpus=1)
+    timeouts = [1e-6, 1e-5, 5e-5, 1e-4, 3e-4]
+    outcomes = {"granted": 0, "timed out": 0}
+    with Client(target=assigner.target, token="") as client:
+        client.status()  # the session and channel are up before the timing starts
+        for attempt in range(2000):
+            try:
+                lease = client.allocate(timeout=timeouts[attempt % len(timeouts)])
+            except TimeoutError:
+                outcomes["timed out"] += 1
+                if outcomes["timed out"] == 40:
+                    break
+                continue
+            outcomes["granted"] += 1
+            client.release(lease)
+
+        def nothing_held() -> bool:
+            return not client.status().self.leases
+
+        deadline = time.monotonic() + 10
+        while not nothing_held() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert nothing_held(), f"a lease stays held after {outcomes}"
+        assert client.allocate(timeout=5).gpu_indices == (0,)
+    events = assigner.events()
+    late = [e for e in of(events, "release") if e["reason"] in ("deadline", "cancelled")]
+    print(outcomes, "late grants given back:", len(late))
+    assert len(of(events, "grant")) == len(of(events, "release"))
+    replay(events)

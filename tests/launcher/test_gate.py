@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,7 +15,10 @@ from typing import Any
 
 import pytest
 
+from acb_slurm import env
 from acb_slurm.assigner.testing import AssignerProcess
+from acb_slurm.client import Client
+from acb_slurm.scheduler.replay import replay
 
 StartAssigner = Callable[..., AssignerProcess]
 _SCRIPT = os.path.join(os.path.dirname(sys.executable), "acb-run")
@@ -87,6 +91,40 @@ def test_child_sees_its_granted_gpus(start_assigner: StartAssigner) -> None:
     assert grant["device_ids"] == ["0", "1"]
 
 
+def test_a_worker_gets_its_gpu_back_on_its_next_run_under_gpu_affinity(
+    start_assigner: StartAssigner,
+) -> None:
+    # One `acb-run --gate` per item: each run is a new process and a new session, but the same
+    # worker. Another worker takes a GPU between its runs and still holds it during the second.
+    assigner = start_assigner(gpus=4, policy="gpu-affinity")
+    code = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"
+
+    def run_item() -> str:
+        result = subprocess.run(
+            [*ACB_RUN, "--gate", "--", sys.executable, "-c", code],
+            env=assigner.client_env(**{env.JOB_ID: "job-7", env.WORKER: "worker-a"}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    first = run_item()
+    with Client(target=assigner.target, token="", job_id="job-7", worker="worker-b") as other:
+        taken = other.allocate(timeout=10)
+        assert taken.device_ids != (first,), "the other worker took worker-a's last GPU"
+        second = run_item()
+    assert second == first
+    requests = [e for e in assigner.events() if e["event"] == "request"]
+    assert [r["affinity_key"] for r in requests] == [
+        "job-7/worker-a",
+        "job-7/worker-b",
+        "job-7/worker-a",
+    ]
+    replay(assigner.events())
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signals_are_forwarded_to_the_child(
     start_assigner: StartAssigner, tmp_path: Path, signum: signal.Signals
@@ -136,7 +174,8 @@ def test_sigkilled_launcher_gives_the_lease_back(start_assigner: StartAssigner) 
     ]
     proc.kill()
     proc.wait()
-    os.kill(child, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # it died with acb-run (PR_SET_PDEATHSIG)
+        os.kill(child, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while not [e for e in assigner.events() if e["event"] == "release"]:
         assert time.monotonic() < deadline, "lease of a SIGKILLed acb-run not released"
@@ -189,6 +228,19 @@ def test_without_a_mode_it_asks_to_pick_one() -> None:
     assert "--gate" in result.stderr
 
 
+def test_help_teaches_both_modes_with_examples() -> None:
+    result = acb_run(None, "--help")
+    assert result.returncode == 0, result.stderr
+    for example in (
+        "acb-run --gate -- python fold.py",
+        "acb-run --gate --gpus 2 --memory 20GiB -- ",
+        "acb-run --auto -- python train.py",
+    ):
+        assert example in result.stdout
+    assert "--memory SIZE" in result.stdout
+    assert "<bool>" not in result.stdout
+
+
 @pytest.mark.parametrize("terminal", [False, True], ids=["batch", "terminal"])
 def test_child_has_its_own_process_group_unless_stdin_is_a_terminal(
     start_assigner: StartAssigner, terminal: bool
@@ -211,3 +263,65 @@ def test_child_has_its_own_process_group_unless_stdin_is_a_terminal(
                 os.close(fd)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(terminal)
+
+
+def test_a_sigkilled_launcher_takes_its_child_with_it(start_assigner: StartAssigner) -> None:
+    """The child must not keep using a GPU whose lease the assigner already gave back."""
+    assigner = start_assigner(gpus=1)
+    proc = subprocess.Popen(
+        [*ACB_RUN, "--gate", "--", sys.executable, "-c", "import time; print(1, flush=True); "
+         "time.sleep(120)"],
+        env=assigner.client_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    proc.stdout.readline()  # the command itself runs (the wrapper exec'd it, same pid)
+    (child,) = [
+        int(pid)
+        for pid in subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+    ]
+    proc.kill()
+    proc.wait()
+    killed = time.monotonic()
+    while time.monotonic() - killed < 1.0:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        # A zombie (dead, not yet reaped by init) counts as dead.
+        with open(f"/proc/{child}/stat") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.01)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived a SIGKILLed acb-run by more than 1 s")
+
+
+def test_a_failed_release_keeps_the_childs_exit_code(
+    start_assigner: StartAssigner, caplog: pytest.LogCaptureFixture
+) -> None:
+    from acb_slurm.client.errors import AssignerError
+    from acb_slurm.launcher.gate import GateSpec, run_gated
+
+    class RefusingClient(Client):
+        """A real client whose release is refused after the real one ran (the assigner
+        unreachable at that moment looks the same to acb-run)."""
+
+        def release(self, lease: Any) -> None:
+            super().release(lease)
+            raise AssignerError("release refused: the assigner is unreachable")
+
+    assigner = start_assigner(gpus=1)
+    client = RefusingClient(target=assigner.target, token="", worker="gate-release")
+    try:
+        code = run_gated(
+            GateSpec(command=[sys.executable, "-c", "raise SystemExit(3)"]), client=client
+        )
+    finally:
+        client.close()
+    assert code == 3
+    assert "releasing lease" in caplog.text and "unreachable" in caplog.text

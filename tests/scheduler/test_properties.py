@@ -7,7 +7,8 @@ how the core picks; after every call it checks each grant the core returned, in 
   (never two exclusive holders of a GPU, never more memory promised than the GPU has);
 * every request ahead of it in service order could not be placed at that moment (FIFO except
   where backfill allows it), had not yet been bypassed `max_bypass` times, and counts one bypass;
-* under gpu-affinity, a client whose last GPUs are all free gets exactly those back;
+* under gpu-affinity, a client whose last GPUs are all free gets exactly those back (requests
+  naming an affinity key are remembered under it, not checked here, but replayed);
 
 and then the whole state: queue order, holdings, per-GPU holders and promised bytes, bypass
 counts, and that no waiter could be placed now unless a reservation ahead of it holds it back.
@@ -42,6 +43,7 @@ from acb_slurm.scheduler import (
 )
 
 CLIENTS = st.sampled_from(["c0", "c1", "c2", "c3"])
+AFFINITY_KEYS = st.sampled_from(["", "", "w0", "w1"])
 GPU_MEMORY = st.sampled_from([20, 40, 80, 80])
 REQUEST_MEMORY = st.sampled_from([0, 0, 10, 20, 30, 50, 90])
 RESIDENT = st.sampled_from([0, 5, 10, 30, 60, 90])
@@ -133,6 +135,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             last = self.last.get(request.client_id, ())
             if (
                 self.policy == "gpu-affinity"
+                and not request.affinity_key
                 and len(last) == request.gpu_count
                 and all(self.fits_on(request, i) for i in last)
             ):
@@ -168,7 +171,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             )
             del self.waiting[rid]
             self.held[rid] = Held(request, gpus, exclusive, request.memory_bytes)
-            self.last[request.client_id] = gpus
+            if not request.affinity_key:
+                self.last[request.client_id] = gpus
 
     # ---- calls -------------------------------------------------------------------------------
 
@@ -178,9 +182,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         gpu_count=st.sampled_from([1, 2, 3]),
         memory=REQUEST_MEMORY,
         priority=st.sampled_from([0, 0, 0, 1]),
+        key=AFFINITY_KEYS,
     )
-    def submit(self, client: str, gpu_count: int, memory: int, priority: int) -> None:
-        self.submit_request(Request(f"r{self.ids}", client, gpu_count, memory, priority))
+    def submit(self, client: str, gpu_count: int, memory: int, priority: int, key: str) -> None:
+        self.submit_request(Request(f"r{self.ids}", client, gpu_count, memory, priority, key))
 
     @rule(client=CLIENTS, memory=REQUEST_MEMORY)
     def submit_one_gpu(self, client: str, memory: int) -> None:
@@ -207,6 +212,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 gpu_count=request.gpu_count,
                 memory_bytes=request.memory_bytes,
                 priority=request.priority,
+                affinity_key=request.affinity_key,
             )
         )
         self.take(grants)

@@ -2,13 +2,14 @@
 
 A step is `(command, expected)`. Commands:
 
-    submit ID by CLIENT [gpus=N] [mem=SIZE] [prio=P]   -> grants, e.g. "a@0 b@1,2"
+    submit ID by CLIENT [gpus=N] [mem=SIZE] [prio=P] [key=K]  -> grants, e.g. "a@0 b@1,2"
     release ID | withdraw ID | usage ID SIZE          -> grants
     disconnect CLIENT                                 -> "dropped ids | grants"
     queue                                             -> waiting ids in service order
     holders GPU                                       -> ids holding the GPU
     promised GPU                                      -> promised bytes, as a size
     bypassed ID                                       -> the waiter's bypass count
+    remembered                                        -> affinity keys remembered, e.g. "w1@0"
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def run(scheduler: Scheduler, command: str) -> str:
             gpu_count=int(fields.pop("gpus", 1)),
             memory_bytes=parse_size(fields.pop("mem", 0)),
             priority=int(fields.pop("prio", 0)),
+            affinity_key=fields.pop("key", ""),
         )
         assert not fields, f"unknown options {sorted(fields)} in {command!r}"
         return show(scheduler.submit(request))
@@ -76,6 +78,9 @@ def run(scheduler: Scheduler, command: str) -> str:
         return format_size(scheduler.promised_bytes(int(args[0])))
     if verb == "bypassed":
         return str(scheduler.bypass_count(args[0]))
+    if verb == "remembered":
+        memory = scheduler.affinity_memory
+        return " ".join(f"{k}@{','.join(map(str, memory[k]))}" for k in sorted(memory))
     raise AssertionError(f"unknown table command {command!r}")
 
 
@@ -326,6 +331,61 @@ SCENARIOS = [
             ("release a", ""),
             ("disconnect c1", "|"),
             ("submit b by c2", "b@0"),
+        ],
+    ),
+    Scenario(
+        "a worker that reconnects under its affinity key gets its last GPU back",
+        "gpu-affinity",
+        "80GiB,80GiB,80GiB,80GiB",
+        [
+            ("submit a by s1 key=w1", "a@0"),
+            ("release a", ""),
+            ("disconnect s1", "|"),
+            ("submit b by s2 key=w2", "b@1"),
+            ("submit c by s3 key=w1", "c@0"),
+            ("remembered", "w1@0 w2@1"),
+        ],
+    ),
+    Scenario(
+        "a disconnected key is forgotten once another key was granted its GPUs",
+        "gpu-affinity",
+        "80GiB,80GiB",
+        [
+            ("submit a by s1 key=w1", "a@0"),
+            ("submit b by s2 key=w2", "b@1"),
+            ("release a", ""),
+            ("disconnect s1", "|"),
+            ("submit c by s3 key=w3", "c@0"),
+            ("remembered", "w2@1 w3@0"),
+            ("release b", ""),
+            ("submit d by s4 key=w1", "d@1"),
+        ],
+    ),
+    Scenario(
+        "a key stays remembered while one of its clients is connected",
+        "gpu-affinity",
+        "80GiB,80GiB",
+        [
+            ("submit a by s1 key=w1", "a@0"),
+            ("release a", ""),
+            ("submit b by s2 key=w2", "b@1"),
+            ("release b", ""),
+            ("submit c by s3 key=w3 gpus=2", "c@0,1"),
+            ("remembered", "w1@0 w2@1 w3@0,1"),
+            ("disconnect s1", "|"),
+            ("remembered", "w2@1 w3@0,1"),
+        ],
+    ),
+    Scenario(
+        "a client without a key is remembered under its own id until it disconnects",
+        "gpu-affinity",
+        "80GiB,80GiB",
+        [
+            ("submit a by c1", "a@0"),
+            ("release a", ""),
+            ("remembered", "c1@0"),
+            ("disconnect c1", "|"),
+            ("remembered", ""),
         ],
     ),
     Scenario(

@@ -79,42 +79,48 @@ class YieldDone(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
 
 class AllocRequest(_message.Message):
-    __slots__ = ("session_id", "gpu_count", "memory_bytes", "priority", "label")
+    __slots__ = ("session_id", "gpu_count", "memory_bytes", "priority", "label", "request_tag")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TAG_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     gpu_count: int
     memory_bytes: int
     priority: int
     label: str
-    def __init__(self, session_id: _Optional[str] = ..., gpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
+    request_tag: str
+    def __init__(self, session_id: _Optional[str] = ..., gpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., label: _Optional[str] = ..., request_tag: _Optional[str] = ...) -> None: ...
 
 class AllocReply(_message.Message):
-    __slots__ = ("lease_id", "gpu_indices", "device_ids", "memory_bytes", "node", "waited_seconds")
+    __slots__ = ("lease_id", "gpu_indices", "device_ids", "memory_bytes", "node", "waited_seconds", "request_tag")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     WAITED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TAG_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     gpu_indices: _containers.RepeatedScalarFieldContainer[int]
     device_ids: _containers.RepeatedScalarFieldContainer[str]
     memory_bytes: int
     node: str
     waited_seconds: float
-    def __init__(self, lease_id: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., device_ids: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[int] = ..., node: _Optional[str] = ..., waited_seconds: _Optional[float] = ...) -> None: ...
+    request_tag: str
+    def __init__(self, lease_id: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., device_ids: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[int] = ..., node: _Optional[str] = ..., waited_seconds: _Optional[float] = ..., request_tag: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("session_id", "lease_id")
+    __slots__ = ("session_id", "lease_id", "reason")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     lease_id: str
-    def __init__(self, session_id: _Optional[str] = ..., lease_id: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, session_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReleaseReply(_message.Message):
     __slots__ = ()

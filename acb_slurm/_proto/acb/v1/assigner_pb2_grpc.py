@@ -61,7 +61,9 @@ class AssignerServicer:
 
     def Session(self, request_iterator, context):
         """Long-lived, one per client process. First ClientMessage must be `register`; the first
-        ServerMessage is `registered`. Grants and yield requests are notified on it.
+        ServerMessage is `registered`. Grants and yield requests are notified on it (a yield
+        request asks, once per lease, for a lease held longer than the assigner's --time-slice
+        while others wait).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -79,7 +81,8 @@ class AssignerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Gives a lease back. Releasing an unknown or already released lease is NOT_FOUND.
+        """Gives a lease back. Releasing an unknown or already released lease is NOT_FOUND (not an
+        error with reason "deadline" or "cancelled": see ReleaseRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
