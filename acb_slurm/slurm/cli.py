@@ -54,7 +54,7 @@ Examples:
     acb-sbatch status 1234                # who holds which GPU, who waits
     acb-sbatch cancel 1234
     acb-sbatch report 1234                # timeline PNG + HTML of who held which GPU when
-    acb-sbatch report 1234 --compare 1200 --names shared static
+    acb-sbatch report 1234 --compare 1200 --names shared,static
     acb-sbatch schema > job.schema.json   # JSON Schema of job.yaml for editors
 In an existing batch script:
     eval "$(acb-sbatch prologue --policy simple)"
@@ -108,6 +108,34 @@ def _run_root(spec: JobSpec, cwd: Path) -> Path:
     return root if root.is_absolute() else cwd / root
 
 
+def _log_parent(pattern: str, cwd: Path) -> Path | None:
+    """The directory of an --output/--error path that exists whatever the job id: the literal
+    text before the first %-pattern, up to its last slash (None: the submit dir itself)."""
+    literal = pattern.split("%", 1)[0]
+    if "/" not in literal:
+        return None
+    parent = Path(literal[: literal.rindex("/") + 1] or "/")
+    return parent if parent.is_absolute() else cwd / parent
+
+
+def _prepare_dirs(spec: JobSpec, cwd: Path) -> None:
+    """Create what the job writes to before it can start: the parents of its output and error
+    files (Slurm does not create them, and the job would fail without a word) and the run root."""
+    alloc = spec.allocation
+    folders = [_run_root(spec, cwd)]
+    for pattern in (alloc.output, alloc.error):
+        parent = _log_parent(pattern, cwd) if pattern else None
+        if parent is not None:
+            folders.append(parent)
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AcbSlurmError(
+                f"cannot create {folder}: {exc.strerror or exc}; nothing was submitted"
+            ) from None
+
+
 @app.command()
 def submit(
     job_yaml: Annotated[Path, typer.Argument(help="The job spec.")],
@@ -147,14 +175,23 @@ def submit(
                 f"({answer['processors']} processors); nothing was submitted"
             )
             return
+        _prepare_dirs(spec, cwd)
         job_id = backend.submit(script, cwd=str(cwd))
+        # From here on the job exists: say so first, and never lose its id to a later error.
+        typer.echo(f"submitted job {job_id} ({backend.name})")
         run_dir = _run_root(spec, cwd) / job_id
-        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (run_dir / "job.sh").write_text(script, encoding="utf-8")
-        shutil.copyfile(job_yaml, run_dir / "job.yaml")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            (run_dir / "job.sh").write_text(script, encoding="utf-8")
+            shutil.copyfile(job_yaml, run_dir / "job.yaml")
+        except OSError as exc:
+            where = exc.filename or run_dir
+            raise AcbSlurmError(
+                f"job {job_id} was submitted, but its script could not be saved in {run_dir} "
+                f"({where}: {exc.strerror or exc}); it runs anyway: acb-sbatch status {job_id}"
+            ) from None
         alloc = spec.allocation
         output = _expand_log_path(alloc.output or "slurm-%j.out", job_id, alloc.name, cwd)
-        typer.echo(f"submitted job {job_id} ({backend.name})")
         typer.echo(f"run dir: {run_dir}")
         typer.echo(f"script:  {run_dir / 'job.sh'}")
         typer.echo(f"output:  {output}")
@@ -301,7 +338,12 @@ def report(
         typer.Option(help="A second job id, drawn beside the first (e.g. static vs shared)."),
     ] = None,
     names: Annotated[
-        list[str] | None, typer.Option("--names", help="Labels of the runs, once per run.")
+        list[str] | None,
+        typer.Option(
+            "--names",
+            help="Labels of the runs, comma-separated in run order (shared,static); the option "
+            "may also be repeated.",
+        ),
     ] = None,
     out: Annotated[
         str | None, typer.Option(help="Output directory; default: <run dir>/report.")
@@ -317,7 +359,7 @@ def report(
     and a summary table: busy fraction, waits p50/p99, handoffs.
 
     Works on finished jobs too: the event logs stay in the run dir.
-    Example: acb-sbatch report 1234 --compare 1200 --names shared static
+    Example: acb-sbatch report 1234 --compare 1200 --names shared,static
     """
     from acb_slurm.report import EventLogError, build_report, build_run
     from acb_slurm.report.events import find_event_logs
@@ -327,9 +369,13 @@ def report(
         folder = runtime.find_run_dir(job_id, run_dir)
         other = runtime.find_run_dir(compare) if compare else None
         target = Path(out) if out else folder / "report"
+        labels = [n.strip() for item in names or () for n in item.split(",") if n.strip()]
         try:
             paths = build_report(
-                [folder], target, [other] if other else None, names=names or None,
+                [folder],
+                target,
+                [other] if other else None,
+                names=labels or None,
                 title=f"acb-slurm job {job_id}" + (f" vs {compare}" if compare else ""),
             )
         except (EventLogError, ValueError) as exc:

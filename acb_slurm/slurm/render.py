@@ -95,6 +95,7 @@ class PrologueOptions:
     virtual_gpus: int | None = None
     gpu_memory: int | None = None
     assigner_gpus: int | None = None
+    gpu_type: str | None = None
     startup_timeout: int = 60
     run_root: str | None = None
     campaign: str | None = None
@@ -109,6 +110,7 @@ class PrologueOptions:
             if self.gpu_memory is not None
             else parse_size(DEFAULT_GPU_MEMORY),
             "assigner_gpus": self.assigner_gpus,
+            "gres_prefix": f"gpu:{self.gpu_type}:" if self.gpu_type else "gpu:",
             "startup_timeout": self.startup_timeout,
             "run_root": self.run_root,
             "campaign": self.campaign,
@@ -126,6 +128,7 @@ def prologue_options(spec: JobSpec, bin_dir: str = "") -> PrologueOptions:
         virtual_gpus=broker.virtual_gpus,
         gpu_memory=broker.gpu_memory,
         assigner_gpus=assigner_gpus,
+        gpu_type=alloc.gpu_type,
         startup_timeout=broker.startup_timeout,
         run_root=broker.run_root,
         campaign=spec.campaign,
@@ -163,7 +166,9 @@ def render_batch(
     context.update(
         source=spec.source,
         alloc=spec.allocation,
-        worker_gpus=spec.allocation.gpus_per_node or None,
+        # The same GRES as the node's assigner (broker.gpus may be fewer than the allocation's),
+        # so that a GPU index means the same device to the assigner and to its workers.
+        worker_gpus=options.assigner_gpus or spec.allocation.gpus_per_node or None,
         workers=[_worker_context(spec, g, context["bin_dir"]) for g in spec.workers],
     )
     return _render("batch.sh.j2", context, template_dir)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from acb_slurm.slurm.errors import JobStateError
+from acb_slurm.slurm.errors import JobStateError, SlurmError
 
 CONFIG_NAME = "assigners.json"
 CONFIG_VERSION = 1
@@ -201,21 +202,48 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return data
 
 
+_JOB_ID = re.compile(r"^\d+(?:_\d+)?$")
+
+
 def find_run_dir(job_id: str, explicit: str | None = None) -> Path:
-    """The run dir of a job: explicit, ./acb-runs/<id>, or <submit dir>/acb-runs/<id> from Slurm."""
+    """The run dir of a job: explicit, ./acb-runs/<id>, or <submit dir>/acb-runs/<id> from Slurm.
+
+    Array tasks have run dirs named <array job id>_<task id>; `job_id` may be given that way
+    (1234_5) or as the task's own job id.
+    """
     if explicit:
         return Path(explicit)
+    if not _JOB_ID.match(job_id):
+        raise JobStateError(
+            f"{job_id!r} is not a Slurm job id (1234, or 1234_5 for an array task); "
+            "pass --run-dir to name the run dir"
+        )
     local = Path.cwd() / "acb-runs" / job_id
     if local.is_dir():
         return local
     from acb_slurm.slurm.commands import show_job
 
-    record = show_job(job_id)
+    try:
+        record = show_job(job_id)
+    except SlurmError as exc:
+        if "Invalid job id" not in str(exc):
+            raise
+        raise JobStateError(
+            f"no run directory ./acb-runs/{job_id}, and Slurm no longer knows job {job_id} (it "
+            "forgets finished jobs after MinJobAge); pass --run-dir <submit dir>/acb-runs/"
+            f"{job_id} (or <broker.run_root>/{job_id})"
+        ) from None
+    names = [job_id]
+    array_job, array_task = record.get("ArrayJobId", ""), record.get("ArrayTaskId", "")
+    if array_job.isdigit() and array_task.isdigit():
+        names.insert(0, f"{array_job}_{array_task}")
     workdir = record.get("WorkDir")
-    if workdir and (Path(workdir) / "acb-runs" / job_id).is_dir():
-        return Path(workdir) / "acb-runs" / job_id
+    for name in names:
+        for base in (Path.cwd(), Path(workdir) if workdir else None):
+            if base is not None and (base / "acb-runs" / name).is_dir():
+                return base / "acb-runs" / name
     raise JobStateError(
-        f"no run directory found for job {job_id} (looked in ./acb-runs/{job_id} and the job's "
+        f"no run directory found for job {job_id} (looked in ./acb-runs/{names[0]} and the job's "
         "WorkDir); pass --run-dir if broker.run_root was set"
     )
 

@@ -28,6 +28,12 @@ FALLBACK_POLICIES = ("gpu-affinity", "gpu-sharing", "simple")
 
 WORKER_MODES = ("gate", "auto", "client")
 
+#: Workers sharing one GPU: beyond this the turns are so short that waiting dominates.
+MAX_WORKERS_PER_GPU = 64
+#: Worker steps on one node, all groups together: each is an srun process on the batch node and
+#: a slurmstepd on its node.
+MAX_WORKERS_PER_NODE = 512
+
 
 def known_policies() -> list[str]:
     """Policy names the assigner accepts: the scheduler registry's, else the fallback list."""
@@ -182,12 +188,16 @@ class Str(Kind):
     """A non-empty string; `sbatch_line` forbids what an #SBATCH line cannot carry."""
 
     sbatch_line: bool = False
+    pattern: str | None = None  # a regex the whole value must match
+    pattern_doc: str = ""  # what the pattern allows, in words
 
     def scalar(self, value: Any, ctx: _Context) -> str:
         if not isinstance(value, str):
             raise _Invalid(f"expected {self.expected()}, got {_describe(value)}")
         if not value.strip():
             raise _Invalid("must not be empty")
+        if self.pattern is not None and not re.fullmatch(self.pattern, value):
+            raise _Invalid(f"{value!r} is not valid here: {self.pattern_doc}")
         if "\x00" in value:
             raise _Invalid("must not contain a NUL character")
         if self.sbatch_line and not _SBATCH_SAFE.match(value):
@@ -201,6 +211,8 @@ class Str(Kind):
         return "a string"
 
     def schema(self) -> dict[str, Any]:
+        if self.pattern is not None:
+            return {"type": "string", "minLength": 1, "pattern": f"^(?:{self.pattern})$"}
         if not self.sbatch_line:
             return {"type": "string", "minLength": 1, "pattern": r"\S"}
         patterns = [{"pattern": r"\S"}, {"pattern": _SBATCH_SAFE_JSON}]
@@ -434,6 +446,31 @@ class StrList(Kind):
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+# Names a worker's env may not set. Bash's read-only and special variables: the batch script
+# assigns env before `srun`, and bash refuses (UID: readonly variable) or ignores those.
+_BASH_SPECIAL = frozenset((
+    "UID", "EUID", "PPID", "BASHOPTS", "SHELLOPTS", "BASHPID", "GROUPS", "FUNCNAME", "RANDOM",
+    "SRANDOM", "SECONDS", "LINENO", "HISTCMD", "EPOCHSECONDS", "EPOCHREALTIME", "DIRSTACK",
+    "PIPESTATUS",
+))  # fmt: skip
+# Set by the batch script, the prologue, acb-run or Slurm for each worker: a value from job.yaml
+# would be overwritten or, worse, point the worker at the wrong assigner or GPU. Tuning knobs
+# (ACB_IDLE_MS, ACB_AUTO_LOG_LEVEL, ...) stay allowed.
+_MANAGED_ENV = frozenset((
+    "ACB_WORKER", "ACB_ASSIGNER", "ACB_RUN_DIR", "ACB_JOB_ID", "ACB_TOKEN", "ACB_TOKEN_FILE",
+    "ACB_SOCKET_DIR", "ACB_ASSIGNERS_CONFIG", "ACB_CAMPAIGN", "ACB_BIN", "ACB_LEASE_ID",
+    "ACB_AUTO", "CUDA_VISIBLE_DEVICES",
+))  # fmt: skip
+
+
+def reserved_env_name(name: str) -> str | None:
+    """Why a worker env name may not be used, or None when it may."""
+    if name in _BASH_SPECIAL or name.startswith("BASH_"):
+        return "is a read-only or special bash variable"
+    if name in _MANAGED_ENV or name.startswith("ACB_CAMPAIGN"):
+        return "is set by acb-slurm for each worker (the batch script, acb-run or Slurm)"
+    return None
+
 
 @dataclass(frozen=True)
 class EnvMap(Kind):
@@ -448,6 +485,10 @@ class EnvMap(Kind):
             line = node.keys[name]
             if not _ENV_NAME.match(name):
                 out.add(line, where, f"{name!r} is not an environment variable name")
+                continue
+            why = reserved_env_name(name)
+            if why:
+                out.add(line, where, f"{name} {why}; it cannot be set here")
                 continue
             if value.kind != "scalar" or value.value is None or isinstance(value.value, bool):
                 out.add(
@@ -470,9 +511,11 @@ class EnvMap(Kind):
         return "a mapping NAME: value"
 
     def schema(self) -> dict[str, Any]:
+        reserved = [{"enum": sorted(_BASH_SPECIAL | _MANAGED_ENV)}, {"pattern": "^BASH_"},
+                    {"pattern": "^ACB_CAMPAIGN"}]  # fmt: skip
         return {
             "type": "object",
-            "propertyNames": {"pattern": _ENV_NAME.pattern},
+            "propertyNames": {"pattern": _ENV_NAME.pattern, "not": {"anyOf": reserved}},
             "additionalProperties": {"type": ["string", "number"]},
         }
 
@@ -626,6 +669,10 @@ class Allocation:
     ntasks_per_node: int = spec_field(Int(1), "tasks per node (--ntasks-per-node)", 1)
     cpus_per_task: int = spec_field(Int(1), "CPUs per task (--cpus-per-task)", 1)
     gpus_per_node: int = spec_field(Int(0), "GPUs per node (--gres=gpu:N); 0 for none", 0)
+    gpu_type: str | None = spec_field(
+        Str(pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*", pattern_doc="letters, digits, '.', '_', '-'"),
+        "GPU type for sites with typed GRES (--gres=gpu:TYPE:N), e.g. a100",
+    )
     mem: str | None = spec_field(SlurmMem(), "memory per node (--mem), e.g. 64G")
     time: str | None = spec_field(SlurmTime(), "time limit (--time), e.g. 1-00:00:00")
     output: str | None = spec_field(
@@ -672,8 +719,10 @@ class WorkerGroup:
         Command(), "argv list (run as is) or a string (run by bash -c)", required=True
     )
     name: str = spec_field(Str(), "name prefix; each worker is <name>-<node>-<i>", "worker")
-    per_node: int | None = spec_field(Int(1), "workers on each node (default 1)")
-    per_gpu: int | None = spec_field(Int(1), "workers per GPU of each node")
+    per_node: int | None = spec_field(
+        Int(1, MAX_WORKERS_PER_NODE), "workers on each node (default 1)"
+    )
+    per_gpu: int | None = spec_field(Int(1, MAX_WORKERS_PER_GPU), "workers per GPU of each node")
     mode: str = spec_field(
         Choice(lambda: WORKER_MODES, "mode"),
         "gate: acb-run --gate; auto: acb-run --auto (PyTorch); client: the command talks to the "
@@ -728,9 +777,21 @@ _MANAGED_FLAGS = {
     "-A": "account", "--account": "account", "-N": "nodes", "--nodes": "nodes",
     "--ntasks-per-node": "ntasks_per_node", "-c": "cpus_per_task",
     "--cpus-per-task": "cpus_per_task", "--gres": "gpus_per_node",
-    "--gpus-per-node": "gpus_per_node", "--mem": "mem", "-t": "time", "--time": "time",
+    "--gpus-per-node": "gpus_per_node", "-G": "gpus_per_node", "--gpus": "gpus_per_node",
+    "--mem": "mem", "-t": "time", "--time": "time",
     "-o": "output", "--output": "output", "-e": "error", "--error": "error",
 }  # fmt: skip
+
+
+# Memory options that Slurm takes only one of: --mem, --mem-per-cpu, --mem-per-gpu.
+_MEM_FLAGS = ("--mem-per-cpu", "--mem-per-gpu")
+
+
+def sbatch_flag_name(flag: str) -> str:
+    """The option name of one `extra` entry: --nodes=3, --nodes 3 -> --nodes; -N2, -N 2 -> -N."""
+    if flag.startswith("--"):
+        return re.split(r"[=\s]", flag, maxsplit=1)[0]
+    return flag[:2]
 
 
 def _spec_fields(cls: type) -> list[dataclasses.Field[Any]]:
@@ -868,14 +929,42 @@ def _cross_checks(spec: JobSpec, root: Node, out: _Collector) -> None:
                 f"{where}.gpus={group.gpus} only applies to mode=gate, not mode={group.mode}",
             )
     for i, flag in enumerate(alloc.extra):
-        name = flag.split("=", 1)[0]
+        name = sbatch_flag_name(flag)
         if name in _MANAGED_FLAGS:
             owner = _MANAGED_FLAGS[name]
             out.add(
                 line_of("allocation", "extra", i),
                 f"allocation.extra[{i}]",
-                f"{flag!r} repeats allocation.{owner}; set allocation.{owner} instead",
+                f"{flag!r} is managed by job.yaml field allocation.{owner}; set "
+                f"allocation.{owner} instead",
             )
+        elif name in _MEM_FLAGS and alloc.mem is not None:
+            out.add(
+                line_of("allocation", "extra", i),
+                f"allocation.extra[{i}]",
+                f"allocation.extra[{i}]={flag!r} and allocation.mem={alloc.mem} contradict each "
+                "other: Slurm takes only one of --mem, --mem-per-cpu and --mem-per-gpu; keep one",
+            )
+    if alloc.gpu_type is not None and alloc.gpus_per_node == 0:
+        out.add(
+            line_of("allocation", "gpu_type"),
+            "allocation.gpu_type",
+            f"allocation.gpu_type={alloc.gpu_type} but allocation.gpus_per_node=0: a GPU type "
+            "needs GPUs; set allocation.gpus_per_node",
+        )
+    total = sum(spec.workers_per_node(g) for g in spec.workers)
+    if total > MAX_WORKERS_PER_NODE:
+        counts = ", ".join(
+            f"workers[{i}].{'per_gpu' if g.per_gpu is not None else 'per_node'}="
+            f"{g.per_gpu if g.per_gpu is not None else (g.per_node or 1)}"
+            for i, g in enumerate(spec.workers)
+        )
+        out.add(
+            line_of("workers"),
+            "workers",
+            f"{total} workers per node ({counts}, with {gpus} GPU(s) per node) is more than "
+            f"{MAX_WORKERS_PER_NODE}: each is an srun step; use fewer or an acb-campaign",
+        )
 
 
 def load_spec(path: str | os.PathLike[str]) -> JobSpec:

@@ -365,3 +365,32 @@ def test_status_while_running_then_cancel(slurm_cluster: Cluster, tmp_path: Path
     assert f"cancelled job {job_id}" in result.stdout
     record = wait_job(job_id)
     assert record["JobState"] == "CANCELLED"
+
+
+def test_workers_get_the_allocations_cpus_and_logs_go_to_new_dirs(
+    slurm_cluster: Cluster, tmp_path: Path
+) -> None:
+    """Worker steps pass --cpus-per-task themselves (srun of Slurm 22.05-23.02 does not inherit
+    it; this cluster's steps would get the job's CPUs anyway, so test_render checks the flag and
+    this checks that Slurm takes it). The output file's directory does not exist before
+    `submit`, which creates it."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    job = gate_job("acb-cpus", seen)
+    job["allocation"]["cpus_per_task"] = 2
+    job["allocation"]["output"] = "logs/new/%x-%j.out"
+    job["workers"] = [
+        {
+            "name": "cpu",
+            "mode": "client",
+            "per_node": 2,
+            "command": f'echo "$SLURM_CPUS_PER_TASK" > {seen}/"$ACB_WORKER"',
+        }
+    ]
+    job_id, _ = submit_job(job, tmp_path)
+    record = wait_job(job_id)
+    output = (tmp_path / "logs" / "new" / f"acb-cpus-{job_id}.out").read_text()
+    assert record["JobState"] == "COMPLETED", output
+    assert {p.name: p.read_text().strip() for p in seen.iterdir()} == {
+        "cpu-n1-0": "2", "cpu-n1-1": "2",
+    }  # fmt: skip

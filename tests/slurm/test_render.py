@@ -231,3 +231,126 @@ def test_template_errors_are_clear(tmp_path: Path) -> None:
         render_batch(spec, bin_dir=BIN, template_dir=tmp_path)
     with pytest.raises(RenderError, match="does not exist"):
         render_batch(spec, bin_dir=BIN, template_dir=tmp_path / "missing")
+
+
+def _srun_lines(script: str) -> list[str]:
+    """Each srun command, its continuation lines joined."""
+    joined = script.replace("\\\n", " ")
+    command = re.compile(r"\s*(\S+=\S+\s+)*srun ")
+    return [line.strip() for line in joined.splitlines() if command.match(line)]
+
+
+def test_steps_ask_for_their_cpus_explicitly() -> None:
+    spec = parse_spec(
+        "allocation: {nodes: 2, gpus_per_node: 2, cpus_per_task: 6}\n"
+        "workers: [{command: [x], per_gpu: 2}]\n"
+    )
+    lines = _srun_lines(render_batch(spec, bin_dir=BIN))
+    assigners = [line for line in lines if "--job-name=acb-assigner" in line]
+    workers = [line for line in lines if "acb-run" in line]
+    assert len(assigners) == 2 and len(workers) == 1, lines
+    assert all("--cpus-per-task=1 " in line for line in assigners)
+    assert "--cpus-per-task=6 " in workers[0]
+
+
+def test_fewer_broker_gpus_give_assigner_and_workers_the_same_gres() -> None:
+    spec = parse_spec(
+        "allocation: {gpus_per_node: 4}\nbroker: {gpus: 2}\nworkers: [{command: [x], per_gpu: 2}]\n"
+    )
+    script = render_batch(spec, bin_dir=BIN)
+    assert "#SBATCH --gres=gpu:4\n" in script
+    assert "acb_assigner_gres=(--gres=gpu:2)" in script
+    workers = [line for line in _srun_lines(script) if "acb-run" in line]
+    assert workers and all(" --gres=gpu:2 " in line for line in workers), workers
+    assert "--gres=gpu:4 " not in " ".join(workers)
+
+
+def test_gpu_type_reaches_every_gres() -> None:
+    spec = parse_spec(
+        "allocation: {gpus_per_node: 2, gpu_type: a100}\nworkers: [{command: [x], per_gpu: 2}]\n"
+    )
+    script = render_batch(spec, bin_dir=BIN)
+    assert "#SBATCH --gres=gpu:a100:2\n" in script
+    assert "acb_assigner_gres=(--gres=gpu:a100:2)" in script
+    workers = [line for line in _srun_lines(script) if "acb-run" in line]
+    assert all(" --gres=gpu:a100:2 " in line for line in workers), workers
+
+
+def _run_prologue_part(
+    tmp_path: Path, script: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Run the prologue up to the first srun, with Slurm's commands faked."""
+    fake = tmp_path / "fakebin"
+    fake.mkdir(exist_ok=True)
+    (fake / "scontrol").write_text('#!/bin/bash\necho "$NODE"\n')
+    (fake / "srun").write_text("#!/bin/bash\nexit 1\n")
+    for tool in ("scontrol", "srun"):
+        (fake / tool).chmod(0o755)
+    head = script.split("# The first node's assigner is the controller")[0]
+    head += 'echo "SOCKETS=$ACB_SOCKET_DIR"\ntrap - EXIT\n'
+    full_env = {"PATH": f"{fake}:/usr/bin:/bin", "SLURM_JOB_ID": "77",
+                "SLURM_JOB_NODELIST": "x", **env}  # fmt: skip
+    return subprocess.run(["bash", "-c", head], capture_output=True, text=True, env=full_env)
+
+
+def test_prologue_moves_an_earlier_run_aside(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    old = root / "77"
+    (old / "n1").mkdir(parents=True)
+    (old / "n1" / "events.jsonl").write_text('{"event": "start"}\n')
+    (old / "job.sh").write_text("# the job\n")
+    script = render_prologue(PrologueOptions(virtual_gpus=1, run_root=str(root), bin_dir=BIN))
+    result = _run_prologue_part(tmp_path, script, {"NODE": "n1"})
+    assert result.returncode == 0, result.stderr
+    assert "held an earlier run" in result.stderr
+    moved = [p for p in root.iterdir() if p.name.startswith("77.old-")]
+    assert len(moved) == 1
+    assert (moved[0] / "n1" / "events.jsonl").exists()
+    assert not (old / "n1" / "events.jsonl").exists()
+    assert (old / "job.sh").read_text() == "# the job\n"
+    assert (old / "token").exists()
+
+
+def test_prologue_checks_the_whole_socket_path(tmp_path: Path) -> None:
+    script = render_prologue(PrologueOptions(virtual_gpus=1, run_root=str(tmp_path), bin_dir=BIN))
+    result = _run_prologue_part(tmp_path, script, {"NODE": "n1"})
+    assert f"SOCKETS={tmp_path}/77" in result.stdout, result.stderr
+    # A node name long enough to push <run dir>/<node>/assigner.sock past 107 bytes.
+    node = "n" * (107 - len(f"{tmp_path}/77/") - len("/assigner.sock") + 1)
+    result = _run_prologue_part(tmp_path, script, {"NODE": node})
+    assert "SOCKETS=/tmp/acb-" in result.stdout, result.stderr
+    result = _run_prologue_part(tmp_path, script, {"NODE": "n" * 100})
+    assert result.returncode == 1
+    assert "longer than 107 bytes" in result.stderr
+
+
+def test_prologue_exports_bin_on_path() -> None:
+    script = render_prologue(PrologueOptions(bin_dir=BIN))
+    assert f'export ACB_BIN={BIN}\nexport PATH="$ACB_BIN:$PATH"\n' in script
+    assert "sets traps on EXIT" in script
+
+
+def test_assigner_task_brackets_ipv6_and_drops_stale_ready_file() -> None:
+    script = render_prologue(PrologueOptions(bin_dir=BIN))
+    task = script.split("acb_assigner_task='", 1)[1].split("'\n", 1)[0]
+    assert 'rm -f "$dir/ready.json"' in task
+    snippet = task.split("addr=${addr:-0.0.0.0}", 1)[1].split("rm -f", 1)[0]
+    for given, wanted in (("::1", "[::1]"), ("10.0.0.1", "10.0.0.1"), ("[fe80::1]", "[fe80::1]")):
+        out = subprocess.run(
+            ["bash", "-c", f"addr={given}\n{snippet}\nprintf %s \"$addr\""],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert out.stdout == wanted
+
+
+def test_prologue_keeps_a_fresh_run_dir_that_holds_only_the_submitted_script(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "runs"
+    (root / "77").mkdir(parents=True)
+    (root / "77" / "job.sh").write_text("# the job\n")
+    script = render_prologue(PrologueOptions(virtual_gpus=1, run_root=str(root), bin_dir=BIN))
+    result = _run_prologue_part(tmp_path, script, {"NODE": "n1"})
+    assert result.returncode == 0, result.stderr
+    assert "earlier run" not in result.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["77"]

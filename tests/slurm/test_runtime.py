@@ -126,3 +126,40 @@ def test_a_missing_node_times_out_clearly(run_dir: Path) -> None:
 def test_read_config_of_a_job_that_has_not_started(run_dir: Path) -> None:
     with pytest.raises(JobStateError, match="has not started its assigners"):
         runtime.read_config(run_dir)
+
+
+def _fake_scontrol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/bash\n" + script)
+    (fake / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+
+
+def test_find_run_dir_of_a_forgotten_job_points_to_run_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _fake_scontrol(
+        tmp_path, monkeypatch,
+        'echo "slurm_load_jobs error: Invalid job id specified" >&2\nexit 1\n',
+    )  # fmt: skip
+    with pytest.raises(JobStateError, match=r"no longer knows job 99.*pass --run-dir"):
+        runtime.find_run_dir("99")
+
+
+def test_find_run_dir_of_array_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = tmp_path / "submit"
+    (work / "acb-runs" / "120_3").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    _fake_scontrol(
+        tmp_path, monkeypatch,
+        f'echo "JobId=123 ArrayJobId=120 ArrayTaskId=3 JobName=x WorkDir={work}"\n',
+    )  # fmt: skip
+    assert runtime.find_run_dir("123") == work / "acb-runs" / "120_3"
+    assert runtime.find_run_dir("120_3") == work / "acb-runs" / "120_3"
+    monkeypatch.chdir(work)
+    assert runtime.find_run_dir("120_3") == Path.cwd() / "acb-runs" / "120_3"
+    with pytest.raises(JobStateError, match="not a Slurm job id"):
+        runtime.find_run_dir("../x")

@@ -363,7 +363,180 @@ ERRORS = [
           - command: [x]
         """,
         "job.yaml:5: allocation.extra[1]",
-        ["'--time=10' repeats allocation.time"],
+        ["'--time=10' is managed by job.yaml field allocation.time"],
+    ),
+    (
+        "an extra flag in short form repeating a field",
+        """\
+        allocation:
+          extra: [--qos=high, -N2]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[1]",
+        ["'-N2' is managed by job.yaml field allocation.nodes"],
+    ),
+    (
+        "an extra short flag with a space repeating a field",
+        """\
+        allocation:
+          extra: [-t 5]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[0]",
+        ["'-t 5' is managed by job.yaml field allocation.time"],
+    ),
+    (
+        "an extra long flag with a space repeating a field",
+        """\
+        allocation:
+          extra: ["--nodes 3"]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[0]",
+        ["'--nodes 3' is managed by job.yaml field allocation.nodes"],
+    ),
+    (
+        "an extra --gpus beside gpus_per_node",
+        """\
+        allocation:
+          extra: [--gpus=2]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[0]",
+        ["allocation.gpus_per_node"],
+    ),
+    (
+        "--mem-per-cpu in extra together with mem",
+        """\
+        allocation:
+          mem: 16G
+          extra: [--mem-per-cpu=2G]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:3: allocation.extra[0]",
+        ["allocation.extra[0]='--mem-per-cpu=2G'", "allocation.mem=16G", "only one"],
+    ),
+    (
+        "--mem-per-gpu in extra together with mem",
+        """\
+        allocation:
+          mem: 16G
+          extra: ["--mem-per-gpu 8G"]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:3: allocation.extra[0]",
+        ["--mem-per-gpu 8G", "allocation.mem=16G"],
+    ),
+    (
+        "more workers per GPU than the cap",
+        """\
+        allocation: {gpus_per_node: 1}
+        workers:
+          - command: [x]
+            per_gpu: 65
+        """,
+        "job.yaml:4: workers[0].per_gpu",
+        ["at most 64", "65"],
+    ),
+    (
+        "more workers per node than the cap",
+        """\
+        allocation: {gpus_per_node: 1}
+        workers:
+          - command: [x]
+            per_node: 513
+        """,
+        "job.yaml:4: workers[0].per_node",
+        ["at most 512", "513"],
+    ),
+    (
+        "too many workers per node in all groups together",
+        """\
+        allocation: {gpus_per_node: 8}
+        workers:
+          - command: [x]
+            per_gpu: 64
+          - command: [y]
+            per_node: 2
+        """,
+        "job.yaml:2: workers",
+        ["514 workers per node", "workers[0].per_gpu=64", "workers[1].per_node=2", "8 GPU(s)"],
+    ),
+    (
+        "a read-only bash variable in a worker's env",
+        """\
+        workers:
+          - command: [x]
+            env: {UID: "1000"}
+        """,
+        "job.yaml:3: workers[0].env.UID",
+        ["read-only or special bash variable"],
+    ),
+    (
+        "a BASH_ variable in a worker's env",
+        """\
+        workers:
+          - command: [x]
+            env: {BASH_ENV: /x}
+        """,
+        "job.yaml:3: workers[0].env.BASH_ENV",
+        ["read-only or special bash variable"],
+    ),
+    (
+        "a variable the batch script sets in a worker's env",
+        """\
+        workers:
+          - command: [x]
+            env: {CUDA_VISIBLE_DEVICES: "0"}
+        """,
+        "job.yaml:3: workers[0].env.CUDA_VISIBLE_DEVICES",
+        ["set by acb-slurm for each worker"],
+    ),
+    (
+        "ACB_ASSIGNER in a worker's env",
+        """\
+        workers:
+          - command: [x]
+            env: {ACB_ASSIGNER: "unix:/x"}
+        """,
+        "job.yaml:3: workers[0].env.ACB_ASSIGNER",
+        ["set by acb-slurm for each worker"],
+    ),
+    (
+        "a GPU type that cannot be one",
+        """\
+        allocation:
+          gpus_per_node: 1
+          gpu_type: "a100 x"
+        workers:
+          - command: [x]
+        """,
+        "job.yaml:3: allocation.gpu_type",
+        ["'a100 x' is not valid here"],
+    ),
+    (
+        "a GPU type without GPUs",
+        """\
+        allocation:
+          gpu_type: a100
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.gpu_type",
+        ["allocation.gpu_type=a100", "allocation.gpus_per_node=0"],
     ),
 ]
 
@@ -510,6 +683,14 @@ def test_examples_pass_both_validation_and_schema(path: Path) -> None:
             "a worker estimate larger than a virtual GPU",
             "gpu_memory without virtual GPUs",
             "an extra flag repeating a field",
+            "an extra flag in short form repeating a field",
+            "an extra short flag with a space repeating a field",
+            "an extra long flag with a space repeating a field",
+            "an extra --gpus beside gpus_per_node",
+            "--mem-per-cpu in extra together with mem",
+            "--mem-per-gpu in extra together with mem",
+            "too many workers per node in all groups together",
+            "a GPU type without GPUs",
         )
     ],
 )
@@ -525,3 +706,15 @@ def test_valid_inline_specs_pass_the_schema() -> None:
         "broker: {virtual_gpus: 2, gpu_memory: 8GiB}\nworkers: [{command: [a, 1], per_gpu: 2}]",
     ):
         assert not list(validator().iter_errors(yaml.safe_load(text))), text
+
+
+def test_tuning_variables_stay_allowed_in_worker_env() -> None:
+    spec = parse_spec(
+        "workers: [{command: [x], mode: client, env: {ACB_IDLE_MS: 50, BASH: /bin/bash}}]\n"
+    )
+    assert dict(spec.workers[0].env) == {"ACB_IDLE_MS": "50", "BASH": "/bin/bash"}
+
+
+def test_gpu_type_is_kept() -> None:
+    spec = parse_spec("allocation: {gpus_per_node: 2, gpu_type: a100}\nworkers: [{command: [x]}]")
+    assert spec.allocation.gpu_type == "a100"

@@ -18,8 +18,11 @@
 set -uo pipefail
 
 # ---- acb-slurm prologue: start one GPU assigner per node, export the workers' environment ----
+# It exports ACB_BIN and puts it first on PATH, and sets traps on EXIT (stop the assigners), TERM
+# and INT (exit 143/130, which runs the EXIT trap); traps set earlier on these are replaced.
 # Tools are called by absolute path: the bin directory of the Python that rendered this script.
-ACB_BIN=/opt/acb/bin
+export ACB_BIN=/opt/acb/bin
+export PATH="$ACB_BIN:$PATH"
 if [[ -z "${SLURM_JOB_ID:-}" || -z "${SLURM_JOB_NODELIST:-}" ]]; then
     echo "acb prologue: SLURM_JOB_ID/SLURM_JOB_NODELIST are not set: run this inside a Slurm job (sbatch)" >&2
     exit 1
@@ -34,17 +37,45 @@ if [[ $ACB_RUN_ROOT != /* ]]; then
     ACB_RUN_ROOT="${SLURM_SUBMIT_DIR:-$PWD}/$ACB_RUN_ROOT"
 fi
 export ACB_JOB_ID="$SLURM_JOB_ID"
-export ACB_RUN_DIR="$ACB_RUN_ROOT/$SLURM_JOB_ID"
+# An array task's run dir is <array job id>_<task id>, the name squeue and sacct show.
+if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+    export ACB_RUN_DIR="$ACB_RUN_ROOT/${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID"
+else
+    export ACB_RUN_DIR="$ACB_RUN_ROOT/$SLURM_JOB_ID"
+fi
 export ACB_TOKEN_FILE="$ACB_RUN_DIR/token"
 export ACB_ASSIGNERS_CONFIG="$ACB_RUN_DIR/assigners.json"
-# Unix socket paths must stay under 108 bytes: sockets live in the run dir unless its path is
-# long, then in a private directory under /tmp on each node.
-if ((${#ACB_RUN_DIR} <= 64)); then
+# Unix socket paths ($ACB_SOCKET_DIR/<node>/assigner.sock) must fit in 107 bytes: sockets live
+# in the run dir unless that makes the path too long, then in a private directory under /tmp.
+acb_node_len=0
+for acb_node in "${ACB_NODES[@]}"; do
+    if ((${#acb_node} > acb_node_len)); then acb_node_len=${#acb_node}; fi
+done
+acb_socket_fits() { (($(printf '%s' "$1" | wc -c) + 1 + acb_node_len + 14 <= 107)); }
+if acb_socket_fits "$ACB_RUN_DIR"; then
     ACB_SOCKET_DIR="$ACB_RUN_DIR"
 else
     ACB_SOCKET_DIR="/tmp/acb-$EUID-$SLURM_JOB_ID"
+    if ! acb_socket_fits "$ACB_SOCKET_DIR"; then
+        echo "acb prologue: the socket path $ACB_SOCKET_DIR/<node>/assigner.sock is longer than 107 bytes (node names of ${acb_node_len} characters)" >&2
+        exit 1
+    fi
 fi
 export ACB_SOCKET_DIR
+# A run dir that already holds a run (Slurm reused the job id, or requeued the job: node dirs
+# with event logs, ready files, a token) is moved aside rather than refused, so that a requeued
+# job still runs and a new run never appends to an old event log; the submitted script is kept.
+if compgen -G "$ACB_RUN_DIR/*/" >/dev/null || [[ -e $ACB_RUN_DIR/token ]]; then
+    acb_old="$ACB_RUN_DIR.old-$(date +%Y%m%d-%H%M%S)"
+    if ! mv -T "$ACB_RUN_DIR" "$acb_old"; then
+        echo "acb prologue: $ACB_RUN_DIR holds an earlier run and cannot be moved aside" >&2
+        exit 1
+    fi
+    echo "acb prologue: $ACB_RUN_DIR held an earlier run (job id reused or job requeued); moved it to $acb_old" >&2
+    if mkdir -p "$ACB_RUN_DIR"; then
+        cp -p "$acb_old"/job.sh "$acb_old"/job.yaml "$ACB_RUN_DIR"/ 2>/dev/null || true
+    fi
+fi
 if ! { mkdir -p "$ACB_RUN_DIR" && chmod 0700 "$ACB_RUN_DIR"; }; then
     echo "acb prologue: cannot create the run directory $ACB_RUN_DIR" >&2
     exit 1
@@ -70,8 +101,13 @@ if [[ -L $ACB_SOCKET_DIR || ! -O $ACB_SOCKET_DIR ]]; then
     exit 1
 fi
 addr=$(scontrol show node -o "$node" 2>/dev/null | tr " " "\n" | sed -n "s/^NodeAddr=//p")
+addr=${addr:-0.0.0.0}
+if [[ $addr == *:* && $addr != \[* ]]; then
+    addr="[$addr]"  # an IPv6 address: HOST:PORT needs it in brackets
+fi
+rm -f "$dir/ready.json"  # a stale one would announce an assigner that is not running
 trap : TERM INT  # outlive the signals Slurm sends to the whole step, to clean up below
-"$@" --socket "$sockets/assigner.sock" --tcp "${addr:-0.0.0.0}:0" \
+"$@" --socket "$sockets/assigner.sock" --tcp "$addr:0" \
     --event-log "$dir/events.jsonl" --ready-file "$dir/ready.json" \
     --token-file "$ACB_TOKEN_FILE" >>"$dir/assigner.log" 2>&1
 status=$?
@@ -105,7 +141,9 @@ trap acb_stop_assigners EXIT
 trap 'exit 143' TERM
 trap 'exit 130' INT
 # The first node's assigner is the controller; the others join it as executors.
-srun --overlap --export=ALL --nodes=1 --ntasks=1 --nodelist="${ACB_NODES[0]}" --job-name=acb-assigner \
+# Assigner steps need one CPU: it is given explicitly, since srun of Slurm 22.05-23.02 does not
+# inherit the batch script's --cpus-per-task.
+srun --overlap --export=ALL --nodes=1 --ntasks=1 --cpus-per-task=1 --nodelist="${ACB_NODES[0]}" --job-name=acb-assigner \
     "${acb_assigner_gres[@]}" bash -c "$acb_assigner_task" acb-assigner \
     "$ACB_BIN/acb-assigner" "${acb_assigner_args[@]}" &
 ACB_ASSIGNER_PIDS+=("$!")
@@ -117,7 +155,7 @@ if ! ACB_CONTROLLER=$("$ACB_BIN/acb-sbatch" await-assigners --run-dir "$ACB_RUN_
 fi
 if ((${#ACB_NODES[@]} > 1)); then
     srun --overlap --export=ALL --nodes=$((${#ACB_NODES[@]} - 1)) --ntasks=$((${#ACB_NODES[@]} - 1)) \
-        --ntasks-per-node=1 \
+        --ntasks-per-node=1 --cpus-per-task=1 \
         --nodelist="$(IFS=,; echo "${ACB_NODES[*]:1}")" --job-name=acb-assigner \
         "${acb_assigner_gres[@]}" bash -c "$acb_assigner_task" acb-assigner \
         "$ACB_BIN/acb-assigner" "${acb_assigner_args[@]}" --controller "$ACB_CONTROLLER" &
@@ -144,10 +182,15 @@ export ACB_ASSIGNER="unix:$ACB_SOCKET_DIR/${ACB_NODES[0]}/assigner.sock"
 echo "acb: ${#ACB_NODES[@]} assigner(s) ready (${ACB_NODES[*]}), controller $ACB_CONTROLLER, run dir $ACB_RUN_DIR" >&2
 # ---- end of acb-slurm prologue ----
 
-# Workers find acb-run, acb-campaign and the rest where acb-sbatch was installed.
-export PATH="$ACB_BIN:$PATH"
+# Workers find acb-run, acb-campaign and the rest where acb-sbatch was installed: the prologue
+# put $ACB_BIN first on PATH.
 
 # ---- workers: one srun step each, all at once; a failing worker does not stop the others ----
+# Each worker step asks for the allocation's cpus_per_task explicitly: srun of Slurm 22.05 to
+# 23.02 does not inherit sbatch's --cpus-per-task, so without it a worker may get one CPU. The
+# whole cpus_per_task rather than a share of it: the workers of a GPU take turns, so only a few
+# compute at once, and --overlap lets the steps share the allocation's CPUs.
+# Workers request the same GRES as their node's assigner, so GPU indices mean the same devices.
 acb_worker_pids=()
 acb_worker_names=()
 
@@ -158,7 +201,8 @@ for acb_node in "${ACB_NODES[@]}"; do
         # The array task is part of the name: tasks of one array share results and logs.
         acb_name="$acb_group-${SLURM_ARRAY_TASK_ID:+a$SLURM_ARRAY_TASK_ID-}$acb_node-$acb_i"
         ACB_WORKER="$acb_name" ACB_ASSIGNER="unix:$ACB_SOCKET_DIR/$acb_node/assigner.sock" \
-            srun --overlap --export=ALL --nodes=1 --ntasks=1 --nodelist="$acb_node" --gres=gpu:2 \
+            srun --overlap --export=ALL --nodes=1 --ntasks=1 \
+            --cpus-per-task=1 --nodelist="$acb_node" --gres=gpu:1 \
             /opt/acb/bin/acb-run --auto -- python train.py &
         acb_worker_pids+=("$!")
         acb_worker_names+=("$acb_name")
