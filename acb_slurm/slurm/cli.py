@@ -241,6 +241,10 @@ def prologue(
     startup_timeout: Annotated[
         int, typer.Option(help="Seconds to wait for every node's assigner.")
     ] = 60,
+    time_slice: Annotated[
+        int,
+        typer.Option(help="Ask a holder to yield after this many seconds while others wait."),
+    ] = 0,
     run_root: Annotated[
         str | None,
         typer.Option(help="Run dirs go to RUN_ROOT/<job id> (default <submit dir>/acb-runs)."),
@@ -276,6 +280,7 @@ def prologue(
             startup_timeout=check_value(
                 Broker, "startup_timeout", startup_timeout, "--startup-timeout"
             ),
+            time_slice=check_value(Broker, "time_slice", time_slice, "--time-slice"),
             run_root=None
             if run_root is None
             else check_value(Broker, "run_root", run_root, "--run-root"),

@@ -97,6 +97,7 @@ class PrologueOptions:
     assigner_gpus: int | None = None
     gpu_type: str | None = None
     startup_timeout: int = 60
+    time_slice: int = 0
     run_root: str | None = None
     campaign: str | None = None
     bin_dir: str = ""
@@ -112,6 +113,7 @@ class PrologueOptions:
             "assigner_gpus": self.assigner_gpus,
             "gres_prefix": f"gpu:{self.gpu_type}:" if self.gpu_type else "gpu:",
             "startup_timeout": self.startup_timeout,
+            "time_slice": self.time_slice,
             "run_root": self.run_root,
             "campaign": self.campaign,
         }
@@ -130,6 +132,7 @@ def prologue_options(spec: JobSpec, bin_dir: str = "") -> PrologueOptions:
         assigner_gpus=assigner_gpus,
         gpu_type=alloc.gpu_type,
         startup_timeout=broker.startup_timeout,
+        time_slice=broker.time_slice,
         run_root=broker.run_root,
         campaign=spec.campaign,
         bin_dir=bin_dir,

@@ -704,6 +704,12 @@ class Broker:
     startup_timeout: int = spec_field(
         Int(1, 3600), "seconds to wait for every node's assigner to be ready", 60
     )
+    time_slice: int = spec_field(
+        Int(0, 86400),
+        "seconds a holder keeps a GPU while others wait before it is asked to yield "
+        "(acb-assigner --time-slice; auto-mode workers yield, gated ones finish); 0 = never",
+        0,
+    )
     run_root: str | None = spec_field(
         Str(),
         "directory under which the job's run dir <run_root>/<job id> is made; "

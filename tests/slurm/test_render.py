@@ -184,6 +184,13 @@ def test_validated_fields_that_skip_shquote_are_plain() -> None:
     assert "#SBATCH --time=1-2:00:00" in script
 
 
+def test_time_slice_reaches_every_assigner_and_is_off_by_default() -> None:
+    job = "allocation: {nodes: 2, gpus_per_node: 1}\nworkers: [{command: [x], mode: auto}]\n"
+    assert "--time-slice" not in render_batch(parse_spec(job), bin_dir=BIN)
+    sliced = render_batch(parse_spec(job + "broker: {time_slice: 30}\n"), bin_dir=BIN)
+    assert "acb_assigner_args=(--policy simple --time-slice 30" in sliced
+
+
 def test_campaign_is_exported_quoted(tmp_path: Path) -> None:
     campaign = tmp_path / "my campaign's.yaml"
     campaign.write_text("items: []\n", encoding="utf-8")

@@ -105,6 +105,17 @@ ERRORS = [
         ["unknown key", "did you mean 'partition'", "valid keys: name, partition"],
     ),
     (
+        "a negative time slice is refused",
+        """\
+        broker:
+          time_slice: -5
+        workers:
+          - command: [x]
+        """,
+        "job.yaml:2: broker.time_slice",
+        ["must be at least 0, got -5"],
+    ),
+    (
         "a missing required section is named",
         """\
         allocation:
