@@ -91,7 +91,7 @@ def status_data(spec: CampaignSpec) -> dict[str, Any]:
     running = []
     for item_id in sorted((claimed & set(ids)) - done_ids - failed_ids):
         info = store.read_claim(item_id)
-        if info is None:
+        if info is None or info.finished:  # a tombstone whose record is not visible yet
             continue
         state = store.read_state(item_id) or {}
         running.append(

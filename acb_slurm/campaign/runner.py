@@ -6,12 +6,19 @@ A cpu stage sees no GPU (CUDA_VISIBLE_DEVICES=""). A failed item is retried up t
 times, resuming after the stages already finished, then recorded as failed; it never stops the
 campaign. SIGTERM/SIGINT stop the worker cleanly: the running stage gets the signal, the attempt
 is recorded as interrupted (it does not count as a failure) and the claim is released.
+
+A worker that finds its claim lost (taken over as stale after the worker was stopped, e.g. by
+SIGSTOP or `scontrol suspend`, or cut off from the shared file system for longer than
+`stale_after`) kills its stage's process group and drops the item: it writes no stage marker,
+attempt record, done or failed record for it, as the worker that took it over owns them now.
+
+Stages start through `_stagewrap.py` (never `preexec_fn`: the worker has threads), in a new
+session, with PR_SET_PDEATHSIG so that they die with their worker, and with their niceness.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import enum
 import os
 import resource
@@ -22,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -34,32 +41,37 @@ from acb_slurm.campaign.gpu import ClientLeaseProvider, HeldLease, LeaseProvider
 from acb_slurm.campaign.items import Item, read_items
 from acb_slurm.campaign.progress import ProgressDisplay
 from acb_slurm.campaign.spec import CampaignSpec, Device, GpuMode, Stage, substitute
-from acb_slurm.campaign.store import Claim, Outcome, ResultsStore, WorkerIdentity
+from acb_slurm.campaign.store import Claim, ClaimState, Outcome, ResultsStore, WorkerIdentity
 
 #: Set for every stage command: which item, stage and attempt it runs for.
 ITEM_ENV = acb_env.CAMPAIGN_ITEM
 STAGE_ENV = acb_env.CAMPAIGN_STAGE
 ATTEMPT_ENV = acb_env.CAMPAIGN_ATTEMPT
 
-_PR_SET_PDEATHSIG = 1
-try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover - not Linux
-    _libc = None
+#: Run by `python -S` before every stage command: death signal and niceness, then exec.
+STAGE_WRAPPER = Path(__file__).with_name("_stagewrap.py")
+#: Its exit status when the command cannot be started.
+CANNOT_START = 127
 
 
-def _child_setup(nice: int) -> Callable[[], None]:
-    """What the stage's child process does before exec: get SIGKILL when the worker dies
-    (Linux), so a killed worker never leaves a stage running on a GPU whose lease died with it;
-    and take its CPU niceness."""
+def wrapped_command(argv: Sequence[str], nice: int) -> list[str]:
+    """`argv` started through the stage wrapper: it dies with this process (PR_SET_PDEATHSIG)
+    and runs at niceness `nice`."""
+    return [sys.executable, "-S", str(STAGE_WRAPPER), str(os.getpid()), str(nice), "--", *argv]
 
-    def setup() -> None:
-        if _libc is not None:
-            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if nice:
-            os.nice(nice)
 
-    return setup
+_LOST_LINE = (
+    b"== the claim was taken over (this worker was stopped or cut off longer than stale_after): "
+    b"stage killed, item dropped, nothing recorded by this worker\n"
+)
+
+
+class ClaimLost(Exception):
+    """This worker's claim on the item it runs is gone (taken over as stale): drop the item."""
+
+    def __init__(self, item_id: str) -> None:
+        self.item_id = item_id
+        super().__init__(f"lost the claim on {item_id}")
 
 
 class ItemResult(enum.StrEnum):
@@ -69,6 +81,7 @@ class ItemResult(enum.StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"  # already finished when we got the claim
     INTERRUPTED = "interrupted"
+    LOST = "lost"  # our claim was taken over: dropped, the new holder runs it
 
 
 class WorkerStopped(CampaignError):
@@ -123,6 +136,7 @@ class WorkerSummary:
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     interrupted: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
     took_over: list[str] = field(default_factory=list)
     stopped_by: int | None = None
 
@@ -189,6 +203,8 @@ class Worker:
         self.summary = WorkerSummary()
         self._finished: set[str] = set()
         self._claim: Claim | None = None
+        # Set (by the heartbeat or a check before a write) to the claim found lost.
+        self._lost_claim: Claim | None = None
         self._child: subprocess.Popen[bytes] | None = None
         self._acquiring = False
         self._stop_signal: int | None = None
@@ -237,6 +253,7 @@ class Worker:
                 if claimed is None:
                     break
                 item, claim = claimed
+                self._lost_claim = None
                 self._claim = claim
                 try:
                     result = self._process(item, claim)
@@ -253,6 +270,7 @@ class Worker:
         self.display.say(
             f"{self.name}: finished: {len(self.summary.done)} done, "
             f"{len(self.summary.failed)} failed, {len(self.summary.skipped)} skipped"
+            + (f", {len(self.summary.lost)} lost to a takeover" if self.summary.lost else "")
         )
         return self.summary
 
@@ -270,10 +288,18 @@ class Worker:
             if claim is not None and now - last_beat >= self.spec.heartbeat_s:
                 last_beat = now
                 with contextlib.suppress(OSError):
-                    if not self.store.heartbeat(claim):
+                    if (
+                        not self.store.heartbeat(claim)
+                        and self._claim is claim  # not just finished (tombstone) meanwhile
+                        and self._lost_claim is not claim
+                    ):
+                        # The main thread kills the stage within half a second (_run_process)
+                        # and drops the item at its next check.
+                        self._lost_claim = claim
                         self.display.say(
                             f"{self.name}: lost the claim on {claim.item_id} (taken over as "
-                            "stale); its result will be discarded"
+                            "stale: this worker was stopped or cut off longer than stale_after); "
+                            "killing its stage and dropping the item"
                         )
             with contextlib.suppress(OSError):
                 self.display.tick()
@@ -290,6 +316,11 @@ class Worker:
                 info = self.store.read_claim(item.id)
                 if info is None:
                     claim = self.store.try_claim(item.id, self.me)
+                elif info.finished:
+                    # A tombstone: finished, even if its done/failed record is not visible here
+                    # yet (NFS caches negative lookups).
+                    self._finished.add(item.id)
+                    continue
                 elif self.store.is_stale(info):
                     claim = self.store.take_over(info, self.me)
                     if claim is not None:
@@ -302,16 +333,48 @@ class Worker:
                         self.summary.took_over.append(item.id)
                 if claim is None:
                     continue
-            if self.store.is_finished(item.id):
-                self.store.release(claim)
+            state = self.store.finished_state(item.id)
+            if state is not None:
+                # Finished by a worker that died before leaving its tombstone: leave it now.
+                self.store.finish(claim, state, self.me)
                 self._finished.add(item.id)
                 continue
             return item, claim
         return None
 
+    def _finish(self, claim: Claim, state: ClaimState) -> None:
+        """Leave the finished item's tombstone; the heartbeat stops first, so that it does not
+        take the tombstone for a lost claim."""
+        self._claim = None
+        self.store.finish(claim, state, self.me)
+
+    def _ensure_claim(self, claim: Claim) -> None:
+        """Raise ClaimLost unless our claim is still in place; called before every write that
+        only the claim's holder may make. It is also a heartbeat: a worker that was stopped
+        refreshes its claim here before anyone can judge it stale."""
+        if self._lost_claim is claim or not self.store.heartbeat(claim):
+            self._lost_claim = claim
+            raise ClaimLost(claim.item_id)
+
     # ---- one item ----
 
     def _process(self, item: Item, claim: Claim) -> ItemResult:
+        try:
+            return self._process_claimed(item, claim)
+        except ClaimLost:
+            self.display.say(
+                f"{self.name}: {item.id} dropped: its claim was taken over by "
+                f"{self._holder(item.id)}; nothing recorded by this worker"
+            )
+            return ItemResult.LOST
+
+    def _holder(self, item_id: str) -> str:
+        info = self.store.read_claim(item_id)
+        if info is None:
+            return "another worker"
+        return f"{info.data.get('worker', '?')} on {info.data.get('host', '?')}"
+
+    def _process_claimed(self, item: Item, claim: Claim) -> ItemResult:
         store = self.store
         store.prepare_item(item)
         previous = store.attempts(item.id)
@@ -326,6 +389,7 @@ class Worker:
         while True:
             if len(counted) >= self.spec.max_attempts:
                 last = counted[-1]
+                self._ensure_claim(claim)
                 store.record_failed(
                     item.id,
                     {
@@ -337,7 +401,7 @@ class Worker:
                         "failed_at": time.time(),
                     },
                 )
-                store.release(claim)
+                self._finish(claim, ClaimState.FAILED)
                 self._finished.add(item.id)
                 self.display.say(
                     f"{self.name}: {item.id} FAILED after {len(counted)} attempts: "
@@ -351,12 +415,7 @@ class Worker:
                 self.summary.interrupted.append(item.id)
                 raise
             if record["outcome"] == Outcome.DONE:
-                if not store.still_mine(claim):
-                    self.display.say(
-                        f"{self.name}: {item.id} finished, but its claim was taken over "
-                        "meanwhile; not recorded by this worker"
-                    )
-                    return ItemResult.SKIPPED
+                self._ensure_claim(claim)
                 stages = record["stages"]
                 published = store.record_done(
                     item.id,
@@ -372,7 +431,7 @@ class Worker:
                         "stages": stages,
                     },
                 )
-                store.release(claim)
+                self._finish(claim, ClaimState.DONE)
                 self._finished.add(item.id)
                 if not published:
                     return ItemResult.SKIPPED
@@ -400,7 +459,9 @@ class Worker:
             "log": str(log_path),
             "stages": {},
         }
+        self._ensure_claim(claim)
         store.write_attempt(item.id, attempt, record)
+        lost = False
         with open(log_path, "ab", buffering=0) as log:
             try:
                 for stage in self.spec.stages:
@@ -408,6 +469,7 @@ class Worker:
                     if store.stage_done(item.id, stage.name):
                         log.write(f"== stage {stage.name}: done in an earlier attempt\n".encode())
                         continue
+                    self._ensure_claim(claim)
                     store.write_state(
                         item.id,
                         {
@@ -418,9 +480,14 @@ class Worker:
                         },
                     )
                     timing = self._run_stage(item, stage, attempt, log)
+                    self._ensure_claim(claim)
                     record["stages"][stage.name] = timing
                     store.mark_stage_done(item.id, stage.name, timing)
                 record["outcome"] = Outcome.DONE.value
+            except ClaimLost:
+                lost = True
+                log.write(_LOST_LINE)
+                raise
             except StageFailed as exc:
                 record["outcome"] = Outcome.FAILED.value
                 record["error"] = str(exc)
@@ -433,8 +500,15 @@ class Worker:
                 log.write(f"== {exc}\n".encode())
                 raise
             finally:
-                record["ended"] = time.time()
-                store.write_attempt(item.id, attempt, record)
+                if not lost:
+                    # A failed or interrupted attempt is recorded only by the claim's holder too.
+                    try:
+                        self._ensure_claim(claim)
+                    except ClaimLost:
+                        log.write(_LOST_LINE)
+                        raise
+                    record["ended"] = time.time()
+                    store.write_attempt(item.id, attempt, record)
         return record
 
     def _values(self, item: Item, stage: Stage, attempt: int) -> dict[str, str]:
@@ -526,16 +600,19 @@ class Worker:
         )
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.time()
+        claim = self._claim
+        if claim is not None:
+            self._ensure_claim(claim)  # a gpu stage may have waited long for its lease
         try:
+            # No preexec_fn: the wrapper sets the death signal and niceness, then execs argv.
             child = subprocess.Popen(
-                argv,
+                wrapped_command(argv, stage.nice),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=self.store.outdir(item.id),
                 start_new_session=True,
-                preexec_fn=_child_setup(stage.nice),
             )
         except OSError as exc:
             raise StageFailed(f"stage {stage.name} could not start {argv[0]!r}: {exc}") from None
@@ -547,7 +624,11 @@ class Worker:
                     rc = child.wait(timeout=0.5)
                     break
                 except subprocess.TimeoutExpired:
-                    if stage.timeout_s is not None and time.time() - started > stage.timeout_s:
+                    if claim is not None and self._lost_claim is claim:
+                        # Taken over: the new holder runs the item; ours must not go on.
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(child.pid, signal.SIGKILL)
+                    elif stage.timeout_s is not None and time.time() - started > stage.timeout_s:
                         timed_out = True
                         with contextlib.suppress(ProcessLookupError):
                             os.killpg(child.pid, signal.SIGKILL)
@@ -560,6 +641,8 @@ class Worker:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         log.write(f"== stage {stage.name}: exit {rc} after {wall:.2f}s\n".encode())
+        if claim is not None and self._lost_claim is claim:
+            raise ClaimLost(claim.item_id)
         self._check_stop()
         if timed_out:
             raise StageFailed(
@@ -568,6 +651,8 @@ class Worker:
             )
         if rc != 0:
             how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+            if rc == CANNOT_START:
+                how += " (command not found or not executable? see the log)"
             raise StageFailed(f"stage {stage.name} {how}")
         return {
             "started": round(started, 4),

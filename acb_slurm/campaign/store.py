@@ -3,7 +3,8 @@
 Layout (all under `results/`):
 
     claims/<item>.claim       who works on an item now (created with O_CREAT|O_EXCL; mtime is
-                              the heartbeat)
+                              the heartbeat); once the item is finished, a tombstone in its
+                              place (state done or failed) that is never removed or taken over
     done/<item>.json          the item finished (published with link(), so exactly once)
     failed/<item>.json        the item failed `retries + 1` times; it is not tried again
     items/<item>/input.fasta  the item's own FASTA file ({fasta})
@@ -16,6 +17,13 @@ Layout (all under `results/`):
 Claims are safe across processes and hosts sharing the directory (a Slurm job array): creating a
 claim is one atomic O_EXCL open; a stale claim is replaced only under the takeover lock after
 re-checking that it is still the same stale claim.
+
+A finished item's claim stays as a tombstone: the claim file is atomically replaced by one whose
+`state` is `done` or `failed`. On NFS a client may cache that `done/<item>.json` does not exist
+(negative dentry caching) long after another node published it; the O_EXCL create of the claim
+is decided by the server, so it fails for a finished item whatever the client caches, and the
+item is never run twice. `reset-failed` removes the tombstones of the items it resets; to run a
+done item again, remove both `done/<item>.json` and `claims/<item>.claim`.
 """
 
 from __future__ import annotations
@@ -34,6 +42,15 @@ from pathlib import Path
 from typing import Any
 
 from acb_slurm.campaign.items import Item
+
+
+class ClaimState(enum.StrEnum):
+    """What a claim file says about its item: a worker runs it now, or it is finished (a
+    tombstone, kept for good)."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
 
 
 class Outcome(enum.StrEnum):
@@ -128,6 +145,19 @@ class ClaimInfo:
     mtime: float
     inode: int
 
+    @property
+    def state(self) -> ClaimState:
+        """RUNNING for a live claim (or one still being written), else the tombstone's state."""
+        try:
+            return ClaimState(self.data.get("state", ClaimState.RUNNING))
+        except ValueError:
+            return ClaimState.RUNNING
+
+    @property
+    def finished(self) -> bool:
+        """A tombstone: the item is done or failed for good."""
+        return self.state is not ClaimState.RUNNING
+
 
 class ResultsStore:
     """Everything a worker or `status` reads and writes in the results directory."""
@@ -171,8 +201,17 @@ class ResultsStore:
     # ---- terminal records ----
 
     def is_finished(self, item_id: str) -> bool:
-        """Done or failed for good: no worker should start it again."""
-        return self.done_path(item_id).exists() or self.failed_path(item_id).exists()
+        """Done or failed for good: no worker should start it again. (On NFS a record published
+        elsewhere may not be visible yet; the claim's tombstone still stops a second run.)"""
+        return self.finished_state(item_id) is not None
+
+    def finished_state(self, item_id: str) -> ClaimState | None:
+        """DONE or FAILED when the item's done or failed record exists, else None."""
+        if self.done_path(item_id).exists():
+            return ClaimState.DONE
+        if self.failed_path(item_id).exists():
+            return ClaimState.FAILED
+        return None
 
     def record_done(self, item_id: str, data: dict[str, Any]) -> bool:
         """Publish the done record; False if one already existed (it is never overwritten)."""
@@ -237,6 +276,10 @@ class ResultsStore:
                     data["reset"] = True
                     _write_json_atomic(record, data)
             path.unlink(missing_ok=True)
+            # The failed tombstone goes too, or no worker could claim the item again.
+            info = self.read_claim(item_id)
+            if info is not None and info.state is ClaimState.FAILED:
+                self.claim_path(item_id).unlink(missing_ok=True)
             reset.append(item_id)
         return sorted(reset)
 
@@ -255,6 +298,7 @@ class ResultsStore:
             "array_task": me.array_task,
             "token": token,
             "claimed_at": time.time(),
+            "state": ClaimState.RUNNING.value,
         }
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -281,7 +325,10 @@ class ResultsStore:
 
     def is_stale(self, info: ClaimInfo, now: float | None = None) -> bool:
         """A claim is stale when its worker is gone: on this host, its pid no longer runs (or is
-        another process); elsewhere, its heartbeat (the file's mtime) is older than stale_after."""
+        another process); elsewhere, its heartbeat (the file's mtime) is older than stale_after.
+        A tombstone (finished item) is never stale."""
+        if info.finished:
+            return False
         now = time.time() if now is None else now
         data = info.data
         if data.get("host") == socket.gethostname() and isinstance(data.get("pid"), int):
@@ -293,9 +340,10 @@ class ResultsStore:
         return now - info.mtime > self.stale_after_s
 
     def still_mine(self, claim: Claim) -> bool:
-        """Whether our claim is still in place (not released or taken over)."""
+        """Whether our claim is still in place and live (not released, taken over or turned
+        into a tombstone)."""
         info = self.read_claim(claim.item_id)
-        return info is not None and info.data.get("token") == claim.token
+        return info is not None and not info.finished and info.data.get("token") == claim.token
 
     def heartbeat(self, claim: Claim) -> bool:
         """Touch the claim (its mtime is the heartbeat); False when it is no longer ours."""
@@ -306,9 +354,31 @@ class ResultsStore:
         return True
 
     def release(self, claim: Claim) -> None:
-        """Drop our claim (only if it is still ours)."""
+        """Drop our claim (only if it is still ours) of an item that is not finished, so that
+        another worker may run it. A finished item's claim is never removed: see `finish`."""
         if self.still_mine(claim):
             claim.path.unlink(missing_ok=True)
+
+    def finish(self, claim: Claim, state: ClaimState, me: WorkerIdentity) -> None:
+        """Turn the claim of a finished item (its done or failed record is published) into a
+        tombstone, atomically and for good, so that no O_EXCL create can claim it again.
+
+        Written whoever holds the claim now: the item is finished, so a worker that took it over
+        meanwhile would only run it a second time (its heartbeat finds the claim lost)."""
+        if state is ClaimState.RUNNING:
+            raise ValueError("a tombstone is DONE or FAILED")
+        _write_json_atomic(
+            claim.path,
+            {
+                "item": claim.item_id,
+                "state": state.value,
+                "worker": me.name,
+                "host": me.host,
+                "pid": me.pid,
+                "array_task": me.array_task,
+                "finished_at": time.time(),
+            },
+        )
 
     @contextlib.contextmanager
     def _takeover_lock(self) -> Iterator[None]:
@@ -322,7 +392,8 @@ class ResultsStore:
 
     def take_over(self, seen: ClaimInfo, me: WorkerIdentity) -> Claim | None:
         """Replace a stale claim by ours. Under the takeover lock, the claim is re-read: only if
-        it is the same file (inode, content) and still stale is it removed and ours created."""
+        it is the same file (inode, content) and still stale is it removed and ours created.
+        A tombstone is never stale, so it is never taken over."""
         with self._takeover_lock():
             now_info = self.read_claim(seen.item_id)
             if now_info is None:

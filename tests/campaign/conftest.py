@@ -7,7 +7,7 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,38 @@ def write_campaign(directory: Path, stages: list[dict[str, Any]], **top: Any) ->
 
 def runs(results: Path) -> list[dict[str, Any]]:
     """Every stage run recorded by stage.py, over all items."""
-    out = []
+    out: list[dict[str, Any]] = []
     for path in sorted((results / "items").glob("*/out/runs.jsonl")):
         out.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
     return out
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (index 0 = state, 1 = ppid, 2 = pgrp,
+    3 = session, 16 = nice), or None when the process is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return None if fields[0] in ("Z", "X") else fields
+
+
+def other_host_prefix(hostname: str) -> list[str] | None:
+    """A command prefix that runs a program, in place, with its own host name (a UTS namespace),
+    so that a worker looks like one on another node; None where namespaces are not allowed."""
+    rename = ["sh", "-c", 'hostname "$0" && exec "$@"', hostname]
+    for unshare in (["unshare", "--uts"], ["unshare", "--user", "--map-root-user", "--uts"]):
+        try:
+            probe = subprocess.run(
+                [*unshare, *rename, "hostname"], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if probe.returncode == 0 and probe.stdout.strip() == hostname:
+            return [*unshare, *rename]
+    return None
 
 
 @pytest.fixture
@@ -75,13 +103,27 @@ class Workers:
         self.procs: list[subprocess.Popen[str]] = []
 
     def start(
-        self, campaign: Path, name: str, env: dict[str, str] | None = None, *args: str
+        self,
+        campaign: Path,
+        name: str,
+        env: dict[str, str] | None = None,
+        *args: str,
+        prefix: Sequence[str] = (),
     ) -> subprocess.Popen[str]:
+        """Start a worker; `prefix` runs it through a command that execs it (same pid)."""
         environ = dict(env if env is not None else os.environ)
         environ["ACB_WORKER"] = name
         log = open(self.tmp_path / f"{name}.log", "a", encoding="utf-8")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "acb_slurm.campaign.cli", "worker", str(campaign), *args],
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "acb_slurm.campaign.cli",
+                "worker",
+                str(campaign),
+                *args,
+            ],
             env=environ,
             stdout=log,
             stderr=subprocess.STDOUT,

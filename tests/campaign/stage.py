@@ -1,10 +1,12 @@
 """A stage command for the campaign tests (standard library only, runs with `python -S`).
 
-    stage.py NAME OUTDIR [--sleep S] [--fail-attempts N] [--fail-item ID] [--marker PATH]
+    stage.py NAME OUTDIR [--sleep S] [--first-sleep S] [--fail-attempts N] [--fail-item ID]
+                         [--marker PATH]
 
 Appends one JSON line per run to OUTDIR/runs.jsonl (stage, item, attempt, pid,
 CUDA_VISIBLE_DEVICES, argv, start, end); exits 7 while the attempt number is <= N, or always for
-item ID. With --marker, creates PATH once it runs (so a test knows the stage has started).
+item ID. With --marker, appends "ITEM PID" to PATH once it runs (so a test knows the stage has
+started). --first-sleep replaces --sleep in attempt 1.
 """
 
 import json
@@ -23,7 +25,8 @@ def main() -> int:
     if "--marker" in opts:
         with open(opts["--marker"], "a") as fh:
             fh.write(f"{item} {os.getpid()}\n")
-    time.sleep(float(opts.get("--sleep", "0")))
+    sleep = opts.get("--first-sleep") if attempt == 1 else None
+    time.sleep(float(sleep if sleep is not None else opts.get("--sleep", "0")))
     record = {
         "stage": name,
         "item": item,

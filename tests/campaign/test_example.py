@@ -42,6 +42,27 @@ def test_the_synthetic_campaign_and_its_jobs_validate() -> None:
         assert job.campaign is not None and job.workers[0].mode == "client"
 
 
+def test_the_colabfold_campaign_caps_jax_at_the_predict_stages_memory_estimate(
+    tmp_path: Path,
+) -> None:
+    """Each predict stage is a fresh JAX process: no slow `platform` allocator; no preallocation,
+    a memory fraction equal to `memory` of an 80 GiB GPU, and no unified memory (ColabFold
+    would set it, with a fraction of 4.0, unless set)."""
+    text = (EXAMPLE / "campaign.yaml").read_text()
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(f">q test\n{SEQUENCE}\n")
+    text = text.replace("/path/to/sequences", str(fasta))
+    text = text.replace("/path/to/af2-results", str(tmp_path / "results"))
+    (tmp_path / "campaign.yaml").write_text(text)
+    predict = load_spec(tmp_path / "campaign.yaml").stages[1]
+    assert predict.name == "predict" and predict.mode is GpuMode.GATE
+    assert "XLA_PYTHON_CLIENT_ALLOCATOR" not in predict.env
+    assert predict.env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert predict.env["TF_FORCE_UNIFIED_MEMORY"] == "0"
+    fraction = float(predict.env["XLA_PYTHON_CLIENT_MEM_FRACTION"])
+    assert fraction * 80 * 1024**3 == pytest.approx(predict.memory_bytes)
+
+
 def test_the_cpu_stage_aligns_and_the_hold_stage_needs_a_lease(tmp_path: Path) -> None:
     fasta = tmp_path / "q.fasta"
     fasta.write_text(f">q test\n{SEQUENCE}\n")

@@ -17,9 +17,18 @@ from pathlib import Path
 import pytest
 
 from acb_slurm.assigner.testing import AssignerProcess
-from acb_slurm.campaign.store import ResultsStore, WorkerIdentity
+from acb_slurm.campaign.runner import STAGE_WRAPPER
+from acb_slurm.campaign.store import ClaimState, ResultsStore, WorkerIdentity
 
-from .conftest import Workers, runs, stage_command, write_campaign, write_fasta
+from .conftest import (
+    Workers,
+    other_host_prefix,
+    proc_stat,
+    runs,
+    stage_command,
+    write_campaign,
+    write_fasta,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -60,7 +69,10 @@ def test_four_workers_on_one_gpu_finish_every_item_exactly_once(
     done = store.done_records()
     assert sorted(done) == ids
     assert not store.failed_records()
-    assert not list((results / "claims").iterdir())
+    # Every finished item's claim stays, as a tombstone.
+    tombstones = {p.stem: store.read_claim(p.stem) for p in (results / "claims").iterdir()}
+    assert sorted(tombstones) == ids
+    assert all(t is not None and t.state is ClaimState.DONE for t in tombstones.values())
     # Every stage of every item ran exactly once; cpu stages saw no GPU, gpu stages the lease's.
     counts = Counter((r["item"], r["stage"]) for r in runs(results))
     assert counts == Counter({(i, s): 1 for i in ids for s in ("msa", "predict")})
@@ -122,6 +134,7 @@ def test_a_failing_item_is_retried_then_recorded_failed_and_never_stops_the_camp
     )
     assert bad in reset.stdout
     assert not store.failed_records()
+    assert store.read_claim(bad) is None  # its tombstone went with the failed record
 
 
 def test_a_transient_failure_succeeds_on_retry(tmp_path: Path, workers: Workers) -> None:
@@ -379,3 +392,180 @@ def test_an_auto_stage_runs_under_acb_run_auto_and_leases_through_it(
     assert requests and {e["label"] for e in requests} == {f"{ids[0]}/predict"}
     assert {e["worker"] for e in requests} == {"w0"}
     assert requests[0]["memory_bytes"] == 1024**3
+
+
+def test_a_finished_item_is_not_run_again_where_its_done_record_is_not_visible(
+    tmp_path: Path, workers: Workers
+) -> None:
+    """On NFS another node may cache that done/<item>.json does not exist; the claim's tombstone
+    keeps it from running the item again. Here the records are hidden from the second worker."""
+    ids = write_fasta(tmp_path / "items.fasta", 3)
+    campaign = write_campaign(tmp_path, [{"name": "msa", "command": stage_command("msa")}])
+    workers.start(campaign, "first")
+    assert workers.wait_all() == [0]
+    results = tmp_path / "results"
+    (results / "done").rename(tmp_path / "done-hidden")
+    (results / "done").mkdir()
+    workers.start(campaign, "second")
+    assert workers.wait_all() == [0, 0]
+    assert Counter(r["item"] for r in runs(results)) == Counter(dict.fromkeys(ids, 1))
+    assert "0 done, 0 failed, 0 skipped" in workers.log("second")
+    assert not list((results / "done").iterdir())
+
+
+def test_an_item_whose_worker_died_after_publishing_done_is_not_run_again(
+    tmp_path: Path, workers: Workers
+) -> None:
+    """The worker died between its done record and its tombstone: its done record still stops
+    every rerun."""
+    ids = write_fasta(tmp_path / "items.fasta", 2)
+    campaign = write_campaign(tmp_path, [{"name": "msa", "command": stage_command("msa")}])
+    store = ResultsStore(tmp_path / "results")
+    store.create()
+    dead = WorkerIdentity("dead-worker", os.uname().nodename, 2**22 + 17, "1")
+    assert store.try_claim(ids[0], dead) is not None
+    assert store.record_done(ids[0], {"item": ids[0], "worker": "dead-worker"})
+    workers.start(campaign, "w0")
+    assert workers.wait_all() == [0]
+    assert [r["item"] for r in runs(tmp_path / "results")] == [ids[1]]
+    assert store.done_records()[ids[0]]["worker"] == "dead-worker"
+
+
+@pytest.mark.parametrize(
+    ("first_sleep", "case"),
+    [("30", "stage still running when the worker resumes"), ("0.5", "stage ended while stopped")],
+)
+def test_a_stopped_worker_whose_claim_was_taken_over_drops_the_item_and_records_nothing(
+    tmp_path: Path, workers: Workers, first_sleep: str, case: str
+) -> None:
+    """SIGSTOP (as `scontrol suspend` does) a worker on "another node" longer than stale_after,
+    let a second worker take its item over, SIGCONT it: it kills its stage if still running and
+    writes nothing for the item (no stage marker, attempt record, done or failed record)."""
+    prefix = other_host_prefix("node-b")
+    if prefix is None:
+        pytest.skip("needs a UTS namespace (unshare) to run a worker under another host name")
+    (item,) = write_fasta(tmp_path / "items.fasta", 1)
+    marker = tmp_path / "started"
+    # Attempt 1 (the stopped worker) sleeps first_sleep; attempt 2 (the taker) 6 s.
+    msa = stage_command(
+        "msa", "--first-sleep", first_sleep, "--sleep", "6", "--marker", str(marker)
+    )
+    campaign = write_campaign(
+        tmp_path,
+        [{"name": "msa", "command": msa}, {"name": "fold", "command": stage_command("fold")}],
+        heartbeat="1s",
+        stale_after="2s",
+    )
+    store = ResultsStore(tmp_path / "results")
+    victim = workers.start(campaign, "victim", prefix=prefix)
+    wait_for(
+        lambda: marker.exists() and bool(marker.read_text().strip()), what="the victim's stage"
+    )
+    victim_stage = int(marker.read_text().split()[1])
+    victim.send_signal(signal.SIGSTOP)
+    try:
+        claim = store.read_claim(item)
+        assert claim is not None and claim.data["host"] == "node-b"
+        wait_for(
+            lambda: time.time() - store.claim_path(item).stat().st_mtime > 3,
+            what="the stopped worker's claim to go stale",
+        )
+        taker = workers.start(campaign, "taker")
+        wait_for(lambda: len(marker.read_text().splitlines()) >= 2, what="the taker's stage")
+        assert not store.stage_done(item, "msa")
+    finally:
+        victim.send_signal(signal.SIGCONT)
+    # The victim gives the item up at once, while the taker's stage still runs.
+    wait_for(lambda: "dropped" in workers.log("victim"), 10, "the victim to drop the item")
+    assert proc_stat(victim_stage) is None, case
+    assert not store.stage_done(item, "msa"), case
+    assert victim.wait(30) == 0 and taker.wait(60) == 0
+
+    done = store.done_records()[item]
+    assert (done["worker"], done["attempt"]) == ("taker", 2)
+    assert [a["outcome"] for a in store.attempts(item)] == ["crashed", "done"]
+    assert store.attempts(item)[0]["worker"] == "victim"
+    assert not store.failed_records()
+    tombstone = store.read_claim(item)
+    assert tombstone is not None and tombstone.state is ClaimState.DONE
+    assert tombstone.data["worker"] == "taker"
+    # The victim ran nothing after its claim was lost: its msa either was killed (no record) or
+    # had ended while it was stopped; its fold never started.
+    stages = Counter((r["stage"], r["attempt"]) for r in runs(tmp_path / "results"))
+    assert stages[("msa", 2)] == stages[("fold", 2)] == 1
+    assert stages[("fold", 1)] == 0
+    assert stages[("msa", 1)] == (0 if first_sleep == "30" else 1)
+    log = workers.log("victim")
+    assert f"{item} dropped: its claim was taken over by taker" in log
+    assert "0 done, 0 failed, 0 skipped, 1 lost to a takeover" in log
+    assert (
+        "nothing recorded by this worker"
+        in (tmp_path / "results" / "items" / item / "logs" / "attempt-1.log").read_text()
+    )
+
+
+def test_a_stage_runs_niced_in_its_own_session_and_dies_with_its_sigkilled_worker(
+    tmp_path: Path, workers: Workers
+) -> None:
+    write_fasta(tmp_path / "items.fasta", 1)
+    marker = tmp_path / "started"
+    campaign = write_campaign(
+        tmp_path,
+        [
+            {
+                "name": "msa",
+                "command": stage_command("msa", "--sleep", "60", "--marker", str(marker)),
+            }
+        ],
+    )
+    worker = workers.start(campaign, "w0")
+    wait_for(lambda: marker.exists() and bool(marker.read_text().strip()), what="the stage")
+    pid = int(marker.read_text().split()[1])
+    stat = proc_stat(pid)
+    assert stat is not None
+    # The wrapper exec'd the command in place: the stage is the worker's own child, leads its
+    # session, and runs at the cpu stages' niceness.
+    assert int(stat[1]) == worker.pid
+    assert int(stat[3]) == pid and int(stat[2]) == pid
+    assert int(stat[16]) == 10
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(10)
+    try:
+        wait_for(lambda: proc_stat(pid) is None, 10, "the stage to die with its worker")
+    finally:
+        if proc_stat(pid) is not None:  # the test failed: leave no orphan behind
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_command_that_cannot_start_fails_its_item(tmp_path: Path, workers: Workers) -> None:
+    (item,) = write_fasta(tmp_path / "items.fasta", 1)
+    campaign = write_campaign(
+        tmp_path, [{"name": "msa", "command": ["no-such-command-acb", "{fasta}"]}], retries=0
+    )
+    workers.start(campaign, "w0")
+    assert workers.wait_all() == [0]
+    failed = ResultsStore(tmp_path / "results").failed_records()[item]
+    assert "exited with code 127 (command not found" in failed["error"]
+    assert "cannot start 'no-such-command-acb'" in Path(failed["log"]).read_text()
+
+
+def test_the_stage_wrapper_does_not_start_a_stage_whose_worker_is_gone(tmp_path: Path) -> None:
+    """Between the worker's fork and the wrapper's prctl the worker may die: the wrapper then
+    has another parent than the pid it was given and does not exec the command."""
+    flag = tmp_path / "ran"
+    wrapper = [sys.executable, "-S", str(STAGE_WRAPPER)]
+    gone = subprocess.run([*wrapper, "1", "0", "--", "touch", str(flag)], timeout=30)
+    assert gone.returncode == 127 and not flag.exists()
+    ours = subprocess.run(
+        [
+            *wrapper,
+            str(os.getpid()),
+            "5",
+            "--",
+            "sh",
+            "-c",
+            f"cut -d' ' -f19 /proc/$$/stat >{flag}",
+        ],
+        timeout=30,
+    )
+    assert ours.returncode == 0 and flag.read_text().strip() == "5"

@@ -128,7 +128,7 @@ def wait_job(job_id: str, workdir: Path, timeout: float = 420.0) -> dict[str, st
 
 
 def event_logs(workdir: Path) -> list[dict[str, Any]]:
-    events = []
+    events: list[dict[str, Any]] = []
     for path in sorted(workdir.glob("acb-runs/*/*/events.jsonl")):
         events.extend(json.loads(line) for line in path.read_text().splitlines() if line)
     return events
@@ -200,7 +200,8 @@ def test_a_worker_killed_mid_item_then_a_rerun_finishes_the_rest_without_redoing
             for claim in (tmp_path / "results" / "claims").glob("*.claim"):
                 state = store.read_state(claim.stem) or {}
                 data = json.loads(claim.read_text() or "{}")
-                if state.get("stage") == "predict" and data.get("pid"):
+                live = data.get("state") == "running"  # not a finished item's tombstone
+                if live and state.get("stage") == "predict" and data.get("pid"):
                     victim = data
                     break
         time.sleep(0.05)

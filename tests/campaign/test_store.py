@@ -12,7 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-from acb_slurm.campaign.store import ClaimInfo, ResultsStore, WorkerIdentity, process_start_time
+from acb_slurm.campaign.store import (
+    ClaimInfo,
+    ClaimState,
+    ResultsStore,
+    WorkerIdentity,
+    process_start_time,
+)
 
 ITEMS = [f"item{i:03d}" for i in range(60)]
 
@@ -128,3 +134,58 @@ def test_done_is_published_once(tmp_path: Path) -> None:
     assert not store.record_done("x", {"by": 2})
     assert json.loads(store.done_path("x").read_text()) == {"by": 1}
     assert process_start_time(os.getpid()) is not None
+
+
+def test_a_finished_items_claim_stays_as_a_tombstone_nobody_claims_or_takes_over(
+    tmp_path: Path,
+) -> None:
+    store = ResultsStore(tmp_path, stale_after_s=1)
+    store.create()
+    me = WorkerIdentity.current("me")
+    claim = store.try_claim("x", me)
+    assert claim is not None
+    assert store.record_done("x", {"by": "me"})
+    store.finish(claim, ClaimState.DONE, me)
+    info = store.read_claim("x")
+    assert info is not None and info.finished and info.state is ClaimState.DONE
+    assert not store.still_mine(claim) and not store.heartbeat(claim)
+
+    # Another node whose NFS client still caches "done/x.json does not exist": the O_EXCL create
+    # of the claim fails all the same, and the tombstone is neither stale nor taken over, even
+    # long after, and even when its worker is gone.
+    store.done_path("x").rename(tmp_path / "hidden.json")
+    assert not store.is_finished("x")
+    other = WorkerIdentity("other", "another-host", 1, "1")
+    assert store.try_claim("x", other) is None
+    old = time.time() - 3600
+    os.utime(store.claim_path("x"), (old, old))
+    ghost_tombstone = store.read_claim("x")
+    assert ghost_tombstone is not None and not store.is_stale(ghost_tombstone)
+    assert store.take_over(ghost_tombstone, other) is None
+    assert store.read_claim("x") == ghost_tombstone
+
+    # A released (unfinished) claim is gone, so the item can be claimed again.
+    claim_y = store.try_claim("y", me)
+    assert claim_y is not None
+    store.release(claim_y)
+    assert store.read_claim("y") is None and store.try_claim("y", other) is not None
+
+
+def test_reset_failed_removes_the_failed_tombstone_but_never_a_done_one(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path)
+    store.create()
+    me = WorkerIdentity.current("me")
+    for item, state in (("bad", ClaimState.FAILED), ("good", ClaimState.DONE)):
+        claim = store.try_claim(item, me)
+        assert claim is not None
+        record = store.record_failed if state is ClaimState.FAILED else store.record_done
+        assert record(item, {"item": item})
+        store.finish(claim, state, me)
+    # A failed record of an item that is also done (a stale failed record): its tombstone stays.
+    assert store.record_failed("good", {"item": "good"})
+    assert store.reset_failed() == ["bad", "good"]
+    assert store.read_claim("bad") is None
+    assert store.try_claim("bad", me) is not None
+    done = store.read_claim("good")
+    assert done is not None and done.state is ClaimState.DONE
+    assert store.try_claim("good", me) is None
