@@ -26,6 +26,9 @@ IDLE_MS = "ACB_IDLE_MS"
 AUTO_DEVICE = "ACB_AUTO_DEVICE"
 #: Log level of automatic mode inside the program (default WARNING; INFO shows every swap).
 AUTO_LOG_LEVEL = "ACB_AUTO_LOG_LEVEL"
+#: "1": automatic and manual swap may offload while CUDA graph pools exist (the program
+#: re-captures its graphs after every swap); otherwise such an offload is refused.
+SWAP_ALLOW_GRAPHS = "ACB_SWAP_ALLOW_GRAPHS"
 #: Set by `acb-run --gate` for its child: the id of the lease the child runs under.
 LEASE_ID = "ACB_LEASE_ID"
 #: Directory of the job's Unix sockets (the run dir, or a short /tmp path when that is too long).

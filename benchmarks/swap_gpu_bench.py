@@ -8,8 +8,9 @@
    gradients and Adam state, `--gib` in all): GB/s end to end (walk, copies, synchronisation,
    freeing) and as a fraction of (1). Target: >= 0.8. The first offload also pins the host
    buffer; it is reported apart.
-3. Device memory returned to the driver: free memory (torch.cuda.mem_get_info) after offload
-   minus before, against the bytes moved.
+3. Device memory returned to the driver: free memory after offload minus before, against the
+   bytes moved, as torch.cuda.mem_get_info and as NVML sees it (the device's used memory, and
+   this process's where the driver reports it); read after synchronize() and empty_cache().
 4. Automatic mode overhead: training steps of a realistic model (a GPT-style stack) and of a
    launch-bound small one, with and without automatic mode (no swaps happen: idle interval
    larger than the run), as ratios.
@@ -30,6 +31,45 @@ from acb_slurm.swap.engine import SwapEngine
 from acb_slurm.swap.lessors import LocalLessor
 
 GiB = 1024**3
+
+
+def free_device_memory() -> int:
+    """Free device bytes per the driver, once queued work finished and the cache is empty."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0]
+
+
+def nvml_used() -> tuple[int | None, int | None]:
+    """(device used bytes, this process's used bytes) per NVML; None where unknown."""
+    import os
+
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None, None
+    try:
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(
+            uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+        )
+        used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+        mine = [
+            p.usedGpuMemory
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            if p.pid == os.getpid()
+        ]
+        return used, (int(mine[0]) if mine and mine[0] else None)
+    except (pynvml.NVMLError, AttributeError):  # no NVML device for this GPU, or no uuid
+        return None, None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def minus(a: int | None, b: int | None) -> int | None:
+    return a - b if a is not None and b is not None else None
 
 
 def timed_copy(dst: torch.Tensor, src: torch.Tensor) -> float:
@@ -74,10 +114,11 @@ def swap_throughput(total: int, repeats: int, pinned: tuple[float, float]) -> di
     tensors = model_like_storages(total)
     checksums = [float(t.double().sum()) for t in tensors[:: max(1, len(tensors) // 64)]]
     engine = SwapEngine("cuda")
-    torch.cuda.synchronize()
-    free_before = torch.cuda.mem_get_info()[0]
+    free_before = free_device_memory()
+    nvml_before = nvml_used()
     first = engine.offload()  # pins the host buffer too
-    free_after = torch.cuda.mem_get_info()[0]
+    free_after = free_device_memory()
+    nvml_after = nvml_used()
     engine.onload()
     offloads, onloads = [], []
     for _ in range(repeats):
@@ -100,6 +141,8 @@ def swap_throughput(total: int, repeats: int, pinned: tuple[float, float]) -> di
         "walk_s": walk,
         "freed_on_device": free_after - free_before,
         "freed_vs_moved": (free_after - free_before) / first.bytes,
+        "nvml_freed_device": minus(nvml_before[0], nvml_after[0]),
+        "nvml_freed_process": minus(nvml_before[1], nvml_after[1]),
         "intact": intact,
     }
     del tensors
@@ -189,9 +232,14 @@ def main() -> None:
         f"first offload (pins the buffer) {swap['first_offload_s']:.2f} s; "
         f"walk {swap['walk_s'] * 1e3:.0f} ms; data intact: {swap['intact']}"
     )
+    nvml = ", ".join(
+        f"NVML {what} {swap[key] / GiB:.2f} GiB"
+        for what, key in (("device", "nvml_freed_device"), ("process", "nvml_freed_process"))
+        if swap[key] is not None
+    )
     print(
         f"device memory given back to the driver: {swap['freed_on_device'] / GiB:.2f} GiB "
-        f"({swap['freed_vs_moved']:.0%} of what was moved)"
+        f"({swap['freed_vs_moved']:.0%} of what was moved; mem_get_info); {nvml or 'no NVML'}"
     )
 
     overhead = auto_overhead(args.repeats)

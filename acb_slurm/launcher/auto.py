@@ -192,7 +192,12 @@ def _install(settings: AutoSettings) -> None:
         priority=settings.priority,
         label=settings.label,
     )
-    auto = AutoSwap(lessor, device=settings.device, idle_ms=settings.idle_ms)
+    auto = AutoSwap(
+        lessor,
+        device=settings.device,
+        idle_ms=settings.idle_ms,
+        allow_graph_pools=os.environ.get(env.SWAP_ALLOW_GRAPHS, "") == "1",
+    )
     lessor.attach(auto)
     auto.install()
 

@@ -21,12 +21,24 @@ the function mode sees the Python entry points, which is where a program can be 
 phases, and ``backward()`` is one call that holds the lock throughout. Overhead of both is
 measured by ``benchmarks/swap_cpu_bench.py``.
 
+What is not device use: reading a tensor's metadata (``.shape``, ``.dtype``, ``.device``,
+``.grad``, ``size()``, ``numel()``, ``len()``, ... : `METADATA_FUNCS`) never takes the GPU, even
+while the storages are away. ``torch.load`` holds only when it may create tensors on the managed
+device (no ``map_location``, or one naming it), ``torch.save`` only when the object holds a tensor
+on the managed device.
+
+CUDA graphs and ``torch.compile``: ``CUDAGraph.replay`` and every callable ``torch.compile``
+returns (functions and compiled modules) run under `AutoSwap.hold()`, so the watchdog cannot
+offload in the middle of one (dynamo inlines the mode while tracing, so the calls inside are not
+seen one by one). While a CUDA graph's private pool exists the engine refuses to offload (see
+`SwapEngine`): the lease is kept, the failure logged, and the watchdog retries with exponential
+backoff; ``ACB_SWAP_ALLOW_GRAPHS=1`` opts in for programs that re-capture after every swap.
+
 Limits (documented, not silent): modes are thread-local, so device work started from other
-threads the program creates is not intercepted; ``torch.compile`` inlines the mode while
-tracing, so compiled regions are not guaranteed to run under the lock, and a compilation longer
-than the idle interval looks idle (use the manual API with swapping for compiled programs); a
-forked child (DataLoader worker) inherits the mode but not the lease, so its calls pass through
-untouched (it must not use the managed device, which holds for DataLoader workers).
+threads the program creates is not intercepted; a compilation longer than the idle interval
+happens under the lock, so it is not idle; a forked child (DataLoader worker) inherits the mode
+but not the lease, so all its calls, ``torch.save`` and ``torch.load`` included, pass straight
+through (it must not use the managed device, which holds for DataLoader workers).
 On CUDA the process is bound to the GPU of its first grant (tensors carry a device index), so
 ``CUDA_VISIBLE_DEVICES`` is set from that grant before CUDA initialises and later grants must
 name the same GPU.
@@ -60,6 +72,33 @@ log = logging.getLogger(__name__)
 DEFAULT_IDLE_MS = 500
 #: How often resident bytes are reported while a lease is held, in seconds.
 DEFAULT_REPORT_S = 5.0
+#: A failed swap-out is retried after idle/4, doubling up to this many seconds.
+MAX_RETRY_S = 60.0
+
+#: Calls that read a tensor's metadata, never its memory: they are not device use (no lease, no
+#: onload), so a program may inspect its tensors while they are away.
+METADATA_FUNCS: frozenset[Any] = frozenset(
+    [
+        *(
+            getattr(torch.Tensor, name).__get__
+            for name in (
+                "shape", "dtype", "device", "grad", "grad_fn", "requires_grad", "is_leaf",
+                "layout", "ndim", "is_cuda", "is_sparse", "is_quantized", "is_meta", "names",
+                "data", "_version", "itemsize", "nbytes", "output_nr", "_base",
+            )
+            if hasattr(torch.Tensor, name)
+        ),
+        *(
+            getattr(torch.Tensor, name)
+            for name in (
+                "size", "dim", "numel", "nelement", "ndimension", "__len__", "stride",
+                "storage_offset", "is_contiguous", "element_size", "get_device",
+                "is_floating_point", "is_complex", "requires_grad_", "retain_grad",
+            )
+            if hasattr(torch.Tensor, name)
+        ),
+    ]
+)  # fmt: skip
 
 
 class AutoModeError(RuntimeError):
@@ -89,6 +128,10 @@ class DeviceLessor(Protocol):
         """Tell the assigner how many device bytes this process holds under `lease`."""
         ...
 
+    def abandon(self) -> None:
+        """After a failed release: end the session so that the assigner frees what it held."""
+        ...
+
 
 class Phase(enum.StrEnum):
     """Where the program stands: AWAY (no lease, storages in host memory) → ACQUIRING →
@@ -111,6 +154,8 @@ class AutoStats:
     onloaded_bytes: int = 0
     swap_seconds: float = 0.0
     wait_seconds: float = 0.0
+    failed_swaps: int = 0  # swap-outs refused by the engine (the lease was kept)
+    failed_releases: int = 0  # release calls that failed (the session was ended instead)
 
 
 class _DeviceUseMode(TorchFunctionMode):
@@ -125,6 +170,8 @@ class _DeviceUseMode(TorchFunctionMode):
     ) -> Any:
         if kwargs is None:
             kwargs = {}
+        if func in METADATA_FUNCS:
+            return func(*args, **kwargs)
         auto = self._auto
         if auto._every_call or auto._touches(func, args, kwargs):
             with auto.lock:
@@ -136,9 +183,28 @@ class _DeviceUseMode(TorchFunctionMode):
 
 
 def _names_device(value: Any, device_type: str) -> bool:
+    """A device argument (``torch.device``, ``"cuda:0"``) naming `device_type`."""
     if isinstance(value, torch.device):
         return value.type == device_type
     return isinstance(value, str) and value.split(":", 1)[0] == device_type
+
+
+def _device_arg(value: Any, device_type: str) -> bool:
+    """A value passed AS a device (``device=``, ``map_location``, ``.to(x)``): a bare integer
+    is a CUDA ordinal, as torch reads it."""
+    if type(value) is int:
+        return device_type == "cuda"
+    return _names_device(value, device_type)
+
+
+def _is_cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda  # a C attribute; Tensor.device builds a new object on every read
+
+
+#: Nested containers are scanned this deep (lists of lists of tensors, dicts of tensors).
+_SCAN_DEPTH = 3
+#: Values that hold no tensor (torch.save's scan stops at them).
+_ATOMS = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device, range)
 
 
 class AutoSwap:
@@ -152,6 +218,7 @@ class AutoSwap:
         idle_ms: float = DEFAULT_IDLE_MS,
         report_s: float = DEFAULT_REPORT_S,
         engine: SwapEngine | None = None,
+        allow_graph_pools: bool = False,
     ):
         if idle_ms <= 0:
             raise ValueError(f"idle interval must be positive, got {idle_ms} ms")
@@ -159,7 +226,7 @@ class AutoSwap:
         self.device = torch.device(device)
         self.idle_s = idle_ms / 1000.0
         self.report_s = report_s
-        self.engine = engine or SwapEngine(self.device)
+        self.engine = engine or SwapEngine(self.device, allow_graph_pools=allow_graph_pools)
         self.lock = threading.RLock()
         self.stats = AutoStats()
         self.phase = Phase.AWAY
@@ -169,6 +236,12 @@ class AutoSwap:
         self._yield_for: str | None = None  # lease id a YieldRequest named
         self._calls = 0  # device calls started (the watchdog compares samples)
         self._every_call = self.device.type == "cpu"  # on cpu every torch call is device use
+        device_type = self.device.type
+        self._on_device: Callable[[torch.Tensor], bool] = (
+            _is_cuda if device_type == "cuda" else lambda t: t.device.type == device_type
+        )
+        self._passthrough = False  # a forked child: nothing is intercepted
+        self._retry_s = 0.0  # backoff after a failed swap-out (0: none pending)
         self._mode: _DeviceUseMode | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -199,8 +272,12 @@ class AutoSwap:
 
     def _forked(self) -> None:
         """In a forked child (DataLoader workers): no watchdog, no lease, no session of its own,
-        so its calls pass straight through. The mode stays on the stack (it is the parent's)."""
+        so every call, hold() and the wrapped entry points included, passes straight through.
+        The mode stays on the stack (it is the parent's)."""
+        self._passthrough = True
         self._every_call = False
+        self._slow = False
+        self._yield_for = None
         self._touches = lambda func, args, kwargs: False  # type: ignore[method-assign]
         self._watchdog = None
         self._lease = None
@@ -211,6 +288,8 @@ class AutoSwap:
 
         The lease is released either way. Call from the thread that installed.
         """
+        if self._passthrough:  # a forked child holds nothing of its own
+            return
         self._stop.set()
         self._wake.set()
         if self._watchdog is not None:
@@ -247,6 +326,9 @@ class AutoSwap:
     def hold(self) -> Iterator[None]:
         """A region in which the device state stays resident (code reading tensor memory
         outside torch calls, e.g. streaming a checkpoint)."""
+        if self._passthrough:
+            yield
+            return
         with self.lock:
             self._calls += 1
             if self._slow:
@@ -257,7 +339,7 @@ class AutoSwap:
     def request_yield(self, lease_id: str, reason: str = "") -> None:
         """Called from the client's thread on a YieldRequest: give the lease back at the next
         safe point (then ask again at the next device call)."""
-        if self._lease is None or self._lease.lease_id != lease_id:
+        if self._passthrough or self._lease is None or self._lease.lease_id != lease_id:
             log.debug("yield request for %s ignored: not held", lease_id)
             return
         log.info("yield requested for lease %s (%s)", lease_id, reason or "no reason given")
@@ -295,14 +377,21 @@ class AutoSwap:
             self.stats.acquires += 1
             self._bind(lease)
             self._lease = lease
+        onloaded: int | None = None
         if self.engine.state is SwapState.OFFLOADED:
             stats = self.engine.onload()  # on failure the lease stays held and the error surfaces
             self.stats.onloaded_bytes += stats.bytes
             self.stats.swap_seconds += stats.seconds
+            onloaded = stats.bytes
             log.info("%s", stats)
         self.phase = Phase.HOLDING
         self._slow = False
-        self._report(force=True)
+        if self.device.type == "cuda":
+            self._report(force=True)  # memory_reserved(): no walk
+        elif onloaded is not None:
+            self._report(force=True, resident=onloaded)
+        # else (cpu, nothing onloaded): the watchdog reports within report_s; a walk per grant
+        # would cost the program tens of ms on every first call after a grant.
 
     def _leave(self, reason: str) -> None:
         """Synchronise, offload and release (no-op without a lease)."""
@@ -321,8 +410,15 @@ class AutoSwap:
             except SwapError as exc:
                 # The data is still on the device: keep the lease rather than lose it.
                 self.phase = Phase.HOLDING
-                log.error("cannot release the GPU (%s): keeping the lease", exc)
+                self.stats.failed_swaps += 1
+                self._retry_s = min(max(self._retry_s * 2, self.idle_s / 4), MAX_RETRY_S)
+                log.error(
+                    "cannot release the GPU (%s): keeping the lease; next try in %.1f s",
+                    exc,
+                    self._retry_s,
+                )
                 return
+            self._retry_s = 0.0
             for w in caught:
                 log.warning("%s", w.message)
             self.stats.offloaded_bytes += stats.bytes
@@ -331,6 +427,9 @@ class AutoSwap:
         self._release(yielded=reason == "yield")
 
     def _release(self, *, yielded: bool) -> None:
+        """Give the lease back. If the release call fails the lease may still be held by the
+        assigner; retrying is impossible (the client forgot it), so the session is ended, which
+        makes the assigner release everything it held. Either way the lease is gone."""
         lease, self._lease = self._lease, None
         self._slow = True
         self._reported = -1
@@ -338,7 +437,18 @@ class AutoSwap:
         assert lease is not None
         self.stats.releases += 1
         self.stats.yields += int(yielded)
-        self.lessor.release(lease, yielded=yielded)
+        try:
+            self.lessor.release(lease, yielded=yielded)
+        except Exception as exc:
+            self.stats.failed_releases += 1
+            log.error(
+                "releasing lease %s failed (%s): ending the session so that the assigner frees it",
+                lease.lease_id,
+                exc,
+            )
+            abandon = getattr(self.lessor, "abandon", None)
+            if abandon is not None:
+                abandon()
 
     def _bind(self, lease: Lease) -> None:
         """CUDA: bind the process to the first grant's GPUs; later grants must match."""
@@ -365,10 +475,11 @@ class AutoSwap:
                 "GPU per node, or under the gpu-affinity policy"
             )
 
-    def _report(self, *, force: bool = False) -> None:
+    def _report(self, *, force: bool = False, resident: int | None = None) -> None:
         if self._lease is None:
             return
-        resident = self._resident_bytes()
+        if resident is None:
+            resident = self._resident_bytes()
         if force or resident != self._reported:
             self._reported = resident
             try:
@@ -389,45 +500,104 @@ class AutoSwap:
         self, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
     ) -> bool:
         device_type = self.device.type
-        # Tensor.is_cuda is a C attribute; Tensor.device builds a new object on every read.
-        if device_type == "cuda":
-
-            def on_device(t: torch.Tensor) -> bool:
-                return t.is_cuda
-        else:
-
-            def on_device(t: torch.Tensor) -> bool:
-                return t.device.type == device_type
-
+        on_device = self._on_device
         saw_tensor = False
         for arg in args:
             if isinstance(arg, torch.Tensor):
                 if on_device(arg):
                     return True
                 saw_tensor = True
-            elif isinstance(arg, (list, tuple)):
-                for item in arg:
-                    if isinstance(item, torch.Tensor):
-                        if on_device(item):
-                            return True
-                        saw_tensor = True
+            elif isinstance(arg, (list, tuple, dict)):
+                found = self._scan(arg, _SCAN_DEPTH)
+                if found:
+                    return True
+                saw_tensor = saw_tensor or found is None
             elif _names_device(arg, device_type):
                 return True
-        for value in kwargs.values():
+        for name, value in kwargs.items():
             if isinstance(value, torch.Tensor):
                 if on_device(value):
                     return True
                 saw_tensor = True
-            elif _names_device(value, device_type):
+            elif name == "device":
+                if _device_arg(value, device_type):
+                    return True
+            elif _names_device(value, device_type) or (
+                isinstance(value, (list, tuple, dict)) and self._scan(value, _SCAN_DEPTH)
+            ):
                 return True
-        if func is torch.Tensor.cuda and device_type == "cuda":
-            return True
+        if device_type == "cuda":
+            if func is torch.Tensor.cuda:
+                return True
+            # t.to(0) / t.to(0, dtype): an integer ordinal right after the tensor is a device.
+            if func is torch.Tensor.to and len(args) > 1 and type(args[1]) is int:
+                return True
         # A factory with no tensor and no device argument lands on the default device.
         return (
             not saw_tensor
             and "device" not in kwargs
             and torch.get_default_device().type == device_type
         )
+
+    def _scan(self, value: Any, depth: int) -> bool | None:
+        """True: a tensor on the device or a device name inside `value` (nested containers);
+        None: only other tensors seen; False: no tensor at all."""
+        saw = False
+        items = value.values() if isinstance(value, dict) else value
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                if self._on_device(item):
+                    return True
+                saw = True
+            elif isinstance(item, (list, tuple, dict)):
+                if depth > 1:
+                    found = self._scan(item, depth - 1)
+                    if found:
+                        return True
+                    saw = saw or found is None
+            elif _names_device(item, self.device.type):
+                return True
+        return None if saw else False
+
+    def _load_needs_device(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+        """torch.load creates tensors on the managed device unless map_location sends them
+        elsewhere (a callable may send them anywhere: assume it might)."""
+        location = (
+            kwargs["map_location"]
+            if "map_location" in kwargs
+            else (args[1] if len(args) > 1 else None)
+        )
+        if location is None or callable(location):
+            return True
+        if isinstance(location, dict):
+            return any(_device_arg(v, self.device.type) for v in location.values())
+        return _device_arg(location, self.device.type)
+
+    def _holds_device_tensor(
+        self, obj: Any, depth: int = 6, budget: list[int] | None = None
+    ) -> bool:
+        """Whether `obj` (what torch.save is given) holds a tensor on the managed device: a scan
+        of containers, modules and optimizers, bounded; anything it cannot see into counts as
+        yes (holding the lock needlessly is safe, reading a storage that is away is not)."""
+        budget = budget if budget is not None else [100_000]
+        budget[0] -= 1
+        if budget[0] < 0 or depth < 0:
+            return True
+        if isinstance(obj, torch.Tensor):
+            return self._on_device(obj)
+        if isinstance(obj, _ATOMS):
+            return False
+        if isinstance(obj, dict):
+            return any(self._holds_device_tensor(v, depth - 1, budget) for v in obj.values())
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            return any(self._holds_device_tensor(v, depth - 1, budget) for v in obj)
+        if isinstance(obj, torch.nn.Module):
+            return any(self._on_device(t) for t in (*obj.parameters(), *obj.buffers()))
+        if isinstance(obj, torch.optim.Optimizer):
+            return self._holds_device_tensor(
+                [obj.state, [g["params"] for g in obj.param_groups]], depth - 1, budget
+            )
+        return True
 
     # ---- watchdog ---------------------------------------------------------------------------
 
@@ -454,6 +624,8 @@ class AutoSwap:
                         self.lock.release()
                     next_report = now + self.report_s
                 continue
+            if not yield_due and self._retry_s and now - since < self._retry_s:
+                continue  # a swap-out failed: back off (idle/4, doubling, up to MAX_RETRY_S)
             # Between two calls only: a call running now holds the lock.
             if not self.lock.acquire(blocking=False):
                 since = now
@@ -469,6 +641,8 @@ class AutoSwap:
                     self._yield_for = None
                 else:
                     self._leave("idle")
+                if self._retry_s:  # refused: measure the backoff from now
+                    since = time.monotonic()
             except Exception:
                 log.exception("automatic mode: swap-out failed; the lease is kept")
             finally:
@@ -477,14 +651,17 @@ class AutoSwap:
     # ---- entry points that read tensor memory outside torch calls -------------------------------
 
     def _wrap_entry_points(self) -> None:
-        for owner, name in ((torch, "save"), (torch, "load")):
-            original = getattr(owner, name)
-            self._patched.append((owner, name, original))
-            setattr(owner, name, self._held(original))
+        self._patch(torch, "save", self._held_if(lambda a, k: self._holds_device_tensor(a[0])))
+        self._patch(torch, "load", self._held_if(self._load_needs_device))
+        self._patch(torch, "compile", self._compile_held)
         if self.device.type == "cuda":
-            original = torch.cuda._lazy_init
-            self._patched.append((torch.cuda, "_lazy_init", original))
-            torch.cuda._lazy_init = self._before_cuda_init(original)
+            self._patch(torch.cuda.CUDAGraph, "replay", self._held)
+            self._patch(torch.cuda, "_lazy_init", self._before_cuda_init)
+
+    def _patch(self, owner: Any, name: str, wrap: Callable[[Any], Any]) -> None:
+        original = getattr(owner, name)
+        self._patched.append((owner, name, original))
+        setattr(owner, name, wrap(original))
 
     def _held(self, func: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(func)
@@ -494,12 +671,51 @@ class AutoSwap:
 
         return wrapper
 
+    def _held_if(
+        self, needed: Callable[[Sequence[Any], dict[str, Any]], bool]
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Like `_held`, but only when `needed(args, kwargs)` (else the call passes through)."""
+
+        def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(func)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if self._passthrough or not needed(args, kwargs):
+                    return func(*args, **kwargs)
+                with self.hold():
+                    return func(*args, **kwargs)
+
+            return wrapper
+
+        return wrap
+
+    def _compile_held(self, compile_: Callable[..., Any]) -> Callable[..., Any]:
+        """torch.compile whose results run under hold(): a compiled function is wrapped, a
+        compiled module's class gets a held __call__ (once)."""
+
+        @functools.wraps(compile_)
+        def wrapper(model: Any = None, *args: Any, **kwargs: Any) -> Any:
+            if model is None:  # @torch.compile(mode=...) : a decorator comes back
+                decorate = compile_(None, *args, **kwargs)
+                return lambda fn: self._hold_compiled(decorate(fn))
+            return self._hold_compiled(compile_(model, *args, **kwargs))
+
+        return wrapper
+
+    def _hold_compiled(self, compiled: Any) -> Any:
+        if isinstance(compiled, torch.nn.Module):
+            cls = type(compiled)
+            if not getattr(cls.__call__, "_acb_held", False):
+                self._patch(cls, "__call__", self._held)
+                cls.__call__._acb_held = True  # type: ignore[attr-defined]
+            return compiled
+        return self._held(compiled)
+
     def _before_cuda_init(self, init: Callable[[], None]) -> Callable[[], None]:
         """Acquire before CUDA initialises, so CUDA_VISIBLE_DEVICES names the granted GPU."""
 
         @functools.wraps(init)
         def wrapper() -> None:
-            if not torch.cuda.is_initialized() and self._pinned is None:
+            if not self._passthrough and not torch.cuda.is_initialized() and self._pinned is None:
                 with self.lock:
                     if self._slow:
                         self._make_resident()

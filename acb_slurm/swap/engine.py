@@ -19,8 +19,8 @@ Approaches considered, and why this one:
   SAME code runs on ``cpu`` in CI and on CUDA in production. Its limits are the objects it cannot
   see or resize, and each of them is reported (`SwapWarning`) with the bytes left behind:
   storages that are not resizable (``from_numpy``, ``from_blob``, DLPack) and the storages whose
-  memory they alias, storages shared with other processes, storages inside CUDA graph pools (a
-  graph replays fixed addresses), and device memory torch keeps that no Python tensor reaches
+  memory they alias, storages shared with other processes, storages inside CUDA graph pools, and
+  device memory torch keeps that no Python tensor reaches
   (autograd saved tensors, C++ buffers: ``torch.cuda.memory_reserved`` after the swap). Memory
   handed to other libraries without a torch tensor (a CuPy array made with DLPack, a numpy view
   of a ``cpu`` tensor) cannot be seen: it must not be used across a swap.
@@ -36,6 +36,14 @@ between swaps so the pinning cost is paid once), every copy queued ``non_blockin
 stream and one synchronisation per device. On ``cpu`` the host buffer is a separate allocation (a
 uint8 tensor), so ``resize_(0)`` really frees the storage's own memory; the bytes simply live in
 another buffer of the same RAM while away.
+
+CUDA graphs: a captured graph replays fixed device addresses, its inputs included, and those
+live outside its private pool where the engine cannot tell them from any other storage. Moving
+them would make the next replay read freed memory. So while any private pool exists (a
+``torch.cuda.CUDAGraph``, ``torch.compile(mode="reduce-overhead")``, a ``MemPool``), offload
+refuses with `SwapError` and leaves everything where it was. With ``allow_graph_pools=True`` (the
+program re-captures its graphs after every swap) the storages outside the pools move, those
+inside stay and are reported, and a graph captured before the swap must not be replayed again.
 
 Failure is never half-done: offload frees no storage before every host copy is complete; a failed
 onload gives back what it re-allocated, keeps the host copies and re-raises, so a retry works.
@@ -169,8 +177,15 @@ class SwapEngine:
     caller (automatic mode) is responsible for no tensor op running concurrently with them.
     """
 
-    def __init__(self, device: str | torch.device = "cuda", *, keep_host_buffer: bool = True):
+    def __init__(
+        self,
+        device: str | torch.device = "cuda",
+        *,
+        keep_host_buffer: bool = True,
+        allow_graph_pools: bool = False,
+    ):
         self.device = torch.device(device)
+        self.allow_graph_pools = allow_graph_pools
         self._keep_host_buffer = keep_host_buffer and self.device.type == "cuda"
         self._entries: list[_Entry] = []
         self._host: torch.Tensor | None = None  # holds the bytes of the offloaded storages
@@ -206,11 +221,13 @@ class SwapEngine:
                 raise SwapError("offload() called twice: the storages are already in host memory")
             start = time.perf_counter()
             self._synchronize(self._devices_in_use())
+            gc.collect()  # garbage still holding device storages is freed, not moved
             found = self._find()
+            self._synchronize({s.device for s in found.storages})
             entries, total = self._plan(found.storages)
             try:
-                host = self._host_buffer(total)
-                self._copy_out(entries, host)
+                if entries:  # nothing to move: no host buffer (no pinning) either
+                    self._copy_out(entries, self._host_buffer(total))
             except Exception as exc:
                 self._drop_host_buffer()
                 raise SwapError(
@@ -241,13 +258,17 @@ class SwapEngine:
             if self._state is SwapState.RESIDENT:
                 raise SwapError("onload() called while resident: offload() first")
             start = time.perf_counter()
-            assert self._host is not None
+            assert self._host is not None or not self._entries
             live = [(e, e.storage) for e in self._entries if not _orphaned(e.storage)]
             grown: list[torch.UntypedStorage] = []
             try:
+                # Every allocation first, then every copy: cudaMalloc (which may synchronise the
+                # device) never runs between two queued copies.
                 for entry, storage in live:
                     storage.resize_(entry.nbytes)
                     grown.append(storage)
+                for entry, storage in live:
+                    assert self._host is not None
                     _byte_view(storage).copy_(
                         self._host[entry.offset : entry.offset + entry.nbytes], non_blocking=True
                     )
@@ -314,7 +335,7 @@ class SwapEngine:
         if fixed:
             self._skip_aliases(found, fixed)
         if self.device.type == "cuda" and found.storages:
-            self._skip_graph_pools(found)
+            self._skip_graph_pools(found, refuse=not self.allow_graph_pools)
         return found
 
     @staticmethod
@@ -344,8 +365,9 @@ class SwapEngine:
         found.storages = keep
 
     @staticmethod
-    def _skip_graph_pools(found: _Found) -> None:
-        """Leave storages inside private pools (CUDA graphs, MemPools): graphs replay addresses."""
+    def _skip_graph_pools(found: _Found, *, refuse: bool) -> None:
+        """Leave storages inside private pools (CUDA graphs, MemPools); with `refuse`, raise
+        SwapError when any private pool exists (a graph's inputs outside it would move)."""
         ranges = [
             (seg["address"], seg["address"] + seg["total_size"])
             for seg in torch.cuda.memory_snapshot()
@@ -353,6 +375,15 @@ class SwapEngine:
         ]
         if not ranges:
             return
+        if refuse:
+            pooled = sum(hi - lo for lo, hi in ranges)
+            raise SwapError(
+                f"this process has CUDA graph or private memory pools ({format_size(pooled)} in "
+                f"{len(ranges)} segments): a captured graph replays fixed addresses, so moving "
+                "its inputs would corrupt the next replay. Nothing was moved. Opt in with "
+                "allow_graph_pools=True (acb-run --auto: ACB_SWAP_ALLOW_GRAPHS=1) only if the "
+                "program re-captures its graphs after every swap."
+            )
         keep = []
         for storage in found.storages:
             ptr = storage.data_ptr()
@@ -448,11 +479,21 @@ class SwapEngine:
         torch.cuda.empty_cache()
 
     def _devices_in_use(self) -> set[torch.device]:
+        """CUDA devices of the managed set that already have a context. Never creates one:
+        synchronising (or querying) a device without a context would make a new context there
+        (hundreds of MiB on a GPU that another process may have been granted)."""
         if self.device.type != "cuda" or not torch.cuda.is_initialized():
             return set()
-        if self.device.index is not None:
-            return {self.device}
-        return {torch.device("cuda", i) for i in range(torch.cuda.device_count())}
+        indices = (
+            [self.device.index]
+            if self.device.index is not None
+            else range(torch.cuda.device_count())
+        )
+        has_context = getattr(torch._C, "_cuda_hasPrimaryContext", None)
+        if has_context is None:  # a build without it: only the current device is known to be up
+            current = torch.cuda.current_device()
+            return {torch.device("cuda", i) for i in indices if i == current}
+        return {torch.device("cuda", i) for i in indices if has_context(i)}
 
     @staticmethod
     def _synchronize(devices: Iterable[torch.device]) -> None:

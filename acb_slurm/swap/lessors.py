@@ -57,6 +57,16 @@ class ClientLessor:
     def report_usage(self, lease: Lease, resident_bytes: int) -> None:
         self.client.report_usage(lease.lease_id, resident_bytes)
 
+    def abandon(self) -> None:
+        """End the session after a failed release: the assigner releases every lease the
+        session held (it sees the stream close), and the next acquire opens a new session.
+        The client has no public call for this yet, so its session is torn down directly."""
+        self._held.clear()
+        client = self.client
+        with client._lock:
+            client._teardown()
+            client._held.clear()
+
 
 class LocalLessor:
     """Grants at once, with no assigner: automatic mode's swapping alone (benchmarks, hook tests,
@@ -81,3 +91,6 @@ class LocalLessor:
 
     def report_usage(self, lease: Lease, resident_bytes: int) -> None:
         self.usage.append(resident_bytes)
+
+    def abandon(self) -> None:
+        """Nothing to end: no session."""

@@ -11,12 +11,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
-from acb_slurm.swap.auto import AutoSwap, Phase
-from acb_slurm.swap.engine import SwapState
+from acb_slurm.swap.auto import AutoSwap, Lease, Phase
+from acb_slurm.swap.engine import SwapEngine, SwapError, SwapState, SwapStats
 from acb_slurm.swap.lessors import LocalLessor
 
 IDLE_MS = 300  # generous: a loaded machine can stall a thread for tens of ms
@@ -78,18 +79,38 @@ def test_yield_while_idle_is_done_by_the_watchdog(auto: AutoSwap, lessor: LocalL
     assert lessor.acquired == 2
 
 
-def test_yield_while_busy_is_done_at_the_next_call(auto: AutoSwap, lessor: LocalLessor) -> None:
-    auto.idle_s = 3600.0
-    x = torch.zeros(100)
-    with auto.lock:  # the program is inside a call: the watchdog cannot act
-        lease = auto._lease
-        assert lease is not None
-        auto.request_yield(lease.lease_id, "fairness")
-        time.sleep(5 * IDLE_MS / 1000)
-        assert lessor.yielded == 0
-    x.add_(1)  # next safe point: offload, release, acquire again, onload, then the call
-    assert lessor.yielded == 1 and lessor.acquired == 2
-    assert auto.holding and x.sum().item() == 100.0
+class ThreadRecordingLessor(LocalLessor):
+    """Grants at once and records which thread released (the program's or the watchdog)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released_by: list[str] = []
+
+    def release(self, lease: Lease, *, yielded: bool = False) -> None:
+        self.released_by.append(threading.current_thread().name)
+        super().release(lease, yielded=yielded)
+
+
+def test_yield_while_busy_is_done_at_the_next_call() -> None:
+    lessor = ThreadRecordingLessor()
+    auto = AutoSwap(lessor, device="cpu", idle_ms=3_600_000)
+    auto.install()
+    try:
+        x = torch.zeros(100)
+        # The program holds the lock throughout (it is re-entrant, as when one torch call makes
+        # another): the watchdog cannot act, so only the next call can honour the yield.
+        with auto.lock:
+            lease = auto._lease
+            assert lease is not None
+            auto.request_yield(lease.lease_id, "fairness")
+            time.sleep(5 * IDLE_MS / 1000)
+            assert lessor.yielded == 0
+            x.add_(1)  # the safe point: offload, release, acquire again, onload, then the call
+            assert lessor.yielded == 1 and lessor.acquired == 2
+            assert lessor.released_by == [threading.current_thread().name]
+        assert auto.holding and x.sum().item() == 100.0
+    finally:
+        auto.uninstall()
 
 
 def test_a_yield_for_a_lease_no_longer_held_is_ignored(auto: AutoSwap, lessor: LocalLessor) -> None:
@@ -201,11 +222,164 @@ def test_a_forked_child_passes_its_calls_through(auto: AutoSwap, lessor: LocalLe
     assert wait_until(lambda: auto.phase is Phase.AWAY)
     pid = os.fork()
     if pid == 0:  # the child: torch calls must run at once, without asking for a lease
-        ok = False
+        code = 1
         try:
-            ok = torch.ones(3).sum().item() == 3.0 and not auto.holding and data.numel() == 100
+            ok = torch.ones(3).sum().item() == 3.0 and data.numel() == 100
+            buffer = io.BytesIO()
+            torch.save({"x": torch.arange(5)}, buffer)  # wrapped entry points pass through too
+            buffer.seek(0)
+            ok = ok and torch.equal(torch.load(buffer)["x"], torch.arange(5))
+            with auto.hold():
+                pass
+            # Nothing was acquired or onloaded in the child (the counters are the child's copy).
+            ok = ok and lessor.acquired == 1 and not auto.holding and not auto._slow
+            ok = ok and auto.engine.state is SwapState.OFFLOADED
+            code = 0 if ok else 3
         finally:
-            os._exit(0 if ok else 1)
+            os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert lessor.acquired == 1, "the child must not have taken a lease in the parent's name"
+
+
+def test_reading_metadata_does_not_take_the_device(auto: AutoSwap, lessor: LocalLessor) -> None:
+    weights = torch.randn(8, 4, requires_grad=True)
+    weights.sum().backward()
+    assert wait_until(lambda: auto.phase is Phase.AWAY)
+    seen = (
+        weights.shape, weights.dtype, weights.device, weights.grad, weights.size(), weights.dim(),
+        weights.numel(), len(weights), weights.requires_grad, weights.ndim, weights.is_leaf,
+        weights.stride(), weights.layout, weights.is_contiguous(), weights.element_size(),
+    )  # fmt: skip
+    assert seen[0] == (8, 4) and seen[6] == 32
+    assert lessor.acquired == 1 and auto.phase is Phase.AWAY, "metadata took the device"
+    assert weights.sum().item() != 0  # a real read does take it
+    assert lessor.acquired == 2
+
+
+def test_load_and_save_take_the_device_only_when_they_touch_it(tmp_path: Path) -> None:
+    """Managed device cuda, CPU tensors only (this machine): a checkpoint of CPU tensors loaded
+    to the CPU or saved is no device use; a load that may land on the GPU is."""
+    lessor = LocalLessor()
+    auto = AutoSwap(lessor, device="cuda", idle_ms=3_600_000)
+    auto.install()
+    try:
+        path = tmp_path / "ckpt.pt"
+        torch.save({"w": torch.ones(4), "step": 3, "nested": [(torch.zeros(2), "a")]}, path)
+        assert lessor.acquired == 0
+        for location in ("cpu", torch.device("cpu"), {"cuda:0": "cpu"}):
+            assert torch.load(path, map_location=location)["step"] == 3
+        assert lessor.acquired == 0
+        assert torch.load(path, None)["step"] == 3  # no map_location: it may land on cuda
+        assert lessor.acquired == 1
+        for location in (None, "cuda", "cuda:0", 0, torch.device("cuda"), {"cpu": "cuda:0"}):
+            assert auto._load_needs_device((path,), {"map_location": location}), location
+        assert auto._load_needs_device((path, lambda storage, where: storage), {})
+        assert not auto._load_needs_device((path, "cpu"), {})
+    finally:
+        auto.uninstall()
+
+
+def test_save_takes_the_managed_device_only_for_its_tensors(
+    auto: AutoSwap, lessor: LocalLessor
+) -> None:
+    weights = torch.arange(10.0)
+    assert wait_until(lambda: auto.phase is Phase.AWAY)
+    buffer = io.BytesIO()
+    torch.save({"step": 3, "names": ["a", "b"], "dtype": torch.float32}, buffer)
+    assert lessor.acquired == 1 and auto.phase is Phase.AWAY
+    torch.save({"state": [{"w": weights}]}, buffer)  # a nested tensor on the managed device
+    assert lessor.acquired == 2
+
+
+@pytest.mark.parametrize(
+    ("call", "touches"),
+    [
+        (lambda: (torch.zeros, (3,), {"device": 0}), True),
+        (lambda: (torch.Tensor.to, (torch.ones(1), 0), {}), True),
+        (lambda: (torch.Tensor.to, (torch.ones(1), 0, torch.float16), {}), True),
+        (lambda: (torch.add, (torch.ones(1), 1), {}), False),
+        (lambda: (torch.Tensor.to, (torch.ones(1), torch.float16), {}), False),
+        (lambda: (torch.Tensor.to, (torch.ones(1),), {"device": 1}), True),
+        (lambda: (torch.cat, ([torch.ones(1)],), {"dim": 0}), False),
+        (lambda: (torch.tensor, ([1.0],), {"device": "cuda"}), True),
+        (lambda: (torch.nn.functional.pad, (torch.ones(2), [1, 1]), {}), False),
+    ],
+    ids=[
+        "factory-ordinal", "to-ordinal", "to-ordinal-dtype", "add-int", "to-dtype",
+        "to-ordinal-kwarg", "cat-dim", "tensor-cuda", "pad-ints",
+    ],
+)  # fmt: skip
+def test_integer_ordinals_are_cuda_devices_only_where_a_device_is_expected(
+    call: Callable[[], tuple[Callable[..., object], tuple[object, ...], dict[str, object]]],
+    touches: bool,
+) -> None:
+    auto = AutoSwap(LocalLessor(), device="cuda")
+    func, args, kwargs = call()
+    assert auto._touches(func, args, kwargs) is touches
+
+
+def test_tensors_in_nested_containers_are_seen() -> None:
+    """Managed device cpu here; the scan is the same for cuda."""
+    auto = AutoSwap(LocalLessor(), device="cpu")
+    nested = ([[torch.ones(1)], [torch.ones(1)]],)
+    assert auto._touches(torch.Tensor.add, (torch.empty(0, device="meta"), *nested), {})
+    assert auto._touches(torch.Tensor.add, (torch.empty(0, device="meta"),), {"x": {"a": [
+        torch.ones(1)]}})  # fmt: skip
+    on_cuda = AutoSwap(LocalLessor(), device="cuda")
+    assert not on_cuda._touches(torch.cat, nested, {})  # CPU tensors deep down: no factory
+
+
+class RefusingEngine(SwapEngine):
+    """The engine refusing every offload, as it does while CUDA graph pools exist."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu")
+        self.refused = 0
+
+    def offload(self) -> SwapStats:
+        self.refused += 1
+        raise SwapError("refused (test)")
+
+
+def test_a_refused_swap_out_keeps_the_lease_and_is_retried_with_backoff() -> None:
+    lessor = LocalLessor()
+    engine = RefusingEngine()
+    auto = AutoSwap(lessor, device="cpu", idle_ms=40, engine=engine)
+    auto.install()
+    try:
+        x = torch.ones(10)
+        time.sleep(3.0)
+        refused = engine.refused
+        assert auto.holding and lessor.released == 0 and auto.phase is Phase.HOLDING
+        assert x.sum().item() == 10.0
+    finally:
+        auto.engine = SwapEngine("cpu")
+        auto.uninstall()
+    # Without backoff: one try every idle/4 = 10 ms, ~300 in 3 s. With it: 10, 20, 40, ... ms.
+    assert 2 <= refused <= 12, refused
+    assert auto.stats.failed_swaps == refused
+
+
+def test_compiled_callables_run_under_the_lock(auto: AutoSwap, lessor: LocalLessor) -> None:
+    """What torch.compile returns is held for the whole call: the watchdog cannot offload in
+    the middle of one (dynamo does not show the calls inside to the mode one by one)."""
+    inside: list[bool] = []
+
+    @torch._dynamo.disable
+    def probe() -> None:  # runs as plain Python between two compiled pieces
+        inside.append(auto.lock._is_owned())  # type: ignore[attr-defined]
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x)
+        probe()
+        return y * 2
+
+    compiled = torch.compile(step, backend="eager")
+    module = torch.compile(torch.nn.Linear(4, 4), backend="eager")
+    x = torch.ones(4)
+    assert wait_until(lambda: auto.phase is Phase.AWAY)
+    assert torch.equal(compiled(x), torch.tanh(torch.ones(4)) * 2)
+    assert inside == [True] and lessor.acquired == 2
+    assert getattr(type(module).__call__, "_acb_held", False)
+    assert module(x).shape == (4,)

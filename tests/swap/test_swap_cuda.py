@@ -36,19 +36,40 @@ def test_training_continues_bit_for_bit_and_device_memory_goes_back_to_the_drive
     assert result["all_empty"], "a storage of the program is still on the device"
     assert result["identity_kept"]
     assert result["pinned_host_buffer"]
-    assert result["onloaded"] == result["moved"] > 0
+    # Storages dropped between offload and onload (garbage the collector found meanwhile) are
+    # not brought back; everything the program holds is.
+    assert result["program_bytes"] <= result["onloaded"] <= result["moved"], result
     # Free memory as the driver sees it rose by (nearly) what was moved: empty_cache gave it back.
     assert result["freed_on_device"] >= 0.9 * result["moved"], result
+    if result["nvml_freed_device"]:  # NVML agrees (the device-wide figure: other processes too)
+        assert result["nvml_freed_device"] >= 0.9 * result["moved"], result
+    if result["nvml_freed_process"] is not None:
+        assert result["nvml_freed_process"] >= 0.9 * result["moved"], result
+    # Offload synchronised only devices that already had a context: it created none.
+    assert result["contexts_after"] == result["contexts_before"], result
     assert result["losses_equal"] and result["params_equal"]
 
 
 def test_memory_the_engine_cannot_move_is_reported_not_hidden() -> None:
     result = run_case("unmovable_memory_is_reported")
     assert result["moved_plain"]
-    assert result["alias_kept"] and result["graph_output_kept"]
+    assert result["alias_kept"]
     text = " ".join(result["warnings"])
-    assert "not resizable" in text and "CUDA graph" in text, result["warnings"]
+    assert "not resizable" in text, result["warnings"]
     assert result["skipped_bytes"] >= (1 << 18) * 4
+
+
+def test_cuda_graphs_refuse_offload_unless_allowed_and_replay_right_after() -> None:
+    result = run_case("cuda_graphs_block_offload_unless_allowed")
+    assert result["replays_before"]
+    assert result["refused"] and "CUDA graph" in result["refused"], result
+    assert result["state_after_refusal"] == "resident" and result["nothing_moved"]
+    assert result["replays_after_refusal"]
+    assert "CUDA graph" in " ".join(result["warnings"]), result["warnings"]
+    assert result["graph_output_kept"] and result["input_moved"]
+    assert result["replays_after_recapture"]
+    assert result["auto_replays_right"] and result["auto_holding"], result
+    assert result["auto_failed_swaps"] >= 1 and result["auto_released"] == 0, result
 
 
 def test_an_onload_that_runs_out_of_device_memory_loses_nothing() -> None:

@@ -20,7 +20,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import torch
 
 from acb_slurm.swap.auto import AutoSwap, Phase
-from acb_slurm.swap.engine import SwapEngine, SwapWarning
+from acb_slurm.swap.engine import SwapEngine, SwapError, SwapState, SwapWarning
 from acb_slurm.swap.lessors import LocalLessor
 
 torch.use_deterministic_algorithms(True)
@@ -71,36 +71,98 @@ class Run:
 
 
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(
+        torch.equal(x.detach().cpu(), y.detach().cpu()) for x, y in zip(a, b, strict=True)
+    )
+
+
+def free_device_memory() -> int:
+    """Free bytes as the driver sees them, after the caching allocator gave back what it
+    could and every queued kernel finished."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0]
+
+
+def nvml_used() -> dict[str, int | None]:
+    """Device memory in use per NVML: the whole device, and this process (None where the
+    driver does not say, e.g. in some containers)."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return {"device": None, "process": None}
+    try:
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(
+            uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+        )
+        device = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+        mine = [
+            p.usedGpuMemory
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            if p.pid == os.getpid()
+        ]
+        return {"device": device, "process": int(mine[0]) if mine and mine[0] else None}
+    except (pynvml.NVMLError, AttributeError):  # no NVML device for this GPU, or no uuid
+        return {"device": None, "process": None}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def contexts() -> list[int]:
+    """CUDA devices with a primary context in this process (offload must not create any)."""
+    has = getattr(torch._C, "_cuda_hasPrimaryContext", None)
+    if has is None:
+        return []
+    return [i for i in range(torch.cuda.device_count()) if has(i)]
 
 
 @case
 def training_bit_for_bit() -> dict[str, Any]:
+    # Reference values on the host: the engine moves every cuda storage of the process, so a
+    # reference kept on the device would be swapped (and corrupted) alike.
     reference = Run()
     reference.train(6)
-    ref_params = [p.detach().clone() for p in reference.params]
-    ref_losses = [x.clone() for x in reference.losses]
+    ref_params = [p.detach().cpu() for p in reference.params]
+    ref_losses = [x.cpu() for x in reference.losses]
     del reference
 
     run = Run()
     run.train(3)
     ids = [id(t) for t in run.tensors()]
-    torch.cuda.synchronize()
-    free_before = torch.cuda.mem_get_info()[0]
+    program_bytes = sum(
+        {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in run.tensors()}.values()
+    )
+    contexts_before = contexts()
+    free_before = free_device_memory()
+    nvml_before = nvml_used()
     engine = SwapEngine("cuda")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SwapWarning)
         out = engine.offload()
-    free_after = torch.cuda.mem_get_info()[0]
+    free_after = free_device_memory()
+    nvml_after = nvml_used()
     empty = all(t.untyped_storage().nbytes() == 0 for t in run.tensors())
     reserved_after = torch.cuda.memory_reserved()
     pinned = engine._host is not None and engine._host.is_pinned()
     back = engine.onload()
     identity_kept = [id(t) for t in run.tensors()] == ids
     run.train(3)
+    process_before, process_after = nvml_before["process"], nvml_after["process"]
     return {
         "moved": out.bytes,
+        "program_bytes": program_bytes,
         "freed_on_device": free_after - free_before,
+        "nvml_freed_device": (nvml_before["device"] or 0) - (nvml_after["device"] or 0),
+        "nvml_freed_process": (
+            process_before - process_after
+            if process_before is not None and process_after is not None
+            else None
+        ),
+        "contexts_before": contexts_before,
+        "contexts_after": contexts(),
         "reserved_after_offload": reserved_after,
         "all_empty": empty,
         "pinned_host_buffer": pinned,
@@ -112,11 +174,8 @@ def training_bit_for_bit() -> dict[str, Any]:
     }
 
 
-@case
-def unmovable_memory_is_reported() -> dict[str, Any]:
-    keep = torch.randn(1 << 20, device="cuda")
-    alias = torch.from_dlpack(torch.randn(1 << 18, device="cuda"))  # storage not resizable
-    graph_input = torch.randn(1 << 16, device="cuda")
+def capture_double(graph_input: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """A graph computing graph_input * 2 (its input lives outside the graph's pool)."""
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -125,18 +184,80 @@ def unmovable_memory_is_reported() -> dict[str, Any]:
     torch.cuda.current_stream().wait_stream(stream)
     with torch.cuda.graph(graph):
         graph_output = graph_input * 2
+    return graph, graph_output
+
+
+def replays_right(
+    graph: torch.cuda.CUDAGraph, graph_input: torch.Tensor, out: torch.Tensor
+) -> bool:
+    graph_input.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    return torch.equal(out, graph_input * 2)
+
+
+@case
+def unmovable_memory_is_reported() -> dict[str, Any]:
+    keep = torch.randn(1 << 20, device="cuda")
+    alias = torch.from_dlpack(torch.randn(1 << 18, device="cuda"))  # storage not resizable
     engine = SwapEngine("cuda")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SwapWarning)
         out = engine.offload()
-    result = {
+    result: dict[str, Any] = {
         "warnings": [str(w.message) for w in caught],
         "skipped_bytes": out.skipped_bytes,
         "alias_kept": alias.untyped_storage().nbytes() == (1 << 18) * 4,
-        "graph_output_kept": graph_output.untyped_storage().nbytes() > 0,
         "moved_plain": keep.untyped_storage().nbytes() == 0,
     }
     engine.onload()
+    return result
+
+
+@case
+def cuda_graphs_block_offload_unless_allowed() -> dict[str, Any]:
+    keep = torch.randn(1 << 20, device="cuda")
+    graph_input = torch.randn(1 << 16, device="cuda")
+    graph, graph_output = capture_double(graph_input)
+    result: dict[str, Any] = {"replays_before": replays_right(graph, graph_input, graph_output)}
+
+    engine = SwapEngine("cuda")  # default: refuse, move nothing
+    try:
+        engine.offload()
+        result["refused"] = None
+    except SwapError as exc:
+        result["refused"] = str(exc)
+    result["state_after_refusal"] = engine.state.value
+    result["nothing_moved"] = keep.untyped_storage().nbytes() == (1 << 20) * 4
+    result["replays_after_refusal"] = replays_right(graph, graph_input, graph_output)
+
+    allowed = SwapEngine("cuda", allow_graph_pools=True)  # opted in: the program re-captures
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SwapWarning)
+        out = allowed.offload()
+    result["warnings"] = [str(w.message) for w in caught]
+    result["skipped_bytes"] = out.skipped_bytes
+    result["graph_output_kept"] = graph_output.untyped_storage().nbytes() > 0
+    result["input_moved"] = graph_input.untyped_storage().nbytes() == 0
+    allowed.onload()
+    graph, graph_output = capture_double(graph_input)  # re-captured after the swap
+    result["replays_after_recapture"] = replays_right(graph, graph_input, graph_output)
+
+    # Automatic mode: replay runs under hold(); the watchdog's swap-out is refused (graph pools
+    # exist), so the lease is kept and retried with backoff, and replays stay right.
+    lessor = LocalLessor()
+    auto = AutoSwap(lessor, device="cuda", idle_ms=50)
+    auto.install()
+    try:
+        rights = [replays_right(graph, graph_input, graph_output) for _ in range(3)]
+        time.sleep(1.0)
+        rights.append(replays_right(graph, graph_input, graph_output))
+        result["auto_replays_right"] = all(rights)
+        result["auto_failed_swaps"] = auto.stats.failed_swaps
+        result["auto_holding"] = auto.holding and auto.engine.state is SwapState.RESIDENT
+        result["auto_released"] = lessor.released
+    finally:
+        auto.uninstall()
     return result
 
 
@@ -171,7 +292,7 @@ def failed_onload_keeps_host_copies() -> dict[str, Any]:
 def auto_mode_releases_memory_when_idle() -> dict[str, Any]:
     reference = Run()
     reference.train(4)
-    ref_losses = [x.clone() for x in reference.losses]
+    ref_losses = [x.cpu() for x in reference.losses]
     del reference
     torch.cuda.empty_cache()
 
