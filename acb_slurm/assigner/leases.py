@@ -115,6 +115,7 @@ class Lease:
     granted_memory: int = 0
     yield_requested: bool = False  # asked once to give the lease back (time slice)
     request_tag: str = ""  # the client's tag of its Allocate call, echoed in the grant
+    required_gpus: tuple[int, ...] = ()  # the only GPUs it may get (empty: any)
 
 
 @dataclass
@@ -220,8 +221,12 @@ class LeaseBook:
         priority: int,
         label: str,
         request_tag: str = "",
+        required_gpus: Iterable[int] = (),
     ) -> Lease:
-        """Queue a request; its `future` resolves with the AllocReply once granted."""
+        """Queue a request; its `future` resolves with the AllocReply once granted.
+
+        `required_gpus` pins it to exactly those inventory indices (a process whose device state
+        lives on its first grant's GPUs); the core refuses a malformed or impossible pin."""
         self._check_open()
         session = self._session(session_id)
         lease = Lease(
@@ -234,6 +239,7 @@ class LeaseBook:
             requested_at=self.clock(),
             future=asyncio.get_running_loop().create_future(),
             request_tag=request_tag,
+            required_gpus=tuple(required_gpus),
         )
         request = Request(
             request_id=lease.lease_id,
@@ -242,6 +248,7 @@ class LeaseBook:
             memory_bytes=memory_bytes,
             priority=priority,
             affinity_key=session.affinity_key,
+            required_gpus=lease.required_gpus,
         )
         self.leases[lease.lease_id] = lease
         session.leases[lease.lease_id] = lease
@@ -266,6 +273,7 @@ class LeaseBook:
             priority=priority,
             label=label,
             affinity_key=request.affinity_key,
+            required_gpus=list(lease.required_gpus),
         )
         self._commit(grants)
         self._changed()
@@ -430,6 +438,7 @@ class LeaseBook:
                     priority=waiting.priority,
                     waiting_seconds=now - waiting.requested_at,
                     label=waiting.label,
+                    required_gpu_indices=waiting.required_gpus,
                 )
             )
         c = self.counters
@@ -564,16 +573,21 @@ class LeaseBook:
 
     def _check_time_slice(self) -> None:
         """While a request waits, ask every holder whose lease is at least `time_slice` old to
-        yield (once per lease); then arm a timer for the next lease to come of age."""
+        yield (once per lease); then arm a timer for the next lease to come of age. When every
+        waiter is pinned, only holders of GPUs they require are asked: another GPU's holder
+        yielding would help none of them."""
         if self._slice_timer is not None:
             self._slice_timer.cancel()
             self._slice_timer = None
         if self.time_slice <= 0 or self.closed or not self.scheduler.queue:
             return
+        wanted = self._wanted_gpus()
         now = self.clock()
         next_due: float | None = None
         for lease in list(self.leases.values()):
             if lease.state is not LeaseState.GRANTED or lease.yield_requested:
+                continue
+            if wanted is not None and wanted.isdisjoint(lease.gpu_indices):
                 continue
             due = lease.granted_at + self.time_slice
             if due <= now:
@@ -584,6 +598,15 @@ class LeaseBook:
             self._slice_timer = asyncio.get_running_loop().call_later(
                 next_due - now, self._check_time_slice
             )
+
+    def _wanted_gpus(self) -> set[int] | None:
+        """The GPUs some waiter could be granted: None (any) unless every waiter is pinned."""
+        wanted: set[int] = set()
+        for request in self.scheduler.queue:
+            if not request.required_gpus:
+                return None
+            wanted.update(request.required_gpus)
+        return wanted
 
 
 def _policy_name(scheduler: Scheduler) -> str:

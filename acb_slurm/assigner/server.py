@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -70,7 +71,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call whose `x-acb-token` metadata is not the job's token."""
 
     def __init__(self, token: str) -> None:
-        self._token = token
+        self._token = token.encode("utf-8")
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(
@@ -92,7 +93,10 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         for key, value in handler_call_details.invocation_metadata or ():
-            if key == TOKEN_METADATA_KEY and value == self._token:
+            if key != TOKEN_METADATA_KEY:
+                continue
+            given = value if isinstance(value, bytes) else str(value).encode("utf-8")
+            if hmac.compare_digest(given, self._token):  # constant time: the token is a secret
                 return await continuation(handler_call_details)
         method = handler_call_details.method
         if method.endswith(("/Session", "/Join")):
@@ -175,6 +179,7 @@ class AssignerServicer(pb_grpc.AssignerServicer):
                 request.priority,
                 request.label,
                 request.request_tag,
+                request.required_gpu_indices,
             )
         except BookError as exc:
             await _abort(context, exc)

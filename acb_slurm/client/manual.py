@@ -9,6 +9,15 @@
     with on_device() as lease:
         ...
 
+A process that swaps its GPU state to host memory between leases (the swap engine, or its own
+offload/onload around these calls) is bound to the GPUs of its FIRST grant: a tensor's storage
+keeps its device, so after an offload it must come back onto the same GPUs. Such a process pins
+every later request to that grant:
+
+    first = on_device_begin()
+    ...                                              # offload, on_device_end(first), ...
+    lease = on_device_begin(required_gpus=first.gpu_indices)   # waits for exactly those GPUs
+
 All calls go through this process's `default_client()` (one Session per process, opened on
 first use from ACB_ASSIGNER / ACB_TOKEN_FILE / ACB_JOB_ID / ACB_WORKER). To act around these
 calls (the swap engine offloads before a release and onloads after a grant), register a
@@ -17,7 +26,7 @@ calls (the swap engine offloads before a release and onloads after a grant), reg
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from acb_slurm.client.errors import LeaseNotHeld
@@ -31,15 +40,23 @@ def on_device_begin(
     priority: int = 0,
     label: str = "",
     timeout: float | None = None,
+    required_gpus: Sequence[int] | None = None,
 ) -> Lease:
     """Block until `gpus` GPUs are granted (with `memory` per GPU, e.g. "20GiB"; None = whole).
 
-    Raises TimeoutError after `timeout` seconds (the request is withdrawn), GrantImpossible when
-    it can never be granted here, InvalidGpuRequest when it is malformed.
+    `required_gpus` (an earlier lease's `gpu_indices`) pins the request to exactly those GPUs;
+    `gpus` must be their number. Raises TimeoutError after `timeout` seconds (the request is
+    withdrawn), GrantImpossible when it can never be granted here (e.g. a required GPU this node
+    does not have), InvalidGpuRequest when it is malformed.
     """
     memory_bytes = 0 if memory is None else parse_size(memory)
     return default_client().allocate(
-        gpus=gpus, memory=memory_bytes, priority=priority, label=label, timeout=timeout
+        gpus=gpus,
+        memory=memory_bytes,
+        priority=priority,
+        label=label,
+        timeout=timeout,
+        required_gpus=required_gpus,
     )
 
 
@@ -61,10 +78,16 @@ def on_device(
     priority: int = 0,
     label: str = "",
     timeout: float | None = None,
+    required_gpus: Sequence[int] | None = None,
 ) -> Iterator[Lease]:
-    """Hold GPUs for the duration of a `with` block."""
+    """Hold GPUs for the duration of a `with` block (`required_gpus`: see on_device_begin)."""
     lease = on_device_begin(
-        gpus=gpus, memory=memory, priority=priority, label=label, timeout=timeout
+        gpus=gpus,
+        memory=memory,
+        priority=priority,
+        label=label,
+        timeout=timeout,
+        required_gpus=required_gpus,
     )
     try:
         yield lease

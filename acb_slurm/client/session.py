@@ -14,6 +14,12 @@ when the assigner asks for a lease back (release it at the next safe point; a pr
 listener can poll `Client.yield_requested(lease)` there instead; gate mode ignores both). A
 listener that raises in `on_granted` makes `allocate()` release the lease and re-raise.
 
+Pinned requests: `allocate(..., required_gpus=lease.gpu_indices)` is granted exactly those GPUs
+(the assigner's inventory indices) or waits for them, whatever else is free. A process that keeps
+device state across leases (it swaps tensors to host memory between leases, in automatic mode or
+through the manual API) must pin every later request to its FIRST grant's `gpu_indices`: a
+tensor's storage keeps its device, so its state can only come back onto the same GPUs.
+
 A grant that arrives just after `allocate()` gave up (its timeout fired, or it was interrupted)
 is given back at once: every Allocate call carries a tag, the grant's notice on the session
 stream echoes it, and the session thread releases a grant whose call no longer waits.
@@ -30,7 +36,7 @@ import secrets
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +49,7 @@ from acb_slurm.client.errors import (
     AssignerError,
     AssignerNotConfigured,
     AssignerUnavailable,
+    InvalidGpuRequest,
     LeaseNotHeld,
     SessionLost,
     from_rpc_error,
@@ -313,9 +320,15 @@ class Client:
         priority: int = 0,
         label: str = "",
         timeout: float | None = None,
+        required_gpus: Sequence[int] | None = None,
     ) -> Lease:
         """Block until the assigner grants `gpus` GPUs; TimeoutError (request withdrawn) after
-        `timeout` seconds."""
+        `timeout` seconds.
+
+        `required_gpus` (inventory indices, e.g. an earlier lease's `gpu_indices`) pins the
+        request: it gets exactly those GPUs, waiting for them while others are free; `gpus` must
+        be their number. None or empty: any GPUs."""
+        required = _required_indices(required_gpus)
         session_id = self.session_id
         assert self._stub is not None
         tag = next(self._tags)
@@ -326,6 +339,7 @@ class Client:
             priority=priority,
             label=label,
             request_tag=tag,
+            required_gpu_indices=required,
         )
         with self._calls_lock:
             self._in_flight.add(tag)
@@ -454,6 +468,23 @@ class Client:
         if not details:
             return session_error
         return SessionLost(f"{session_error} ({what}: {details})", session_error.code)
+
+
+def _required_indices(required_gpus: Sequence[int] | None) -> list[int]:
+    """The required GPU indices as the wire carries them; InvalidGpuRequest if they cannot be."""
+    if required_gpus is None:
+        return []
+    if isinstance(required_gpus, str | bytes):
+        raise InvalidGpuRequest(
+            f"required_gpus must be a sequence of GPU indices, got {required_gpus!r}"
+        )
+    indices = list(required_gpus)
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise InvalidGpuRequest(
+                f"required_gpus must hold GPU indices (ints >= 0), got {indices!r}"
+            )
+    return indices
 
 
 _default: Client | None = None

@@ -8,7 +8,9 @@ Queue service, generic for every policy: waiters are served in order (higher pri
 equal priorities by arrival). When an earlier waiter cannot be placed now, a later one that can
 be placed is granted anyway (backfill), and every earlier waiter it went past counts one bypass.
 A waiter bypassed `max_bypass` times holds a reservation: nothing behind it is granted until it
-is served, so no waiter is passed more than `max_bypass` times.
+is served, so no waiter is passed more than `max_bypass` times. A request pinned to its GPUs
+(`Request.required_gpus`) queues, is bypassed and reserves like any other; every policy places it
+on exactly those GPUs or not at all.
 
 Affinity memory (read by gpu-affinity): the GPUs of the latest grant of each affinity key
 (`Request.affinity`: the request's `affinity_key`, else its client). A client's own key is
@@ -37,9 +39,10 @@ from acb_slurm.scheduler.types import (
 __all__ = ["Scheduler"]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Waiter:
-    """A queued request, its place in the queue and how often later requests went past it."""
+    """A queued request, its place in the queue and how often later requests went past it.
+    Compared by identity (`eq=False`): the queue removes exactly this waiter."""
 
     request: Request
     seq: int
@@ -307,6 +310,23 @@ class Scheduler:
                 f"request {rid!r}: memory_bytes must be >= 0 (0 = whole GPU), "
                 f"got {request.memory_bytes}"
             )
+        required = request.required_gpus
+        if not isinstance(required, tuple) or any(
+            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in required
+        ):
+            raise InvalidRequest(
+                f"request {rid!r}: required_gpus must be a tuple of GPU indices (ints >= 0), "
+                f"got {required!r}"
+            )
+        if len(set(required)) != len(required):
+            raise InvalidRequest(
+                f"request {rid!r}: required_gpus {list(required)} names a GPU more than once"
+            )
+        if required and request.gpu_count != len(required):
+            raise InvalidRequest(
+                f"request {rid!r}: gpu_count is {request.gpu_count} but required_gpus names "
+                f"{len(required)} GPU(s) {list(required)}; they must match"
+            )
         if rid in self._waiting or rid in self._held:
             state = "waiting" if rid in self._waiting else "granted"
             raise InvalidRequest(f"request id {rid!r} is already {state}; use a new id")
@@ -400,6 +420,8 @@ class Scheduler:
         problem = ""
         if len(gpus) != request.gpu_count or len(set(gpus)) != len(gpus):
             problem = f"{len(set(gpus))} distinct GPUs for a request of {request.gpu_count}"
+        elif request.required_gpus and gpus != tuple(sorted(request.required_gpus)):
+            problem = f"the request requires GPUs {sorted(request.required_gpus)}"
         elif any(not 0 <= i < len(self._gpus) for i in gpus):
             problem = f"GPU indices {gpus} outside 0..{len(self._gpus) - 1}"
         else:

@@ -5,6 +5,10 @@ A policy answers two questions about a request, both pure functions of their arg
 * `check(request, gpus)`: can it *ever* be placed on this inventory? (raises `Infeasible`)
 * `place(request, view)`: which GPUs now, or `None` for "not now, retry later"?
 
+A request with `required_gpus` must be placed on exactly those GPUs or not at all; every policy
+here does that with `place_required` (which asks the policy's `fits` of each required GPU), and
+the core refuses any other placement of it as a bug in the policy.
+
 Queue order, backfill and the bypass bound are the core's (`Scheduler`), not the policy's, so
 adding a policy is one class with `@register_policy`.
 """
@@ -61,11 +65,30 @@ class Policy(ABC):
     def shape(self, request: Request) -> Hashable | None:
         """Requests of equal shape fit alike: once one cannot be placed, the core skips the rest
         of that shape until the next call (long queues of identical workers stay cheap). Return
-        None when placement depends on more than the GPU count and memory."""
-        return (request.gpu_count, request.memory_bytes, self.exclusive(request))
+        None when placement depends on more than the GPU count, memory and required GPUs."""
+        return (
+            request.gpu_count,
+            request.memory_bytes,
+            self.exclusive(request),
+            tuple(sorted(request.required_gpus)),
+        )
+
+    def fits(self, request: Request, gpu_index: int, view: PolicyView) -> bool:
+        """Whether `request` may take this GPU now (default: a whole GPU, nobody holds it and it
+        has the memory asked). `place_required` asks it of each required GPU."""
+        gpu = view.gpus[gpu_index]
+        return gpu.memory_bytes >= request.memory_bytes and not view.holders_of(gpu_index)
+
+    def place_required(self, request: Request, view: PolicyView) -> tuple[int, ...] | None:
+        """A pinned request's placement: its required GPUs when each `fits` now, else None."""
+        required = tuple(sorted(request.required_gpus))
+        return required if all(self.fits(request, i, view) for i in required) else None
 
     def check(self, request: Request, gpus: Sequence[Gpu]) -> None:
         """Raise `Infeasible` when `request` can never be placed on `gpus` under this policy."""
+        if request.required_gpus:
+            self._check_required(request, gpus)
+            return
         count = request.gpu_count
         if count > len(gpus):
             raise Infeasible(
@@ -85,9 +108,27 @@ class Policy(ABC):
                 f"{format_size(need)} each, only {big_enough} GPU(s) of this node have that much"
             )
 
+    def _check_required(self, request: Request, gpus: Sequence[Gpu]) -> None:
+        rid, required = request.request_id, sorted(request.required_gpus)
+        missing = [i for i in required if i >= len(gpus)]
+        if missing:
+            have = f"GPUs 0..{len(gpus) - 1}" if gpus else "no GPUs"
+            raise Infeasible(
+                f"request {rid!r} requires GPU(s) {missing}, this node has {have} "
+                f"(required GPUs are indices of this assigner's inventory)"
+            )
+        need = request.memory_bytes
+        for index in required:
+            if gpus[index].memory_bytes < need:
+                raise Infeasible(
+                    f"request {rid!r} requires GPU {index} with {format_size(need)}, "
+                    f"GPU {index} has {format_size(gpus[index].memory_bytes)}"
+                )
+
     @abstractmethod
     def place(self, request: Request, view: PolicyView) -> tuple[int, ...] | None:
-        """The GPU indices to grant `request` now, or `None` when it cannot be placed now."""
+        """The GPU indices to grant `request` now, or `None` when it cannot be placed now.
+        A request with `required_gpus` gets exactly those or None (see `place_required`)."""
 
     def __repr__(self) -> str:
         return f"<policy {self.name}>"
@@ -152,12 +193,19 @@ class Simple(Policy):
     def check(self, request: Request, gpus: Sequence[Gpu]) -> None:
         super().check(request, gpus)
         if request.gpu_count > 1:
+            asks = (
+                f"requires GPUs {sorted(request.required_gpus)}"
+                if request.required_gpus
+                else f"asks for {_gpus(request.gpu_count)}"
+            )
             raise Infeasible(
-                f"request {request.request_id!r} asks for {_gpus(request.gpu_count)}: "
-                "policy simple grants one GPU per request: use gpu-affinity for multi-GPU requests"
+                f"request {request.request_id!r} {asks}: policy simple grants one GPU per "
+                "request: use gpu-affinity for multi-GPU requests"
             )
 
     def place(self, request: Request, view: PolicyView) -> tuple[int, ...] | None:
+        if request.required_gpus:
+            return self.place_required(request, view)
         free = _free_fitting(request, view)
         return (free[0],) if free else None
 
@@ -172,7 +220,17 @@ class GpuSharing(Policy):
     def exclusive(self, request: Request) -> bool:
         return request.memory_bytes == 0
 
+    def fits(self, request: Request, gpu_index: int, view: PolicyView) -> bool:
+        if request.memory_bytes == 0:
+            return not view.holders_of(gpu_index)
+        if view.is_exclusive(gpu_index):
+            return False
+        room = view.gpus[gpu_index].memory_bytes - view.promised_bytes(gpu_index)
+        return room >= request.memory_bytes
+
     def place(self, request: Request, view: PolicyView) -> tuple[int, ...] | None:
+        if request.required_gpus:
+            return self.place_required(request, view)
         # Best fit: put a shared request on the GPUs where it leaves the least memory over,
         # so that the large holes stay whole for large (or exclusive) requests that come later;
         # an exclusive request takes the smallest empty GPUs for the same reason. Ties go to
@@ -205,6 +263,8 @@ class GpuAffinity(Policy):
     description = "exclusive multi-GPU grants that return a client to the GPUs it held last"
 
     def place(self, request: Request, view: PolicyView) -> tuple[int, ...] | None:
+        if request.required_gpus:
+            return self.place_required(request, view)
         free = _free_fitting(request, view)
         if len(free) < request.gpu_count:
             return None

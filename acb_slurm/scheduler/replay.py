@@ -9,12 +9,12 @@ How events map to calls:
 
 * `start` gives the inventory and (unless `policy` is given) the policy. A second `start` of the
   same node (a restarted daemon) begins a fresh scheduler.
-* `request` -> `submit` (with its `affinity_key`, when present); `release` -> `release`;
-  `withdraw` -> `withdraw`; `disconnect` -> `disconnect` (its `leases`, when present, must be
-  the leases the client held, or all it held and waited for). The per-lease `release`/`withdraw`
-  lines with reason `disconnect` are covered by the `disconnect` event and skipped; `release`
-  lines with reason `shutdown` end the replay of that daemon run (grants a shutdown would make
-  are never committed).
+* `request` -> `submit` (with its `affinity_key` and `required_gpus`, when present);
+  `release` -> `release`; `withdraw` -> `withdraw`; `disconnect` -> `disconnect` (its
+  `leases`, when present, must be the leases the client held, or all it held and waited for).
+  The per-lease `release`/`withdraw` lines with reason `disconnect` are covered by the
+  `disconnect` event and skipped; `release` lines with reason `shutdown` end the replay of that
+  daemon run (grants a shutdown would make are never committed).
 * `usage` (`lease`, `resident_bytes`: a holder's measured memory, gpu-sharing) -> `update_usage`;
   a log without these events replays exactly only where no holder was re-charged.
 * `withdraw` with reason `shutdown` and `stop` end the daemon run like a shutdown `release`.
@@ -155,6 +155,7 @@ def _request(event: Mapping[str, Any], where: str) -> Request:
         memory_bytes=int(event.get("memory_bytes", 0)),
         priority=int(event.get("priority", 0)),
         affinity_key=str(event.get("affinity_key", "")),
+        required_gpus=tuple(int(i) for i in event.get("required_gpus") or ()),
     )
 
 

@@ -27,6 +27,11 @@ class Request:
     `affinity_key` names who gpu-affinity remembers the last GPUs of; empty means the client
     itself. A key other than the client id outlives the client's disconnect, so a worker that
     reconnects under the same key (the daemon uses job/worker) gets its GPUs back.
+
+    `required_gpus` pins the request: it is granted exactly these GPU indices (under every
+    policy) or waits, whatever else is free. A process that keeps device state across leases (it
+    swaps to host memory and back) pins its later requests to its first grant's GPUs.
+    `gpu_count` must equal their number. Empty: any GPUs. A list is kept as a tuple.
     """
 
     request_id: str
@@ -35,6 +40,11 @@ class Request:
     memory_bytes: int = 0
     priority: int = 0  # higher first; equal priorities FIFO
     affinity_key: str = ""
+    required_gpus: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.required_gpus, list):
+            object.__setattr__(self, "required_gpus", tuple(self.required_gpus))
 
     @property
     def affinity(self) -> str:

@@ -213,6 +213,36 @@ def test_bad_requests_get_clear_errors_and_the_daemon_keeps_serving(
     ]
 
 
+@pytest.mark.parametrize("policy", ["simple", "gpu-affinity"])
+def test_pinned_requests_that_cannot_be_granted_get_clear_errors(
+    start_assigner: StartAssigner, policy: str
+) -> None:
+    assigner = start_assigner(gpus=2, policy=policy)
+    with Client(target=assigner.target, token="") as client:
+        with pytest.raises(InvalidGpuRequest, match=r"gpu_count is 1 but required_gpus names 2"):
+            client.allocate(gpus=1, required_gpus=[0, 1])
+        with pytest.raises(InvalidGpuRequest, match=r"required_gpus \[1, 1\] names a GPU more"):
+            client.allocate(gpus=2, required_gpus=[1, 1])
+        with pytest.raises(GrantImpossible, match=r"requires GPU\(s\) \[2\], this node has GPUs"):
+            client.allocate(required_gpus=[2])
+        with pytest.raises(GrantImpossible, match=r"requires GPU 1 with 1\.0TiB"):
+            client.allocate(memory=parse_size("1TiB"), required_gpus=[1])
+        if policy == "simple":
+            with pytest.raises(GrantImpossible, match="policy simple grants one GPU per request"):
+                client.allocate(gpus=2, required_gpus=[0, 1])
+            lease = client.allocate(required_gpus=[1], timeout=10)
+            assert lease.gpu_indices == (1,)
+        else:
+            lease = client.allocate(gpus=2, required_gpus=[1, 0], timeout=10)
+            assert lease.gpu_indices == (0, 1)
+        client.release(lease)
+    errors = of(assigner.events(), "error")
+    assert [e["code"] for e in errors] == ["INVALID_ARGUMENT"] * 2 + ["FAILED_PRECONDITION"] * (
+        3 if policy == "simple" else 2
+    )
+    replay(assigner.events())
+
+
 def test_calls_without_the_job_token_are_refused(start_assigner: StartAssigner) -> None:
     assigner = start_assigner(gpus=1, token="s3cret-token")
     for token in ("", "wrong-token"):

@@ -18,6 +18,7 @@ from acb_slurm.client import (
     AssignerNotConfigured,
     AssignerUnavailable,
     Client,
+    InvalidGpuRequest,
     Lease,
     LeaseListener,
     LeaseNotHeld,
@@ -264,6 +265,33 @@ def test_a_holder_is_asked_to_yield_after_its_time_slice_only_while_another_wait
     replay(events)
 
 
+def test_a_pinned_waiter_asks_only_the_holder_of_its_gpu_to_yield(
+    start_assigner: StartAssigner,
+) -> None:
+    time_slice = 0.3
+    assigner = start_assigner(gpus=2, extra_args=["--time-slice", str(time_slice)])
+    recorders = {"a": YieldRecorder(), "b": YieldRecorder()}
+    with (
+        Client(target=assigner.target, token="", worker="a") as a,
+        Client(target=assigner.target, token="", worker="b") as b,
+        Client(target=assigner.target, token="", worker="pinned") as pinned,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        a.add_listener(recorders["a"])
+        b.add_listener(recorders["b"])
+        on_zero, on_one = a.allocate(timeout=10), b.allocate(timeout=10)
+        assert (on_zero.gpu_indices, on_one.gpu_indices) == ((0,), (1,))
+        waiting = pool.submit(pinned.allocate, timeout=30, required_gpus=[1])
+        assert recorders["b"].asked.get(timeout=10) == (on_one.lease_id, "time-slice")
+        with pytest.raises(queue.Empty):  # GPU 0 would not help the pinned waiter
+            recorders["a"].asked.get(timeout=3 * time_slice)
+        b.release(on_one)
+        assert waiting.result(timeout=10).gpu_indices == (1,)
+        a.release(on_zero)
+    assert [e["worker"] for e in of(assigner.events(), "yield")] == ["b"]
+    replay(assigner.events())
+
+
 def test_without_a_time_slice_nobody_is_asked_to_yield(start_assigner: StartAssigner) -> None:
     assigner = start_assigner(gpus=1)
     recorder = YieldRecorder()
@@ -309,8 +337,95 @@ def test_a_grant_that_comes_just_after_the_timeout_is_given_back(
             time.sleep(0.05)
         assert nothing_held(), f"a lease stays held after {outcomes}"
         assert client.allocate(timeout=5).gpu_indices == (0,)
+    # Closing the client released that last lease; the assigner logs it as the session ends.
+    deadline = time.monotonic() + 10
+    while not of(assigner.events(), "disconnect") and time.monotonic() < deadline:
+        time.sleep(0.02)
     events = assigner.events()
     late = [e for e in of(events, "release") if e["reason"] in ("deadline", "cancelled")]
     print(outcomes, "late grants given back:", len(late))
     assert len(of(events, "grant")) == len(of(events, "release"))
     replay(events)
+
+
+PINNED_WAITER = """
+import sys
+from acb_slurm.client import on_device_begin
+lease = on_device_begin(required_gpus=[int(sys.argv[1])], label="pinned")
+print(",".join(map(str, lease.gpu_indices)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("policy", ["simple", "gpu-sharing", "gpu-affinity"])
+def test_a_pinned_request_waits_for_its_gpu_while_another_is_free(
+    start_assigner: StartAssigner, policy: str
+) -> None:
+    # A swapping process must come back to the GPU its state lives on: pinned to GPU 1, it
+    # waits while GPU 0 is free and gets GPU 1 once its holder lets go, never GPU 0.
+    assigner = start_assigner(gpus=2, policy=policy)
+    with (
+        Client(target=assigner.target, token="", worker="a") as a,
+        Client(target=assigner.target, token="", worker="b") as b,
+    ):
+        first = a.allocate(timeout=10)
+        second = b.allocate(timeout=10)
+        assert (first.gpu_indices, second.gpu_indices) == ((0,), (1,))
+        pinned = subprocess.Popen(
+            [sys.executable, "-c", PINNED_WAITER, "1"],
+            env=assigner.client_env(ACB_WORKER="pinned"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not (queue_now := a.status().self.queue):
+                assert pinned.poll() is None, pinned.communicate()
+                assert time.monotonic() < deadline, "the pinned request never queued"
+                time.sleep(0.02)
+            (waiter,) = queue_now
+            assert waiter.client.worker == "pinned"
+            assert list(waiter.required_gpu_indices) == [1]
+            a.release(first)
+            time.sleep(0.5)  # GPU 0 is free all this time; the pinned request must not take it
+            assert pinned.poll() is None, f"the pinned request returned: {pinned.communicate()}"
+            status = a.status().self
+            assert list(status.gpus[0].lease_ids) == []
+            assert [w.client.worker for w in status.queue] == ["pinned"]
+            b.release(second)
+            out, err = pinned.communicate(timeout=30)
+        finally:
+            if pinned.poll() is None:
+                pinned.kill()
+                pinned.communicate()
+        assert pinned.returncode == 0, err
+        assert out.strip() == "1"
+    events = assigner.events()
+    requests = {e["worker"]: e for e in of(events, "request")}
+    assert requests["pinned"]["required_gpus"] == [1]
+    assert requests["a"]["required_gpus"] == requests["b"]["required_gpus"] == []
+    pinned_grants = [e["gpus"] for e in of(events, "grant") if e["worker"] == "pinned"]
+    assert pinned_grants == [[1]]
+    replay(events)
+
+
+def test_the_manual_api_pins_a_request_to_an_earlier_lease_s_gpus(
+    manual_env: AssignerProcess,
+) -> None:
+    first = on_device_begin(label="first")
+    assert first.gpu_indices == (0,)
+    on_device_end(first)
+    with Client(target=manual_env.target, token="tok") as other:
+        taken = other.allocate(timeout=10)
+        assert taken.gpu_indices == (0,)
+        with pytest.raises(TimeoutError):  # GPU 1 is free, but this request is pinned to GPU 0
+            on_device_begin(required_gpus=first.gpu_indices, timeout=0.5)
+        other.release(taken)
+        with on_device(required_gpus=first.gpu_indices, timeout=10) as again:
+            assert again.gpu_indices == (0,)
+    with pytest.raises(InvalidGpuRequest, match="GPU indices"):
+        on_device_begin(required_gpus=[-1])
+    with pytest.raises(InvalidGpuRequest, match="sequence of GPU indices"):
+        on_device_begin(required_gpus="0")  # type: ignore[arg-type]
+    requests = of(manual_env.events(), "request")
+    assert [r["required_gpus"] for r in requests] == [[], [], [0], [0]]

@@ -12,6 +12,8 @@ from acb_slurm.scheduler import (
     Gpu,
     Infeasible,
     InvalidRequest,
+    Policy,
+    PolicyView,
     Request,
     Scheduler,
     SchedulerError,
@@ -105,6 +107,62 @@ ERROR_CASES = [
         "asks for 100.0GiB per GPU, the largest GPU of this node has 80.0GiB",
     ),
     ErrorCase(
+        "required GPUs that do not match the GPU count are an invalid request",
+        "gpu-affinity",
+        lambda s: s.submit(Request("r", "c", gpu_count=1, required_gpus=(0, 1))),
+        InvalidRequest,
+        "gpu_count is 1 but required_gpus names 2 GPU(s) [0, 1]; they must match",
+    ),
+    ErrorCase(
+        "a GPU required twice is an invalid request",
+        "gpu-affinity",
+        lambda s: s.submit(Request("r", "c", gpu_count=2, required_gpus=(1, 1))),
+        InvalidRequest,
+        "required_gpus [1, 1] names a GPU more than once",
+    ),
+    ErrorCase(
+        "a negative required GPU is an invalid request",
+        "gpu-sharing",
+        lambda s: s.submit(Request("r", "c", required_gpus=(-1,))),
+        InvalidRequest,
+        "required_gpus must be a tuple of GPU indices (ints >= 0), got (-1,)",
+    ),
+    ErrorCase(
+        "required GPUs that are not a tuple of ints are an invalid request",
+        "simple",
+        lambda s: s.submit(Request("r", "c", required_gpus="0")),  # type: ignore[arg-type]
+        InvalidRequest,
+        "required_gpus must be a tuple of GPU indices (ints >= 0), got '0'",
+    ),
+    ErrorCase(
+        "a required GPU the node does not have can never fit",
+        "gpu-sharing",
+        lambda s: s.submit(Request("r", "c", required_gpus=(2,))),
+        Infeasible,
+        "request 'r' requires GPU(s) [2], this node has GPUs 0..1",
+    ),
+    ErrorCase(
+        "required GPUs beyond the node are named even when they outnumber its GPUs",
+        "gpu-affinity",
+        lambda s: s.submit(Request("r", "c", gpu_count=3, required_gpus=(4, 0, 3))),
+        Infeasible,
+        "requires GPU(s) [3, 4], this node has GPUs 0..1",
+    ),
+    ErrorCase(
+        "two required GPUs under simple can never fit and name the policy to use",
+        "simple",
+        lambda s: s.submit(Request("r", "c", gpu_count=2, required_gpus=(1, 0))),
+        Infeasible,
+        "requires GPUs [0, 1]: policy simple grants one GPU per request: use gpu-affinity",
+    ),
+    ErrorCase(
+        "more memory than a required GPU has can never fit",
+        "gpu-sharing",
+        lambda s: s.submit(Request("r", "c", memory_bytes=100 * GiB, required_gpus=(1,))),
+        Infeasible,
+        "requires GPU 1 with 100.0GiB, GPU 1 has 80.0GiB",
+    ),
+    ErrorCase(
         "releasing an unknown id is refused",
         "simple",
         lambda s: s.release("nope"),
@@ -167,6 +225,46 @@ def test_a_refused_submit_does_not_take_a_place_in_the_queue() -> None:
         scheduler.submit(Request("big", "c3", gpu_count=2))
     scheduler.submit(Request("later", "c3", priority=0))
     assert [r.request_id for r in scheduler.queue] == ["waiting", "later"]
+
+
+def test_required_gpus_given_as_a_list_are_kept_as_a_tuple() -> None:
+    request = Request("r", "c", gpu_count=2, required_gpus=[1, 0])  # type: ignore[arg-type]
+    assert request.required_gpus == (1, 0)
+    hash(request)
+    scheduler = Scheduler([Gpu(i, 80 * GiB, str(i)) for i in range(2)], "gpu-affinity")
+    (grant,) = scheduler.submit(request)
+    assert grant.gpu_indices == (0, 1)
+
+
+def test_a_required_gpu_smaller_than_asked_is_infeasible_though_another_is_big_enough() -> None:
+    scheduler = Scheduler([Gpu(0, 80 * GiB, "0"), Gpu(1, 16 * GiB, "1")], "simple")
+    with pytest.raises(Infeasible, match=r"requires GPU 1 with 40\.0GiB, GPU 1 has 16\.0GiB"):
+        scheduler.submit(Request("r", "c", memory_bytes=40 * GiB, required_gpus=(1,)))
+    with pytest.raises(Infeasible, match=r"requires GPU\(s\) \[0\], this node has no GPUs"):
+        Scheduler([], "simple").submit(Request("r", "c", required_gpus=(0,)))
+
+
+class IgnoresPins(Policy):
+    """A faulty policy: places every request on the lowest free GPUs, pinned or not."""
+
+    name = "ignores-pins"
+
+    def place(self, request: Request, view: PolicyView) -> tuple[int, ...] | None:
+        free = [g.index for g in view.gpus if not view.holders_of(g.index)]
+        return tuple(free[: request.gpu_count]) if len(free) >= request.gpu_count else None
+
+
+def test_a_policy_that_ignores_required_gpus_is_caught_as_a_bug() -> None:
+    scheduler = Scheduler([Gpu(i, 80 * GiB, str(i)) for i in range(2)], IgnoresPins())
+    with pytest.raises(SchedulerError, match=r"requires GPUs \[1\] \(a bug in the policy\)"):
+        scheduler.submit(Request("r", "c", required_gpus=(1,)))
+
+
+def test_waiters_compare_by_identity() -> None:
+    from acb_slurm.scheduler.core import _Waiter
+
+    request = Request("r", "c")
+    assert _Waiter(request, 0) != _Waiter(request, 0)
 
 
 def test_an_unknown_request_error_is_also_a_key_error_with_a_plain_message() -> None:

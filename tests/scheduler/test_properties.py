@@ -4,11 +4,13 @@ The model below knows what may be granted (who holds what, how much memory is ch
 how the core picks; after every call it checks each grant the core returned, in order:
 
 * it goes to a waiting request, on distinct GPUs that the request may use at that moment
-  (never two exclusive holders of a GPU, never more memory promised than the GPU has);
+  (never two exclusive holders of a GPU, never more memory promised than the GPU has), and a
+  request pinned to GPUs (`required_gpus`) gets exactly those;
 * every request ahead of it in service order could not be placed at that moment (FIFO except
   where backfill allows it), had not yet been bypassed `max_bypass` times, and counts one bypass;
 * under gpu-affinity, a client whose last GPUs are all free gets exactly those back (requests
-  naming an affinity key are remembered under it, not checked here, but replayed);
+  naming an affinity key are remembered under it, not checked here, but replayed; a pinned
+  request goes where it is pinned);
 
 and then the whole state: queue order, holdings, per-GPU holders and promised bytes, bypass
 counts, and that no waiter could be placed now unless a reservation ahead of it holds it back.
@@ -47,6 +49,8 @@ AFFINITY_KEYS = st.sampled_from(["", "", "w0", "w1"])
 GPU_MEMORY = st.sampled_from([20, 40, 80, 80])
 REQUEST_MEMORY = st.sampled_from([0, 0, 10, 20, 30, 50, 90])
 RESIDENT = st.sampled_from([0, 5, 10, 30, 60, 90])
+# GPU indices to pin to: up to 4 GPUs exist, so index 4 (and any beyond a smaller node) is absent.
+REQUIRED = st.lists(st.integers(0, 4), min_size=1, max_size=3, unique=True).map(tuple)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.waiting: dict[str, Waiting] = {}
         self.held: dict[str, Held] = {}  # grant order
         self.last: dict[str, tuple[int, ...]] = {}
+        self.granted: list[tuple[str, tuple[int, ...]]] = []  # (client, GPUs) of every grant
         self.seq = 0
         self.ids = 0
         gpus = [
@@ -112,11 +117,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
 
     def placeable(self, request: Request) -> bool:
+        if request.required_gpus:
+            return all(self.fits_on(request, i) for i in request.required_gpus)
         return sum(self.fits_on(request, g.index) for g in self.gpus) >= request.gpu_count
 
     def infeasible(self, request: Request) -> bool:
+        if self.policy == "simple" and request.gpu_count > 1:
+            return True
+        if request.required_gpus:
+            return any(
+                i >= len(self.gpus) or self.gpus[i].memory_bytes < request.memory_bytes
+                for i in request.required_gpus
+            )
         big_enough = sum(g.memory_bytes >= request.memory_bytes for g in self.gpus)
-        return big_enough < request.gpu_count or (self.policy == "simple" and request.gpu_count > 1)
+        return big_enough < request.gpu_count
 
     def order(self) -> list[Waiting]:
         return sorted(self.waiting.values(), key=lambda w: (-w.request.priority, w.seq))
@@ -132,9 +146,15 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert len(gpus) == request.gpu_count == len(set(gpus)), f"bad GPU set {gpus}"
             for index in gpus:
                 assert self.fits_on(request, index), f"{rid!r} may not go on GPU {index} now"
+            if request.required_gpus:
+                assert gpus == tuple(sorted(request.required_gpus)), (
+                    f"{rid!r} got {gpus}, it is pinned to {request.required_gpus}"
+                )
+                event("a pinned request got its GPUs")
             last = self.last.get(request.client_id, ())
             if (
                 self.policy == "gpu-affinity"
+                and not request.required_gpus
                 and not request.affinity_key
                 and len(last) == request.gpu_count
                 and all(self.fits_on(request, i) for i in last)
@@ -171,6 +191,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             )
             del self.waiting[rid]
             self.held[rid] = Held(request, gpus, exclusive, request.memory_bytes)
+            self.granted.append((request.client_id, gpus))
             if not request.affinity_key:
                 self.last[request.client_id] = gpus
 
@@ -195,11 +216,32 @@ class SchedulerMachine(RuleBasedStateMachine):
     def submit_a_small_one(self, client: str, memory: int) -> None:
         self.submit_request(Request(f"r{self.ids}", client, 1, memory))
 
+    @rule(
+        client=CLIENTS,
+        required=REQUIRED,
+        memory=REQUEST_MEMORY,
+        priority=st.sampled_from([0, 0, 1]),
+        key=AFFINITY_KEYS,
+    )
+    def submit_pinned(
+        self, client: str, required: tuple[int, ...], memory: int, priority: int, key: str
+    ) -> None:
+        request = Request(f"r{self.ids}", client, len(required), memory, priority, key, required)
+        self.submit_request(request)
+
+    @precondition(lambda self: self.granted)
+    @rule(data=st.data(), memory=st.sampled_from([0, 0, 10]))
+    def come_back_to_the_gpus_of_a_grant(self, data: st.DataObject, memory: int) -> None:
+        """A swapping process asks again, pinned to the GPUs its state lives on."""
+        client, gpus = data.draw(st.sampled_from(self.granted))
+        self.submit_request(Request(f"r{self.ids}", client, len(gpus), memory, 0, "", gpus))
+
     def submit_request(self, request: Request) -> None:
         self.ids += 1
         if self.infeasible(request):
             with pytest.raises(Infeasible):
                 self.scheduler.submit(request)
+            event("an infeasible request was refused")
             return
         self.waiting[request.request_id] = Waiting(request, self.seq)
         self.seq += 1
@@ -213,16 +255,22 @@ class SchedulerMachine(RuleBasedStateMachine):
                 memory_bytes=request.memory_bytes,
                 priority=request.priority,
                 affinity_key=request.affinity_key,
+                required_gpus=list(request.required_gpus),
             )
         )
         self.take(grants)
 
-    @rule(data=st.data())
-    def refused_calls_change_nothing(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), required=REQUIRED)
+    def refused_calls_change_nothing(self, data: st.DataObject, required: tuple[int, ...]) -> None:
         known = sorted([*self.waiting, *self.held])
         if known:
             with pytest.raises(InvalidRequest):
                 self.scheduler.submit(Request(data.draw(st.sampled_from(known)), "c0"))
+        count = data.draw(st.integers(1, 4).filter(lambda n: n != len(required)))
+        with pytest.raises(InvalidRequest, match="must match"):
+            self.scheduler.submit(Request("bad", "c0", count, required_gpus=required))
+        with pytest.raises(InvalidRequest, match="more than once"):
+            self.scheduler.submit(Request("bad", "c0", 2, required_gpus=required[:1] * 2))
         with pytest.raises(UnknownRequest):
             self.scheduler.release("never-submitted")
         with pytest.raises(UnknownRequest):

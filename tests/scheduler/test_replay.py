@@ -159,6 +159,18 @@ def test_usage_events_re_charge_a_shared_holder() -> None:
         replay(log[:5] + log[6:])
 
 
+def test_the_required_gpus_of_a_request_are_replayed() -> None:
+    pinned = event(
+        "request", lease="A", client="a", gpu_count=1, memory_bytes=0, priority=0, required_gpus=[1]
+    )
+    log = [start("simple", 80, 80), pinned, grant("A", "a", [1], 80)]
+    assert replay(log).holdings["A"].gpu_indices == (1,)
+    # Read without its pin, the request would have gone to the lowest free GPU.
+    unpinned = {k: v for k, v in pinned.items() if k != "required_gpus"}
+    with pytest.raises(ReplayMismatch, match=r"event 3 \(grant\).*granted lease 'A' GPUs \[0\]"):
+        replay([log[0], unpinned, log[2]])
+
+
 RECORDED = sorted((Path(__file__).parent / "logs").glob("recorded-*.jsonl"))
 
 

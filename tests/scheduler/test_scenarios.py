@@ -2,7 +2,10 @@
 
 A step is `(command, expected)`. Commands:
 
-    submit ID by CLIENT [gpus=N] [mem=SIZE] [prio=P] [key=K]  -> grants, e.g. "a@0 b@1,2"
+    submit ID by CLIENT [gpus=N] [mem=SIZE] [prio=P] [key=K] [req=I,J]
+                                                      -> grants, e.g. "a@0 b@1,2"
+                                                         (req: the required GPUs; gpus=
+                                                         defaults to their number)
     release ID | withdraw ID | usage ID SIZE          -> grants
     disconnect CLIENT                                 -> "dropped ids | grants"
     queue                                             -> waiting ids in service order
@@ -51,13 +54,15 @@ def run(scheduler: Scheduler, command: str) -> str:
         request_id, by, client, *options = args
         assert by == "by", f"write 'submit ID by CLIENT ...', got {command!r}"
         fields = dict(option.split("=", 1) for option in options)
+        required = tuple(int(i) for i in fields.pop("req", "").split(",") if i)
         request = Request(
             request_id=request_id,
             client_id=client,
-            gpu_count=int(fields.pop("gpus", 1)),
+            gpu_count=int(fields.pop("gpus", len(required) or 1)),
             memory_bytes=parse_size(fields.pop("mem", 0)),
             priority=int(fields.pop("prio", 0)),
             affinity_key=fields.pop("key", ""),
+            required_gpus=required,
         )
         assert not fields, f"unknown options {sorted(fields)} in {command!r}"
         return show(scheduler.submit(request))
@@ -173,6 +178,62 @@ SCENARIOS = [
             ("release a", "b@1"),
         ],
     ),
+    Scenario(
+        "a pinned request waits for its GPU while another one is free",
+        "simple",
+        "80GiB,80GiB",
+        [
+            ("submit a by c1", "a@0"),
+            ("submit b by c2", "b@1"),
+            ("submit c by c3 req=1", ""),
+            ("release a", ""),
+            ("holders 0", ""),
+            ("queue", "c"),
+            ("release b", "c@1"),
+        ],
+    ),
+    Scenario(
+        "a pinned request takes its free GPU even when a lower one is free",
+        "simple",
+        "80GiB,80GiB,80GiB",
+        [("submit a by c1 req=2", "a@2"), ("submit b by c2", "b@0"), ("submit c by c3", "c@1")],
+    ),
+    Scenario(
+        "others backfill past a pinned waiter until it holds a reservation",
+        "simple",
+        "80GiB,80GiB",
+        [
+            ("submit a by c1", "a@0"),
+            ("submit b by c2", "b@1"),
+            ("submit c by c3 req=1", ""),
+            ("release a", ""),
+            ("submit d by c4", "d@0"),
+            ("bypassed c", "1"),
+            ("release d", ""),
+            ("submit e by c5", ""),
+            ("queue", "c e"),
+            ("release b", "c@1 e@0"),
+        ],
+        max_bypass=1,
+    ),
+    Scenario(
+        "pinned waiters of the same size but other GPUs are not skipped as one shape",
+        "simple",
+        "80GiB,80GiB,80GiB",
+        [
+            ("submit a by c1", "a@0"),
+            ("submit b by c2", "b@1"),
+            ("submit c by c3", "c@2"),
+            ("submit d by c4 req=0", ""),
+            ("submit e by c5 req=1", ""),
+            ("submit f by c6 req=1", ""),
+            ("submit g by c7", ""),
+            ("release b", "e@1"),
+            ("queue", "d f g"),
+            ("release c", "g@2"),
+            ("release a", "d@0"),
+        ],
+    ),
     # ---- gpu-sharing -------------------------------------------------------------------------
     Scenario(
         "requests share a GPU while their promises fit its memory",
@@ -284,6 +345,57 @@ SCENARIOS = [
             ("promised 1", "40.0GiB"),
         ],
     ),
+    Scenario(
+        "a pinned shared request joins its GPU even where best fit would put it elsewhere",
+        "gpu-sharing",
+        "80GiB,80GiB",
+        [
+            ("submit a by c1 mem=60GiB", "a@0"),
+            ("submit b by c2 mem=10GiB req=1", "b@1"),
+            ("submit c by c3 mem=10GiB", "c@0"),
+            ("promised 1", "10.0GiB"),
+        ],
+    ),
+    Scenario(
+        "a pinned shared request waits for room on its GPU while another GPU is empty",
+        "gpu-sharing",
+        "80GiB,80GiB",
+        [
+            ("submit a by c1 mem=70GiB", "a@0"),
+            ("submit b by c2 mem=20GiB req=0", ""),
+            ("submit c by c3 mem=20GiB", "c@1"),
+            ("bypassed b", "1"),
+            ("release c", ""),
+            ("release a", "b@0"),
+            ("promised 0", "20.0GiB"),
+        ],
+    ),
+    Scenario(
+        "a pinned whole-GPU request waits for its GPU to empty",
+        "gpu-sharing",
+        "80GiB,40GiB",
+        [
+            ("submit a by c1 mem=10GiB", "a@1"),
+            ("submit b by c2 req=1", ""),
+            ("submit c by c3 mem=10GiB", "c@1"),
+            ("release a", ""),
+            ("release c", "b@1"),
+            ("promised 1", "40.0GiB"),
+        ],
+    ),
+    Scenario(
+        "pinned shared waiters of one size are placed by their own GPU's room",
+        "gpu-sharing",
+        "80GiB,80GiB",
+        [
+            ("submit a by c1 mem=70GiB req=0", "a@0"),
+            ("submit b by c2 mem=70GiB req=1", "b@1"),
+            ("submit c by c3 mem=30GiB req=0", ""),
+            ("submit d by c4 mem=30GiB req=1", ""),
+            ("release b", "d@1"),
+            ("queue", "c"),
+        ],
+    ),
     # ---- gpu-affinity ------------------------------------------------------------------------
     Scenario(
         "a client gets back the GPUs it held last",
@@ -386,6 +498,34 @@ SCENARIOS = [
             ("remembered", "c1@0"),
             ("disconnect c1", "|"),
             ("remembered", ""),
+        ],
+    ),
+    Scenario(
+        "a pinned request waits for its last GPU although another one is free",
+        "gpu-affinity",
+        "80GiB,80GiB",
+        [
+            ("submit a by c1", "a@0"),
+            ("release a", ""),
+            ("submit b by c2 req=0", "b@0"),
+            ("submit c by c1 req=0", ""),
+            ("holders 1", ""),
+            ("release b", "c@0"),
+        ],
+    ),
+    Scenario(
+        "a pinned multi-GPU request gets exactly its GPUs and is remembered on them",
+        "gpu-affinity",
+        "80GiB,80GiB,80GiB,80GiB",
+        [
+            ("submit a by c1 gpus=2", "a@0,1"),
+            ("release a", ""),
+            ("submit b by c1 req=3,1", "b@1,3"),
+            ("remembered", "c1@1,3"),
+            ("submit c by c2 req=2,3", ""),
+            ("submit d by c3 gpus=2", "d@0,2"),
+            ("release b", ""),
+            ("release d", "c@2,3"),
         ],
     ),
     Scenario(

@@ -1,7 +1,8 @@
 """Re-record the real event logs the replay tests check (recorded-*.jsonl in this folder).
 
 Runs a real acb-assigner per policy with virtual GPUs, real client processes contending for them
-and one holder killed with SIGKILL (a disconnect), then copies each event log here:
+(some pinned, as a swapping process is, to the GPUs of their first grant) and one holder killed
+with SIGKILL (a disconnect), then copies each event log here:
 
     .venv/bin/python tests/scheduler/logs/record.py
 """
@@ -25,9 +26,15 @@ WORKER = """
 import sys, time
 from acb_slurm.client import on_device
 rounds, hold, gpus, mem = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+pin = sys.argv[5] == "pin"  # later rounds come back to the GPUs of the first grant
+required = None
 for _ in range(rounds):
-    with on_device(gpus=gpus, memory=None if mem == "0" else mem, label="contend"):
+    with on_device(
+        gpus=gpus, memory=None if mem == "0" else mem, label="contend", required_gpus=required
+    ) as lease:
         time.sleep(hold)
+    if pin and required is None:
+        required = lease.gpu_indices
     time.sleep(0.005)
 """
 
@@ -47,8 +54,9 @@ def wait(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def record(name: str, policy: str, gpus: int, workers: list[tuple[int, str]]) -> None:
-    """Run one contention under `policy`; `workers` are (GPU count, memory or "0") pairs."""
+def record(name: str, policy: str, gpus: int, workers: list[tuple[int, str, str]]) -> None:
+    """Run one contention under `policy`; `workers` are (GPU count, memory or "0", "pin" or
+    "any") triples."""
     procs: list[subprocess.Popen[str]] = []
     with tempfile.TemporaryDirectory() as directory:
         assigner = AssignerProcess(directory, gpus=gpus, policy=policy, gpu_memory="40GiB")
@@ -62,10 +70,10 @@ def record(name: str, policy: str, gpus: int, workers: list[tuple[int, str]]) ->
             )
             procs.append(holder)
             wait(lambda: any(e["event"] == "grant" for e in assigner.events()))
-            for i, (count, memory) in enumerate(workers):
+            for i, (count, memory, pin) in enumerate(workers):
                 procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-c", WORKER, "3", "0.02", str(count), memory],
+                        [sys.executable, "-c", WORKER, "3", "0.02", str(count), memory, pin],
                         env=assigner.client_env(ACB_WORKER=f"w{i}"),
                         stderr=subprocess.PIPE,
                         text=True,
@@ -89,15 +97,24 @@ def record(name: str, policy: str, gpus: int, workers: list[tuple[int, str]]) ->
 
 
 def main() -> None:
-    record("recorded-simple.jsonl", "simple", 2, [(1, "0")] * 5)
+    record("recorded-simple.jsonl", "simple", 2, [(1, "0", "any")] * 3 + [(1, "0", "pin")] * 2)
     record(
         "recorded-gpu-sharing.jsonl",
         "gpu-sharing",
         2,
-        [(1, "10GiB"), (1, "30GiB"), (1, "0"), (1, "20GiB"), (2, "10GiB")],
+        [
+            (1, "10GiB", "pin"),
+            (1, "30GiB", "any"),
+            (1, "0", "pin"),
+            (1, "20GiB", "any"),
+            (2, "10GiB", "any"),
+        ],
     )
     record(
-        "recorded-gpu-affinity.jsonl", "gpu-affinity", 3, [(2, "0"), (1, "0"), (3, "0"), (1, "0")]
+        "recorded-gpu-affinity.jsonl",
+        "gpu-affinity",
+        3,
+        [(2, "0", "pin"), (1, "0", "any"), (3, "0", "any"), (1, "0", "pin")],
     )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&acb_slurm/_proto/acb/v1/assigner.proto\x12\x06\x61\x63\x62.v1\"b\n\x0e\x43lientIdentity\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0e\n\x06worker\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\x10\n\x08hostname\x18\x05 \x01(\t\"\x92\x01\n\rClientMessage\x12*\n\x08register\x18\x01 \x01(\x0b\x32\x16.acb.v1.ClientIdentityH\x00\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x13.acb.v1.UsageReportH\x00\x12\'\n\nyield_done\x18\x03 \x01(\x0b\x32\x11.acb.v1.YieldDoneH\x00\x42\x06\n\x04kind\"\x96\x01\n\rServerMessage\x12(\n\nregistered\x18\x01 \x01(\x0b\x32\x12.acb.v1.RegisteredH\x00\x12$\n\x05grant\x18\x02 \x01(\x0b\x32\x13.acb.v1.GrantNoticeH\x00\x12-\n\ryield_request\x18\x03 \x01(\x0b\x32\x14.acb.v1.YieldRequestH\x00\x42\x06\n\x04kind\">\n\nRegistered\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\"7\n\x0bUsageReport\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x16\n\x0eresident_bytes\x18\x02 \x01(\x04\"0\n\x0bGrantNotice\x12!\n\x05lease\x18\x01 \x01(\x0b\x32\x12.acb.v1.AllocReply\"0\n\x0cYieldRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1d\n\tYieldDone\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x81\x01\n\x0c\x41llocRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tgpu_count\x18\x02 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\r\n\x05label\x18\x05 \x01(\t\x12\x13\n\x0brequest_tag\x18\x06 \x01(\t\"\x98\x01\n\nAllocReply\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x02 \x03(\r\x12\x12\n\ndevice_ids\x18\x03 \x03(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x16\n\x0ewaited_seconds\x18\x06 \x01(\x01\x12\x13\n\x0brequest_tag\x18\x07 \x01(\t\"F\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0e\n\x0cReleaseReply\"\x0f\n\rStatusRequest\"\x8a\x01\n\tGpuStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x16\n\x0epromised_bytes\x18\x06 \x01(\x04\x12\x11\n\tlease_ids\x18\x07 \x03(\t\"\x97\x01\n\x0bLeaseStatus\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x06\x63lient\x18\x02 \x01(\x0b\x32\x16.acb.v1.ClientIdentity\x12\x13\n\x0bgpu_indices\x18\x03 \x03(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cheld_seconds\x18\x05 \x01(\x01\x12\r\n\x05label\x18\x06 \x01(\t\"\x99\x01\n\x0cWaiterStatus\x12&\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x16.acb.v1.ClientIdentity\x12\x11\n\tgpu_count\x18\x02 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x17\n\x0fwaiting_seconds\x18\x05 \x01(\x01\x12\r\n\x05label\x18\x06 \x01(\t\"\x85\x01\n\x08\x43ounters\x12\x10\n\x08requests\x18\x01 \x01(\x04\x12\x0e\n\x06grants\x18\x02 \x01(\x04\x12\x10\n\x08releases\x18\x03 \x01(\x04\x12\x0e\n\x06yields\x18\x04 \x01(\x04\x12\x13\n\x0b\x64isconnects\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x10\n\x08sessions\x18\x07 \x01(\x04\"\xe2\x01\n\nNodeStatus\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x1f\n\x04gpus\x18\x04 \x03(\x0b\x32\x11.acb.v1.GpuStatus\x12#\n\x06leases\x18\x05 \x03(\x0b\x32\x13.acb.v1.LeaseStatus\x12#\n\x05queue\x18\x06 \x03(\x0b\x32\x14.acb.v1.WaiterStatus\x12\"\n\x08\x63ounters\x18\x07 \x01(\x0b\x32\x10.acb.v1.Counters\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\"d\n\x0bStatusReply\x12 \n\x04self\x18\x01 \x01(\x0b\x32\x12.acb.v1.NodeStatus\x12\x0c\n\x04role\x18\x02 \x01(\t\x12%\n\texecutors\x18\x03 \x03(\x0b\x32\x12.acb.v1.NodeStatus\"b\n\x0f\x45xecutorMessage\x12\"\n\x04join\x18\x01 \x01(\x0b\x32\x12.acb.v1.NodeStatusH\x00\x12#\n\x05state\x18\x02 \x01(\x0b\x32\x12.acb.v1.NodeStatusH\x00\x42\x06\n\x04kind\"!\n\x11\x43ontrollerMessage\x12\x0c\n\x04note\x18\x01 \x01(\t2\xec\x01\n\x08\x41ssigner\x12;\n\x07Session\x12\x15.acb.v1.ClientMessage\x1a\x15.acb.v1.ServerMessage(\x01\x30\x01\x12\x34\n\x08\x41llocate\x12\x14.acb.v1.AllocRequest\x1a\x12.acb.v1.AllocReply\x12\x37\n\x07Release\x12\x16.acb.v1.ReleaseRequest\x1a\x14.acb.v1.ReleaseReply\x12\x34\n\x06Status\x12\x15.acb.v1.StatusRequest\x1a\x13.acb.v1.StatusReply2L\n\nController\x12>\n\x04Join\x12\x17.acb.v1.ExecutorMessage\x1a\x19.acb.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&acb_slurm/_proto/acb/v1/assigner.proto\x12\x06\x61\x63\x62.v1\"b\n\x0e\x43lientIdentity\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0e\n\x06worker\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\x10\n\x08hostname\x18\x05 \x01(\t\"\x92\x01\n\rClientMessage\x12*\n\x08register\x18\x01 \x01(\x0b\x32\x16.acb.v1.ClientIdentityH\x00\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x13.acb.v1.UsageReportH\x00\x12\'\n\nyield_done\x18\x03 \x01(\x0b\x32\x11.acb.v1.YieldDoneH\x00\x42\x06\n\x04kind\"\x96\x01\n\rServerMessage\x12(\n\nregistered\x18\x01 \x01(\x0b\x32\x12.acb.v1.RegisteredH\x00\x12$\n\x05grant\x18\x02 \x01(\x0b\x32\x13.acb.v1.GrantNoticeH\x00\x12-\n\ryield_request\x18\x03 \x01(\x0b\x32\x14.acb.v1.YieldRequestH\x00\x42\x06\n\x04kind\">\n\nRegistered\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\"7\n\x0bUsageReport\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x16\n\x0eresident_bytes\x18\x02 \x01(\x04\"0\n\x0bGrantNotice\x12!\n\x05lease\x18\x01 \x01(\x0b\x32\x12.acb.v1.AllocReply\"0\n\x0cYieldRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1d\n\tYieldDone\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x9f\x01\n\x0c\x41llocRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tgpu_count\x18\x02 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\r\n\x05label\x18\x05 \x01(\t\x12\x13\n\x0brequest_tag\x18\x06 \x01(\t\x12\x1c\n\x14required_gpu_indices\x18\x07 \x03(\r\"\x98\x01\n\nAllocReply\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x13\n\x0bgpu_indices\x18\x02 \x03(\r\x12\x12\n\ndevice_ids\x18\x03 \x03(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x16\n\x0ewaited_seconds\x18\x06 \x01(\x01\x12\x13\n\x0brequest_tag\x18\x07 \x01(\t\"F\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0e\n\x0cReleaseReply\"\x0f\n\rStatusRequest\"\x8a\x01\n\tGpuStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x16\n\x0epromised_bytes\x18\x06 \x01(\x04\x12\x11\n\tlease_ids\x18\x07 \x03(\t\"\x97\x01\n\x0bLeaseStatus\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x06\x63lient\x18\x02 \x01(\x0b\x32\x16.acb.v1.ClientIdentity\x12\x13\n\x0bgpu_indices\x18\x03 \x03(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cheld_seconds\x18\x05 \x01(\x01\x12\r\n\x05label\x18\x06 \x01(\t\"\xb7\x01\n\x0cWaiterStatus\x12&\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x16.acb.v1.ClientIdentity\x12\x11\n\tgpu_count\x18\x02 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x17\n\x0fwaiting_seconds\x18\x05 \x01(\x01\x12\r\n\x05label\x18\x06 \x01(\t\x12\x1c\n\x14required_gpu_indices\x18\x07 \x03(\r\"\x85\x01\n\x08\x43ounters\x12\x10\n\x08requests\x18\x01 \x01(\x04\x12\x0e\n\x06grants\x18\x02 \x01(\x04\x12\x10\n\x08releases\x18\x03 \x01(\x04\x12\x0e\n\x06yields\x18\x04 \x01(\x04\x12\x13\n\x0b\x64isconnects\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x10\n\x08sessions\x18\x07 \x01(\x04\"\xe2\x01\n\nNodeStatus\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x1f\n\x04gpus\x18\x04 \x03(\x0b\x32\x11.acb.v1.GpuStatus\x12#\n\x06leases\x18\x05 \x03(\x0b\x32\x13.acb.v1.LeaseStatus\x12#\n\x05queue\x18\x06 \x03(\x0b\x32\x14.acb.v1.WaiterStatus\x12\"\n\x08\x63ounters\x18\x07 \x01(\x0b\x32\x10.acb.v1.Counters\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\"d\n\x0bStatusReply\x12 \n\x04self\x18\x01 \x01(\x0b\x32\x12.acb.v1.NodeStatus\x12\x0c\n\x04role\x18\x02 \x01(\t\x12%\n\texecutors\x18\x03 \x03(\x0b\x32\x12.acb.v1.NodeStatus\"b\n\x0f\x45xecutorMessage\x12\"\n\x04join\x18\x01 \x01(\x0b\x32\x12.acb.v1.NodeStatusH\x00\x12#\n\x05state\x18\x02 \x01(\x0b\x32\x12.acb.v1.NodeStatusH\x00\x42\x06\n\x04kind\"!\n\x11\x43ontrollerMessage\x12\x0c\n\x04note\x18\x01 \x01(\t2\xec\x01\n\x08\x41ssigner\x12;\n\x07Session\x12\x15.acb.v1.ClientMessage\x1a\x15.acb.v1.ServerMessage(\x01\x30\x01\x12\x34\n\x08\x41llocate\x12\x14.acb.v1.AllocRequest\x1a\x12.acb.v1.AllocReply\x12\x37\n\x07Release\x12\x16.acb.v1.ReleaseRequest\x1a\x14.acb.v1.ReleaseReply\x12\x34\n\x06Status\x12\x15.acb.v1.StatusRequest\x1a\x13.acb.v1.StatusReply2L\n\nController\x12>\n\x04Join\x12\x17.acb.v1.ExecutorMessage\x1a\x19.acb.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,33 +48,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_YIELDDONE']._serialized_start=673
   _globals['_YIELDDONE']._serialized_end=702
   _globals['_ALLOCREQUEST']._serialized_start=705
-  _globals['_ALLOCREQUEST']._serialized_end=834
-  _globals['_ALLOCREPLY']._serialized_start=837
-  _globals['_ALLOCREPLY']._serialized_end=989
-  _globals['_RELEASEREQUEST']._serialized_start=991
-  _globals['_RELEASEREQUEST']._serialized_end=1061
-  _globals['_RELEASEREPLY']._serialized_start=1063
-  _globals['_RELEASEREPLY']._serialized_end=1077
-  _globals['_STATUSREQUEST']._serialized_start=1079
-  _globals['_STATUSREQUEST']._serialized_end=1094
-  _globals['_GPUSTATUS']._serialized_start=1097
-  _globals['_GPUSTATUS']._serialized_end=1235
-  _globals['_LEASESTATUS']._serialized_start=1238
-  _globals['_LEASESTATUS']._serialized_end=1389
-  _globals['_WAITERSTATUS']._serialized_start=1392
-  _globals['_WAITERSTATUS']._serialized_end=1545
-  _globals['_COUNTERS']._serialized_start=1548
-  _globals['_COUNTERS']._serialized_end=1681
-  _globals['_NODESTATUS']._serialized_start=1684
-  _globals['_NODESTATUS']._serialized_end=1910
-  _globals['_STATUSREPLY']._serialized_start=1912
-  _globals['_STATUSREPLY']._serialized_end=2012
-  _globals['_EXECUTORMESSAGE']._serialized_start=2014
-  _globals['_EXECUTORMESSAGE']._serialized_end=2112
-  _globals['_CONTROLLERMESSAGE']._serialized_start=2114
-  _globals['_CONTROLLERMESSAGE']._serialized_end=2147
-  _globals['_ASSIGNER']._serialized_start=2150
-  _globals['_ASSIGNER']._serialized_end=2386
-  _globals['_CONTROLLER']._serialized_start=2388
-  _globals['_CONTROLLER']._serialized_end=2464
+  _globals['_ALLOCREQUEST']._serialized_end=864
+  _globals['_ALLOCREPLY']._serialized_start=867
+  _globals['_ALLOCREPLY']._serialized_end=1019
+  _globals['_RELEASEREQUEST']._serialized_start=1021
+  _globals['_RELEASEREQUEST']._serialized_end=1091
+  _globals['_RELEASEREPLY']._serialized_start=1093
+  _globals['_RELEASEREPLY']._serialized_end=1107
+  _globals['_STATUSREQUEST']._serialized_start=1109
+  _globals['_STATUSREQUEST']._serialized_end=1124
+  _globals['_GPUSTATUS']._serialized_start=1127
+  _globals['_GPUSTATUS']._serialized_end=1265
+  _globals['_LEASESTATUS']._serialized_start=1268
+  _globals['_LEASESTATUS']._serialized_end=1419
+  _globals['_WAITERSTATUS']._serialized_start=1422
+  _globals['_WAITERSTATUS']._serialized_end=1605
+  _globals['_COUNTERS']._serialized_start=1608
+  _globals['_COUNTERS']._serialized_end=1741
+  _globals['_NODESTATUS']._serialized_start=1744
+  _globals['_NODESTATUS']._serialized_end=1970
+  _globals['_STATUSREPLY']._serialized_start=1972
+  _globals['_STATUSREPLY']._serialized_end=2072
+  _globals['_EXECUTORMESSAGE']._serialized_start=2074
+  _globals['_EXECUTORMESSAGE']._serialized_end=2172
+  _globals['_CONTROLLERMESSAGE']._serialized_start=2174
+  _globals['_CONTROLLERMESSAGE']._serialized_end=2207
+  _globals['_ASSIGNER']._serialized_start=2210
+  _globals['_ASSIGNER']._serialized_end=2446
+  _globals['_CONTROLLER']._serialized_start=2448
+  _globals['_CONTROLLER']._serialized_end=2524
 # @@protoc_insertion_point(module_scope)

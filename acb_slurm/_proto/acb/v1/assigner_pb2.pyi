@@ -79,20 +79,22 @@ class YieldDone(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
 
 class AllocRequest(_message.Message):
-    __slots__ = ("session_id", "gpu_count", "memory_bytes", "priority", "label", "request_tag")
+    __slots__ = ("session_id", "gpu_count", "memory_bytes", "priority", "label", "request_tag", "required_gpu_indices")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TAG_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     gpu_count: int
     memory_bytes: int
     priority: int
     label: str
     request_tag: str
-    def __init__(self, session_id: _Optional[str] = ..., gpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., label: _Optional[str] = ..., request_tag: _Optional[str] = ...) -> None: ...
+    required_gpu_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., gpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., label: _Optional[str] = ..., request_tag: _Optional[str] = ..., required_gpu_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AllocReply(_message.Message):
     __slots__ = ("lease_id", "gpu_indices", "device_ids", "memory_bytes", "node", "waited_seconds", "request_tag")
@@ -165,20 +167,22 @@ class LeaseStatus(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., client: _Optional[_Union[ClientIdentity, _Mapping]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., memory_bytes: _Optional[int] = ..., held_seconds: _Optional[float] = ..., label: _Optional[str] = ...) -> None: ...
 
 class WaiterStatus(_message.Message):
-    __slots__ = ("client", "gpu_count", "memory_bytes", "priority", "waiting_seconds", "label")
+    __slots__ = ("client", "gpu_count", "memory_bytes", "priority", "waiting_seconds", "label", "required_gpu_indices")
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     WAITING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
     client: ClientIdentity
     gpu_count: int
     memory_bytes: int
     priority: int
     waiting_seconds: float
     label: str
-    def __init__(self, client: _Optional[_Union[ClientIdentity, _Mapping]] = ..., gpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., waiting_seconds: _Optional[float] = ..., label: _Optional[str] = ...) -> None: ...
+    required_gpu_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, client: _Optional[_Union[ClientIdentity, _Mapping]] = ..., gpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., waiting_seconds: _Optional[float] = ..., label: _Optional[str] = ..., required_gpu_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Counters(_message.Message):
     __slots__ = ("requests", "grants", "releases", "yields", "disconnects", "errors", "sessions")

@@ -71,9 +71,11 @@ class AssignerServicer:
 
     def Allocate(self, request, context):
         """Asks for GPUs and blocks until they are granted. Errors:
-        INVALID_ARGUMENT     malformed request (zero GPUs, negative memory, ...)
+        INVALID_ARGUMENT     malformed request (zero GPUs, negative memory, required GPUs that
+        repeat or do not match gpu_count, ...)
         FAILED_PRECONDITION  can never be satisfied on this node (more GPUs or memory than exist,
-        a multi-GPU request under a one-GPU policy), or unknown session
+        a required GPU it does not have, a multi-GPU request under a
+        one-GPU policy), or unknown session
         DEADLINE_EXCEEDED / CANCELLED  the caller gave up; the request is withdrawn from the queue
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
