@@ -31,6 +31,9 @@ AUTO_LOG_LEVEL = "ACB_AUTO_LOG_LEVEL"
 SWAP_ALLOW_GRAPHS = "ACB_SWAP_ALLOW_GRAPHS"
 #: Set by `acb-run --gate` for its child: the id of the lease the child runs under.
 LEASE_ID = "ACB_LEASE_ID"
+#: Where acb-assigner, acb-run and the other commands live on the nodes (the job's prologue puts
+#: it first on PATH).
+BIN = "ACB_BIN"
 #: Directory of the job's Unix sockets (the run dir, or a short /tmp path when that is too long).
 SOCKET_DIR = "ACB_SOCKET_DIR"
 #: Path of the job's inter-node config file (assigners.json: each node's address, port, socket).

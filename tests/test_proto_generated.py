@@ -16,12 +16,17 @@ def test_generated_code_matches_proto(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "proto", tmp_path / "proto")
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
             "--proto_path=acb_slurm/_proto=proto",
-            "--python_out=.", "--pyi_out=.", "--grpc_python_out=.",
+            "--python_out=.",
+            "--pyi_out=.",
+            "--grpc_python_out=.",
             "acb_slurm/_proto/acb/v1/assigner.proto",
         ],
-        cwd=tmp_path, check=True,
+        cwd=tmp_path,
+        check=True,
     )
     for name in GENERATED:
         fresh = (tmp_path / "acb_slurm/_proto/acb/v1" / name).read_text()
