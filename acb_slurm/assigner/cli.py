@@ -15,7 +15,7 @@ from acb_slurm.assigner.server import AssignerConfig, serve
 from acb_slurm.scheduler.types import UnknownPolicy
 from acb_slurm.units import parse_size
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def build_config(
@@ -93,34 +93,52 @@ def build_config(
 @app.command()
 def assigner(
     socket: Annotated[
-        str, typer.Option("--socket", help="Unix socket to listen on; its directory is made 0700.")
+        str,
+        typer.Option(
+            "--socket", metavar="PATH", help="Unix socket to listen on; its directory is made 0700."
+        ),
     ],
     tcp: Annotated[
-        str | None, typer.Option(help="Also listen on TCP HOST:PORT (port 0 = ephemeral).")
+        str | None,
+        typer.Option(metavar="HOST:PORT", help="Also listen on TCP (port 0 = ephemeral)."),
     ] = None,
     policy: Annotated[
-        str, typer.Option(help="Scheduling policy: simple, gpu-sharing or gpu-affinity.")
+        str,
+        typer.Option(
+            metavar="NAME", help="Scheduling policy: simple, gpu-sharing or gpu-affinity."
+        ),
     ] = "simple",
     virtual_gpus: Annotated[
         int | None,
-        typer.Option(help="Declare N virtual GPUs instead of asking NVML (machines without GPUs)."),
+        typer.Option(
+            metavar="N",
+            help="Declare N virtual GPUs instead of asking NVML (machines without GPUs).",
+        ),
     ] = None,
     gpu_memory: Annotated[
-        str | None, typer.Option(help="Memory of each virtual GPU, e.g. 80GiB.")
+        str | None, typer.Option(metavar="SIZE", help="Memory of each virtual GPU, e.g. 80GiB.")
     ] = None,
     event_log: Annotated[
-        str | None, typer.Option(help="Append JSON-lines events to this file.")
+        str | None, typer.Option(metavar="PATH", help="Append JSON-lines events to this file.")
     ] = None,
     token_file: Annotated[
-        str | None, typer.Option(help="Refuse calls whose x-acb-token is not this file's content.")
+        str | None,
+        typer.Option(
+            metavar="PATH", help="Refuse calls whose x-acb-token is not this file's content."
+        ),
     ] = None,
     ready_file: Annotated[
         str | None,
-        typer.Option(help="Write JSON {pid, socket, target, tcp, node, policy} here once serving."),
+        typer.Option(
+            metavar="PATH",
+            help="Write JSON {pid, socket, target, tcp, node, policy} here once serving.",
+        ),
     ] = None,
     controller: Annotated[
         str | None,
-        typer.Option(help="Join the controller at HOST:PORT as an executor (multi-node jobs)."),
+        typer.Option(
+            metavar="HOST:PORT", help="Join this controller as an executor (multi-node jobs)."
+        ),
     ] = None,
     time_slice: Annotated[
         float,
@@ -131,7 +149,19 @@ def assigner(
         ),
     ] = 0.0,
 ) -> None:
-    """Run the GPU assigner of one node of a job: leases, sessions, event log."""
+    """Run the GPU assigner of one node of a job: leases, sessions, event log.
+
+    acb-sbatch's prologue starts one per node; start one by hand to share a machine's GPUs
+    between programs that use the client API or run under acb-run.
+
+    \b
+    Examples:
+      acb-assigner --socket /tmp/acb/assigner.sock                  # the node's GPUs (NVML)
+      acb-assigner --socket /tmp/acb/assigner.sock --virtual-gpus 2 --gpu-memory 16GiB \\
+          --policy gpu-sharing --event-log events.jsonl
+      export ACB_ASSIGNER=unix:/tmp/acb/assigner.sock               # then, in another shell:
+      acb-run --gate -- python fold.py
+    """
     try:
         config = build_config(
             socket,

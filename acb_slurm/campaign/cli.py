@@ -25,11 +25,24 @@ from acb_slurm.units import format_size
 #: Set by acb-sbatch from job.yaml's `campaign:`; the default campaign file.
 CAMPAIGN_ENV = env.CAMPAIGN
 
+HELP = """\
+Run many items (FASTA sequences) through CPU and GPU stages over many workers.
+
+Workers claim items from the campaign's results directory, so any number of them, in one job or
+in the tasks of a job array, share one campaign; a rerun skips finished items.
+
+\b
+Examples:
+    acb-campaign check campaign.yaml          # validate; print what would run
+    acb-campaign worker campaign.yaml         # one worker (a job.yaml runs many, mode: client)
+    acb-campaign status campaign.yaml         # done / failed / running, rate, ETA
+    acb-campaign reset-failed campaign.yaml   # let the next workers retry failed items
+See examples/alphafold2/.
+"""
+
 app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="Run many items (FASTA sequences) through CPU and GPU stages over many workers.",
-)
+    add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None,
+)  # fmt: skip
 
 CampaignArg = Annotated[
     Path | None,

@@ -161,7 +161,7 @@ def submit(
     \b
     Prints the job id, the run directory (<submit dir>/acb-runs/<job id>: the submitted script,
     the token, each node's socket, event log and assigner log) and the output file.
-    Example: acb-sbatch submit examples/slurm/gate-1gpu.yaml
+    Example: acb-sbatch submit examples/slurm/gate-virtual.yaml
     """
     with _edge():
         spec = load_spec(job_yaml)
