@@ -12,8 +12,8 @@ SIGSTOP or `scontrol suspend`, or cut off from the shared file system for longer
 `stale_after`) kills its stage's process group and drops the item: it writes no stage marker,
 attempt record, done or failed record for it, as the worker that took it over owns them now.
 
-Stages start through `_stagewrap.py` (never `preexec_fn`: the worker has threads), in a new
-session, with PR_SET_PDEATHSIG so that they die with their worker, and with their niceness.
+Stages start through `acb_slurm._deathwrap` (never `preexec_fn`: the worker has threads), in a
+new session, with PR_SET_PDEATHSIG so that they die with their worker, and with their niceness.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, TextIO
 
+from acb_slurm import _deathwrap as deathwrap
 from acb_slurm import env as acb_env
 from acb_slurm.campaign.errors import CampaignError, StageFailed
 from acb_slurm.campaign.gpu import ClientLeaseProvider, HeldLease, LeaseProvider
@@ -48,16 +49,16 @@ ITEM_ENV = acb_env.CAMPAIGN_ITEM
 STAGE_ENV = acb_env.CAMPAIGN_STAGE
 ATTEMPT_ENV = acb_env.CAMPAIGN_ATTEMPT
 
-#: Run by `python -S` before every stage command: death signal and niceness, then exec.
-STAGE_WRAPPER = Path(__file__).with_name("_stagewrap.py")
+#: Run by `python -S -I` before every stage command: death signal and niceness, then exec.
+STAGE_WRAPPER = Path(deathwrap.WRAPPER)
 #: Its exit status when the command cannot be started.
-CANNOT_START = 127
+CANNOT_START = deathwrap.CANNOT_START
 
 
 def wrapped_command(argv: Sequence[str], nice: int) -> list[str]:
-    """`argv` started through the stage wrapper: it dies with this process (PR_SET_PDEATHSIG)
+    """`argv` started through the exec wrapper: it dies with this process (PR_SET_PDEATHSIG)
     and runs at niceness `nice`."""
-    return [sys.executable, "-S", str(STAGE_WRAPPER), str(os.getpid()), str(nice), "--", *argv]
+    return deathwrap.command(argv, nice=nice, name="acb-campaign")
 
 
 _LOST_LINE = (

@@ -113,6 +113,12 @@ class LeaseListener:
         """The assigner asks for `lease_id` back at the next safe point (session thread; do not
         block here: release from the program's own thread). `reason` is e.g. "time-slice"."""
 
+    def required_gpus(self, client: Client) -> Sequence[int] | None:
+        """The GPUs this process is bound to (e.g. its first grant's `gpu_indices`, once swapped
+        state lives there), or None. A non-empty answer pins every `allocate()` that names no
+        `required_gpus` itself to exactly those GPUs (and `gpus` to their number)."""
+        return None
+
 
 class Client:
     """One process's session with its assigner, and the calls made under it."""
@@ -124,6 +130,7 @@ class Client:
         job_id: str | None = None,
         worker: str | None = None,
         connect_timeout: float = 30.0,
+        release_timeout: float = 30.0,
     ) -> None:
         try:
             self.target = target or env.assigner_target()
@@ -133,6 +140,8 @@ class Client:
         self.job_id = env.job_id() if job_id is None else job_id
         self.worker = env.worker_name() if worker is None else worker
         self.connect_timeout = connect_timeout
+        #: Seconds a Release call may take before it fails (AssignerError).
+        self.release_timeout = release_timeout
         self.client_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.pid = os.getpid()
         self._metadata = ((env.TOKEN_METADATA_KEY, self._token),) if self._token else ()
@@ -281,6 +290,15 @@ class Client:
         self._call = self._channel = self._stub = self._outgoing = None
         self._session_id = None
 
+    def end_session(self) -> None:
+        """End the session but keep the client: the assigner releases every lease the session
+        held (it sees the stream close; logged as `disconnect`), and the next call opens a new
+        session. For a release that failed, so that nothing stays held behind this process."""
+        with self._lock:
+            self._teardown()
+            self._held.clear()
+            self._yield_requests.clear()
+
     def close(self) -> None:
         """End the session: the assigner releases whatever this client still holds."""
         with self._lock:
@@ -327,8 +345,18 @@ class Client:
 
         `required_gpus` (inventory indices, e.g. an earlier lease's `gpu_indices`) pins the
         request: it gets exactly those GPUs, waiting for them while others are free; `gpus` must
-        be their number. None or empty: any GPUs."""
+        be their number. None or empty: any GPUs, unless a listener binds this process to some
+        (`LeaseListener.required_gpus`): then exactly those, and `gpus` is their number."""
         required = _required_indices(required_gpus)
+        bound = self._bound_gpus()
+        if bound:
+            if not required:
+                required, gpus = bound, len(bound)
+            elif sorted(required) != sorted(bound):
+                raise InvalidGpuRequest(
+                    f"this process is bound to GPU(s) {bound} (its swapped state lives there); "
+                    f"it cannot ask for {required}"
+                )
         session_id = self.session_id
         assert self._stub is not None
         tag = next(self._tags)
@@ -367,6 +395,14 @@ class Client:
             raise
         return lease
 
+    def _bound_gpus(self) -> list[int]:
+        """The GPUs a listener binds this process to ([] when none does)."""
+        for listener in list(self._listeners):
+            bound = listener.required_gpus(self)
+            if bound:
+                return _required_indices(bound)
+        return []
+
     def _call_ended(self, tag: str, reply: pb.AllocReply | None, gave_up: str) -> None:
         """An Allocate call returned (`reply`) or gave up; give back a grant it will not use."""
         with self._calls_lock:
@@ -399,14 +435,16 @@ class Client:
         try:
             stub.Release(
                 pb.ReleaseRequest(session_id=session_id, lease_id=lease_id, reason=reason),
-                timeout=30,
+                timeout=self.release_timeout,
                 metadata=self._metadata,
             )
         except grpc.RpcError as exc:
             log.warning("could not give back lease %s granted too late: %s", lease_id, exc)
 
     def release(self, lease: Lease | str) -> None:
-        """Give a lease back (listeners' before_release runs first)."""
+        """Give a lease back. Listeners' before_release runs first; if one raises (e.g. the swap
+        engine could not offload), the lease stays held (the data is still on its GPUs) and the
+        error propagates: call release() again later, or end the session."""
         lease_id = lease if isinstance(lease, str) else lease.lease_id
         held = self._held.get(lease_id)
         if held is None:
@@ -414,24 +452,22 @@ class Client:
         self._release(held, notify=True)
 
     def _release(self, lease: Lease, notify: bool) -> None:
-        try:
-            if notify:
-                for listener in list(self._listeners):
-                    listener.before_release(self, lease)
-        finally:
-            self._held.pop(lease.lease_id, None)
-            self._yield_requests.discard(lease.lease_id)
-            if self._session_error is None and self._stub is not None:
-                try:
-                    self._stub.Release(
-                        pb.ReleaseRequest(session_id=self._session_id, lease_id=lease.lease_id),
-                        timeout=30,
-                        metadata=self._metadata,
-                    )
-                except grpc.RpcError as exc:
-                    # A session that ended took its leases with it: nothing left to give back.
-                    if self._session_error is None:
-                        raise self._rpc_error(exc, "release") from None
+        if notify:
+            for listener in list(self._listeners):
+                listener.before_release(self, lease)  # raises: nothing given back
+        self._held.pop(lease.lease_id, None)
+        self._yield_requests.discard(lease.lease_id)
+        if self._session_error is None and self._stub is not None:
+            try:
+                self._stub.Release(
+                    pb.ReleaseRequest(session_id=self._session_id, lease_id=lease.lease_id),
+                    timeout=self.release_timeout,
+                    metadata=self._metadata,
+                )
+            except grpc.RpcError as exc:
+                # A session that ended took its leases with it: nothing left to give back.
+                if self._session_error is None:
+                    raise self._rpc_error(exc, "release") from None
 
     def report_usage(self, lease: Lease | str, resident_bytes: int) -> None:
         """Tell the assigner how much device memory a lease really uses (gpu-sharing)."""

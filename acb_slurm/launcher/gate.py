@@ -7,12 +7,13 @@ SIGINT/SIGTERM/SIGHUP/SIGUSR1/SIGUSR2 to it, waits, releases and returns the chi
 and the assigner releases the lease by itself, and the child is killed with it (SIGKILL via
 ``PR_SET_PDEATHSIG``): a program must not go on using a GPU whose lease was given back.
 
-The death signal is set by a tiny exec wrapper (``python -S -I -c``: prctl, check that the
-parent is still this process, reset the signal mask, execvp the command; the pid stays the
-child's). ``preexec_fn`` is not used: it is unsafe with threads alive, and the gRPC client has
-them. ``setpriv --pdeathsig KILL`` (util-linux) starts faster (about 1.5 ms against 15 ms
-measured) but cannot close the race of this process dying before the prctl, and is not on
-every machine; 15 ms per command is nothing next to the grant.
+The death signal is set by a tiny exec wrapper (`acb_slurm._deathwrap`, shared with the
+campaign worker, run as ``python -S -I``: prctl, check that the parent is still this process,
+reset the signal mask, execvp the command; the pid stays the child's). ``preexec_fn`` is not
+used: it is unsafe with threads alive, and the gRPC client has them. ``setpriv --pdeathsig
+KILL`` (util-linux) starts faster (about 1.5 ms against 15 ms measured) but cannot close the
+race of this process dying before the prctl, and is not on every machine; 15 ms per command is
+nothing next to the grant.
 
 Signals that arrive while the child is being started are blocked (``pthread_sigmask``) until
 the forwarding handlers are installed, then delivered to the child: none is lost, none kills
@@ -37,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
 
+from acb_slurm import _deathwrap as deathwrap
 from acb_slurm import env
 from acb_slurm.client.session import Client
 
@@ -49,23 +51,6 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
-
-#: Run as ``python -S -I -c WRAPPER PARENT_PID CMD...``: die with the parent, then become CMD.
-_DEATHSIG_WRAPPER = """\
-import ctypes, os, signal, sys
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-except (OSError, AttributeError):
-    pass
-if os.getppid() != int(sys.argv[1]):
-    os._exit(137)  # the parent died before the prctl: as if SIGKILLed with it
-signal.pthread_sigmask(signal.SIG_SETMASK, [])
-try:
-    os.execvp(sys.argv[2], sys.argv[2:])
-except OSError as exc:
-    sys.stderr.write(f"acb-run: cannot start {sys.argv[2]!r}: {exc.strerror or exc}\\n")
-    os._exit(127)
-"""
 
 
 class GateError(RuntimeError):
@@ -141,7 +126,7 @@ def run_child(command: Sequence[str], child_env: dict[str, str]) -> int:
         command[0]
     ):
         raise GateError(f"cannot start {command[0]!r}: command not found")
-    wrapped = [sys.executable, "-S", "-I", "-c", _DEATHSIG_WRAPPER, str(os.getpid()), *command]
+    wrapped = deathwrap.command(command, name="acb-run")
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     try:
         try:

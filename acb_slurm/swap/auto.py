@@ -451,7 +451,8 @@ class AutoSwap:
                 abandon()
 
     def _bind(self, lease: Lease) -> None:
-        """CUDA: bind the process to the first grant's GPUs; later grants must match."""
+        """CUDA: bind the process to the first grant's GPUs; later grants are pinned to them (the
+        lessor sends `required_gpus`), so a mismatch is a bug."""
         if self.device.type != "cuda" or not lease.device_ids:
             return
         if self._pinned is None:
@@ -468,11 +469,14 @@ class AutoSwap:
                 os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(lease.device_ids)
             self._pinned = lease.device_ids
         elif lease.device_ids != self._pinned:
+            # Cannot happen: the lessor pins every later request to the first grant's GPUs, and
+            # the assigner grants a pinned request exactly those. Fail loudly rather than run
+            # with tensors on GPUs this lease does not cover.
             self.lessor.release(lease)
             raise AutoModeError(
-                f"granted GPU(s) {','.join(lease.device_ids)} but this process is bound to "
-                f"{','.join(self._pinned)} (its tensors live there): run automatic mode with one "
-                "GPU per node, or under the gpu-affinity policy"
+                f"granted GPU(s) {','.join(lease.device_ids)} to a request pinned to "
+                f"{','.join(self._pinned)} (where this process's tensors live): the lessor did "
+                "not pin the request, or the assigner ignored the pin (a bug)"
             )
 
     def _report(self, *, force: bool = False, resident: int | None = None) -> None:

@@ -13,7 +13,11 @@ if TYPE_CHECKING:
 
 
 class ClientLessor:
-    """Leases from the node's assigner through a `Client`; yield requests reach `AutoSwap`."""
+    """Leases from the node's assigner through a `Client`; yield requests reach `AutoSwap`.
+
+    The process is bound to the GPUs of its first grant (a storage keeps its device, so swapped
+    state can only come back there): every later request is pinned to that grant's
+    `gpu_indices` (`required_gpus`, `gpus` their number) and waits for exactly those GPUs."""
 
     def __init__(
         self,
@@ -30,6 +34,8 @@ class ClientLessor:
         self.priority = priority
         self.label = label
         self._held: dict[str, ClientLease] = {}
+        #: The first grant's GPU indices, once granted: what every later request asks for.
+        self.pinned: tuple[int, ...] | None = None
 
     def attach(self, auto: AutoSwap) -> None:
         """Route the session's YieldRequests to `auto` (a safe point will honour them)."""
@@ -42,9 +48,16 @@ class ClientLessor:
         self.client.add_listener(_Yields())
 
     def acquire(self) -> Lease:
+        pinned = self.pinned
         granted = self.client.allocate(
-            gpus=self.gpus, memory=self.memory_bytes, priority=self.priority, label=self.label
+            gpus=self.gpus if pinned is None else len(pinned),
+            memory=self.memory_bytes,
+            priority=self.priority,
+            label=self.label,
+            required_gpus=pinned,
         )
+        if pinned is None:
+            self.pinned = granted.gpu_indices
         self._held[granted.lease_id] = granted
         return Lease(granted.lease_id, granted.device_ids)
 
@@ -59,13 +72,10 @@ class ClientLessor:
 
     def abandon(self) -> None:
         """End the session after a failed release: the assigner releases every lease the
-        session held (it sees the stream close), and the next acquire opens a new session.
-        The client has no public call for this yet, so its session is torn down directly."""
+        session held (it sees the stream close), and the next acquire opens a new session
+        (still pinned: the swapped state is bound to the same GPUs)."""
         self._held.clear()
-        client = self.client
-        with client._lock:
-            client._teardown()
-            client._held.clear()
+        self.client.end_session()
 
 
 class LocalLessor:

@@ -7,10 +7,13 @@
         train_some()
     cpu_phase()                       # storages live in host memory meanwhile
 
+The process is bound to the GPUs of its first grant (a storage keeps its device): from then on
+every ``on_device_begin()`` of the client is pinned to that grant's ``gpu_indices``
+(``required_gpus``, through `LeaseListener.required_gpus`) and waits for exactly those GPUs.
+
 A failed offload follows the rule of automatic mode: the lease is kept and the error
 (`SwapError`) is raised from ``on_device_end()``; the data stays intact on the device the
-program still holds, and ``on_device_end()`` can be called again later. (Keeping the lease needs
-the client to skip the release when a ``before_release`` listener raises.)
+program still holds, and ``on_device_end()`` can be called again later.
 
 Resident bytes are reported after a grant: ``torch.cuda.memory_reserved()`` on CUDA (no walk);
 on ``cpu`` an object walk, at most once per `report_s`.
@@ -39,8 +42,15 @@ class SwapOnRelease(LeaseListener):
         self.report_s = report_s
         self.walks = 0  # object walks made for usage reports (cpu only)
         self._next_report = 0.0
+        #: The first grant's GPU indices: every later request of the client is pinned to them.
+        self.pinned: tuple[int, ...] | None = None
+
+    def required_gpus(self, client: Client) -> tuple[int, ...] | None:
+        return self.pinned
 
     def on_granted(self, client: Client, lease: ClientLease) -> None:
+        if self.pinned is None:
+            self.pinned = lease.gpu_indices
         if self.engine.state is SwapState.OFFLOADED:
             stats = self.engine.onload()
             log.info("%s", stats)

@@ -553,9 +553,9 @@ def test_the_stage_wrapper_does_not_start_a_stage_whose_worker_is_gone(tmp_path:
     """Between the worker's fork and the wrapper's prctl the worker may die: the wrapper then
     has another parent than the pid it was given and does not exec the command."""
     flag = tmp_path / "ran"
-    wrapper = [sys.executable, "-S", str(STAGE_WRAPPER)]
+    wrapper = [sys.executable, "-S", "-I", str(STAGE_WRAPPER)]
     gone = subprocess.run([*wrapper, "1", "0", "--", "touch", str(flag)], timeout=30)
-    assert gone.returncode == 127 and not flag.exists()
+    assert gone.returncode == 137 and not flag.exists()  # as if SIGKILLed with its worker
     ours = subprocess.run(
         [
             *wrapper,

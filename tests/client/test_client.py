@@ -429,3 +429,29 @@ def test_the_manual_api_pins_a_request_to_an_earlier_lease_s_gpus(
         on_device_begin(required_gpus="0")  # type: ignore[arg-type]
     requests = of(manual_env.events(), "request")
     assert [r["required_gpus"] for r in requests] == [[], [], [0], [0]]
+
+
+def test_end_session_frees_every_lease_and_the_next_call_opens_a_new_session(
+    start_assigner: StartAssigner,
+) -> None:
+    assigner = start_assigner(gpus=2)
+    with Client(target=assigner.target, token="", worker="ender", release_timeout=5.0) as client:
+        assert client.release_timeout == 5.0
+        first = client.allocate(timeout=10)
+        second = client.allocate(timeout=10)
+        old_session = client.session_id
+        client.end_session()
+        assert client.held == [] and not client.connected
+
+        def freed() -> bool:
+            released = {e["lease"]: e["reason"] for e in of(assigner.events(), "release")}
+            return released == {first.lease_id: "disconnect", second.lease_id: "disconnect"}
+
+        deadline = time.monotonic() + 20
+        while not freed():
+            assert time.monotonic() < deadline, "ending the session did not free its leases"
+            time.sleep(0.02)
+        again = client.allocate(timeout=10)  # a new session, the client still usable
+        assert client.session_id != old_session
+        assert [lease.lease_id for lease in client.status().self.leases] == [again.lease_id]
+        client.release(again)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from acb_slurm import env
+from acb_slurm import _deathwrap, env
 from acb_slurm.assigner.testing import AssignerProcess
 from acb_slurm.client import Client
 from acb_slurm.scheduler.replay import replay
@@ -325,3 +325,28 @@ def test_a_failed_release_keeps_the_childs_exit_code(
         client.close()
     assert code == 3
     assert "releasing lease" in caplog.text and "unreachable" in caplog.text
+
+
+def test_the_exec_wrapper_clears_the_signal_mask_and_names_its_caller() -> None:
+    """The shared wrapper (`acb_slurm._deathwrap`) execs in place with no signal blocked, though
+    its parent blocked some while starting it; a missing command is named with the caller."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGUSR1])
+    try:
+        shown = subprocess.run(
+            _deathwrap.command(["grep", "^SigBlk", "/proc/self/status"], name="acb-run"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    assert shown.returncode == 0, shown.stderr
+    assert int(shown.stdout.split()[1], 16) == 0
+    missing = subprocess.run(
+        _deathwrap.command(["no-such-command-acb"], name="acb-run"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert missing.returncode == _deathwrap.CANNOT_START
+    assert missing.stderr.startswith("acb-run: cannot start 'no-such-command-acb'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Callable
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from acb_slurm.assigner.testing import AssignerProcess
-from acb_slurm.client import Client
+from acb_slurm.client import Client, InvalidGpuRequest, on_device, set_default_client
 from acb_slurm.swap.auto import AutoSwap, Lease, Phase
 from acb_slurm.swap.engine import SwapEngine, SwapError, SwapState, SwapStats
 from acb_slurm.swap.lessors import ClientLessor
@@ -144,11 +145,6 @@ def test_manual_api_with_swap_reports_usage_without_a_walk_per_grant(
     assert listener.walks == 1  # 4 grants, one walk: a report is due once per report_s
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the client to keep a lease whose before_release listener raised "
-    "(acb_slurm/client/session.py _release releases in a finally)",
-)
 def test_manual_api_keeps_the_lease_when_offload_fails(start_assigner: StartAssigner) -> None:
     assigner = start_assigner(gpus=1)
     client = Client(target=assigner.target, token=None, worker="manual-refused")
@@ -161,5 +157,113 @@ def test_manual_api_keeps_the_lease_when_offload_fails(start_assigner: StartAssi
         assert weights.untyped_storage().nbytes() == 4000  # the data stayed on the device
         assert [held.lease_id for held in client.held] == [lease.lease_id]
         assert not [e for e in assigner.events() if e["event"] == "release"]
+        assert [lease.lease_id] == [h.lease_id for h in client.status().self.leases]
+    finally:
+        client.close()
+
+
+def test_the_with_block_keeps_the_lease_and_raises_when_offload_fails(
+    start_assigner: StartAssigner,
+) -> None:
+    assigner = start_assigner(gpus=1)
+    client = Client(target=assigner.target, token=None, worker="with-refused")
+    client.add_listener(SwapOnRelease(RefusingEngine("cpu")))
+    previous = set_default_client(client)
+    try:
+        with pytest.raises(SwapError), on_device(label="phase") as lease:
+            weights = torch.ones(1000)
+        assert weights.untyped_storage().nbytes() == 4000
+        assert [held.lease_id for held in client.held] == [lease.lease_id]
+        assert not [e for e in assigner.events() if e["event"] == "release"]
+    finally:
+        set_default_client(previous)
+        client.close()
+
+
+def requests_of(assigner: AssignerProcess, worker: str) -> list[list[int]]:
+    return [
+        e["required_gpus"]
+        for e in assigner.events()
+        if e["event"] == "request" and e["worker"] == worker
+    ]
+
+
+def check_pinned_to_first_grant(
+    assigner: AssignerProcess,
+    acquire: Callable[[], tuple[int, ...]],
+    release: Callable[[], None],
+    worker: str,
+) -> None:
+    """The swapping process got GPU k first; while another client holds GPU k and a third gets
+    the other GPU meanwhile, its next request waits, then it gets GPU k."""
+    (k,) = acquire()
+    release()
+    with (
+        Client(target=assigner.target, token=None, worker="holder") as holder,
+        Client(target=assigner.target, token=None, worker="other") as other,
+    ):
+        taken = holder.allocate(required_gpus=[k], timeout=10)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            again = pool.submit(acquire)
+
+            def queued() -> bool:
+                return [w.client.worker for w in holder.status().self.queue] == [worker]
+
+            assert wait_until(queued), "the pinned request never queued"
+            free = other.allocate(timeout=10)  # the other GPU was free all along
+            assert free.gpu_indices == (1 - k,)
+            time.sleep(0.3)
+            assert not again.done(), "the pinned request was granted another GPU"
+            holder.release(taken)
+            assert again.result(timeout=30) == (k,)
+        other.release(free)
+    assert requests_of(assigner, worker) == [[], [k]]
+
+
+def test_the_auto_mode_lessor_pins_later_requests_to_its_first_grant(
+    start_assigner: StartAssigner,
+) -> None:
+    assigner = start_assigner(gpus=2, gpu_memory="1GiB")
+    client = Client(target=assigner.target, token=None, worker="auto-pinned")
+    lessor = ClientLessor(client, label="auto-test")
+    held: list[Lease] = []
+
+    def acquire() -> tuple[int, ...]:
+        held.append(lessor.acquire())
+        return lessor._held[held[-1].lease_id].gpu_indices
+
+    try:
+        check_pinned_to_first_grant(
+            assigner, acquire, lambda: lessor.release(held.pop()), "auto-pinned"
+        )
+        assert lessor.pinned is not None
+        lessor.release(held.pop())
+        lessor.abandon()  # a new session stays bound to the same GPUs
+        acquire()
+        assert requests_of(assigner, "auto-pinned")[-1] == list(lessor.pinned)
+    finally:
+        client.close()
+
+
+def test_the_manual_swap_pins_later_requests_to_its_first_grant(
+    start_assigner: StartAssigner,
+) -> None:
+    assigner = start_assigner(gpus=2, gpu_memory="1GiB")
+    client = Client(target=assigner.target, token=None, worker="manual-pinned")
+    listener = enable_swap("cpu", client)
+    weights = torch.ones(1000)
+    try:
+
+        def acquire() -> tuple[int, ...]:
+            return client.allocate(label="phase").gpu_indices
+
+        check_pinned_to_first_grant(
+            assigner, acquire, lambda: client.release(client.held[-1]), "manual-pinned"
+        )
+        assert listener.engine.state is SwapState.RESIDENT
+        assert weights.sum().item() == 1000.0
+        assert listener.pinned is not None
+        with pytest.raises(InvalidGpuRequest, match="bound to"):
+            client.allocate(required_gpus=[1 - listener.pinned[0]])
     finally:
         client.close()
