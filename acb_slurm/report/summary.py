@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -131,31 +131,12 @@ def summarize(run: Run) -> Summary:
     )
 
 
-def utilisation_steps(run: Run) -> tuple[list[float], list[int]]:
-    """(times, busy GPU count) as a step function from the run's first to last event."""
+def _step_function(run: Run, spans: Iterable[tuple[float, float]]) -> tuple[list[float], list[int]]:
+    """(times, how many spans are open) as a step function from the run's first to last event."""
     deltas: dict[float, int] = defaultdict(int)
-    for spans in gpu_intervals(run).values():
-        for s, e in spans:
-            deltas[s] += 1
-            deltas[e] -= 1
-    times = [run.first_ts]
-    counts = [0]
-    level = 0
-    for t in sorted(deltas):
-        level += deltas[t]
-        times.append(t)
-        counts.append(level)
-    times.append(max(run.last_ts, times[-1]))
-    counts.append(level)
-    return times, counts
-
-
-def lease_steps(run: Run) -> tuple[list[float], list[int]]:
-    """(times, leases held) as a step function: above the busy-GPU count when leases share GPUs."""
-    deltas: dict[float, int] = defaultdict(int)
-    for h in run.holdings:
-        deltas[h.start] += 1
-        deltas[h.end] -= 1
+    for start, end in spans:
+        deltas[start] += 1
+        deltas[end] -= 1
     times, counts, level = [run.first_ts], [0], 0
     for t in sorted(deltas):
         level += deltas[t]
@@ -164,6 +145,16 @@ def lease_steps(run: Run) -> tuple[list[float], list[int]]:
     times.append(max(run.last_ts, times[-1]))
     counts.append(level)
     return times, counts
+
+
+def utilisation_steps(run: Run) -> tuple[list[float], list[int]]:
+    """(times, busy GPU count) as a step function from the run's first to last event."""
+    return _step_function(run, (span for spans in gpu_intervals(run).values() for span in spans))
+
+
+def lease_steps(run: Run) -> tuple[list[float], list[int]]:
+    """(times, leases held) as a step function: above the busy-GPU count when leases share GPUs."""
+    return _step_function(run, ((h.start, h.end) for h in run.holdings))
 
 
 def format_table(summaries: Sequence[Summary]) -> list[tuple[str, list[str]]]:
