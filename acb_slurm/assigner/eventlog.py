@@ -3,8 +3,9 @@
 Every line carries `ts` (Unix seconds), `event` and `node` (docs/ARCHITECTURE.md lists the events
 and their fields). `emit` only buffers; the daemon calls `flush()` at the end of each operation,
 before it answers the client, so one operation (a release and the grant it makes possible) costs
-one write system call, and a client that got an answer finds its lines in the file. A flush is
-also scheduled on the event loop as a safety net, and `close()` writes whatever is left.
+one write system call, and a client that got an answer finds its lines in the file. A line emitted
+outside such an operation (`batching` is 0) gets a flush scheduled on the event loop as a safety
+net, and `close()` writes whatever is left.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class EventLog:
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self._pending: list[str] = []
         self._flush_scheduled = False
+        #: Operations in progress that flush when they end (no safety-net flush is scheduled).
+        self.batching = 0
 
     @property
     def enabled(self) -> bool:
@@ -45,7 +48,7 @@ class EventLog:
             return
         record = {"ts": time.time(), "event": event, "node": self.node, **fields}
         self._pending.append(_encode(record))
-        if self._flush_scheduled:
+        if self._flush_scheduled or self.batching:
             return
         try:
             loop = asyncio.get_running_loop()

@@ -44,10 +44,14 @@ def _flushes_log(method: F) -> F:
 
     @functools.wraps(method)
     def wrapper(self: LeaseBook, *args: Any, **kwargs: Any) -> Any:
+        log = self.log
+        log.batching += 1
         try:
             return method(self, *args, **kwargs)
         finally:
-            self.log.flush()
+            log.batching -= 1
+            if not log.batching:
+                log.flush()
 
     return wrapper  # type: ignore[return-value]
 
@@ -116,6 +120,7 @@ class Lease:
     yield_requested: bool = False  # asked once to give the lease back (time slice)
     request_tag: str = ""  # the client's tag of its Allocate call, echoed in the grant
     required_gpus: tuple[int, ...] = ()  # the only GPUs it may get (empty: any)
+    notify: bool = True  # send a GrantNotice on the session stream when granted
 
 
 @dataclass
@@ -222,11 +227,14 @@ class LeaseBook:
         label: str,
         request_tag: str = "",
         required_gpus: Iterable[int] = (),
+        notify: bool = True,
     ) -> Lease:
         """Queue a request; its `future` resolves with the AllocReply once granted.
 
         `required_gpus` pins it to exactly those inventory indices (a process whose device state
-        lives on its first grant's GPUs); the core refuses a malformed or impossible pin."""
+        lives on its first grant's GPUs); the core refuses a malformed or impossible pin.
+        `notify=False`: no GrantNotice on the session stream when it is granted (the Allocate
+        call has no deadline, so its reply cannot arrive too late)."""
         self._check_open()
         session = self._session(session_id)
         lease = Lease(
@@ -240,6 +248,7 @@ class LeaseBook:
             future=asyncio.get_running_loop().create_future(),
             request_tag=request_tag,
             required_gpus=tuple(required_gpus),
+            notify=notify,
         )
         request = Request(
             request_id=lease.lease_id,
@@ -495,9 +504,10 @@ class LeaseBook:
             )
             if not lease.future.done():
                 lease.future.set_result(reply)
-            # The notice goes out a loop turn later, behind the Allocate reply it duplicates,
-            # unless the lease is gone by then (its caller gave up, its session ended).
-            asyncio.get_running_loop().call_soon(self._notify_grant, lease, reply)
+            if lease.notify:
+                # The notice goes out a loop turn later, behind the Allocate reply it duplicates,
+                # unless the lease is gone by then (its caller gave up, its session ended).
+                asyncio.get_running_loop().call_soon(self._notify_grant, lease, reply)
 
     def _notify_grant(self, lease: Lease, reply: pb.AllocReply) -> None:
         if lease.state is LeaseState.GRANTED and self.leases.get(lease.lease_id) is lease:

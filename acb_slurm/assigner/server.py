@@ -171,6 +171,12 @@ class AssignerServicer(pb_grpc.AssignerServicer):
     async def Allocate(
         self, request: pb.AllocRequest, context: grpc.aio.ServicerContext
     ) -> pb.AllocReply:
+        # The GrantNotice on the session stream lets a client give back a grant whose reply it
+        # did not take. A call with a deadline may see its reply arrive after its own deadline
+        # fired: it gets the notice. A call without one loses its reply only when it is
+        # cancelled, and a cancellation that comes while it waits withdraws or releases its
+        # lease here (`abandon`): no notice (docs/ARCHITECTURE.md, "Late grants").
+        notify = context.time_remaining() is not None
         try:
             lease = self.book.submit(
                 request.session_id,
@@ -180,6 +186,7 @@ class AssignerServicer(pb_grpc.AssignerServicer):
                 request.label,
                 request.request_tag,
                 request.required_gpu_indices,
+                notify=notify,
             )
         except BookError as exc:
             await _abort(context, exc)

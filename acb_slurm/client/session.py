@@ -22,7 +22,8 @@ tensor's storage keeps its device, so its state can only come back onto the same
 
 A grant that arrives just after `allocate()` gave up (its timeout fired, or it was interrupted)
 is given back at once: every Allocate call carries a tag, the grant's notice on the session
-stream echoes it, and the session thread releases a grant whose call no longer waits.
+stream echoes it, and the session thread releases a grant whose call no longer waits (the
+assigner sends notices only where a reply may be lost: docs/ARCHITECTURE.md, "Late grants").
 """
 
 from __future__ import annotations

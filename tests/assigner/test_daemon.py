@@ -406,6 +406,10 @@ def test_session_stream_registers_first_and_carries_grant_notices(
             timeout=10,
         )
     assert of(assigner.events(), "release", lease=reply.lease_id, reason="deadline")
+    # A call without a deadline gets no notice (its reply is lost only if it is cancelled, and
+    # then the assigner takes the lease back itself); the next call with a deadline gets one.
+    untimed = stub.Allocate(pb.AllocRequest(session_id=session_id, gpu_count=1, request_tag="t2"))
+    stub.Release(pb.ReleaseRequest(session_id=session_id, lease_id=untimed.lease_id))
     reply = stub.Allocate(pb.AllocRequest(session_id=session_id, gpu_count=1), timeout=10)
     assert next(stream).grant.lease.lease_id == reply.lease_id
     pending.put(None)  # end our side: the session ends and its lease is released
