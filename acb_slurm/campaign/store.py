@@ -63,19 +63,25 @@ class Outcome(enum.StrEnum):
     INTERRUPTED = "interrupted"
 
 
-def process_start_time(pid: int) -> str | None:
-    """The start time of `pid` in clock ticks since boot (Linux), or None if it is gone.
-
-    Stored with a claim so that a reused pid is not mistaken for the claiming worker.
-    """
+def proc_stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (Linux; index 0 = state, 1 = ppid,
+    16 = nice, 19 = start time), or None when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
             stat = fh.read()
     except OSError:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return fields[19] if len(fields) > 19 else None
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> str | None:
+    """The start time of `pid` in clock ticks since boot (Linux), or None if it is gone.
+
+    Stored with a claim so that a reused pid is not mistaken for the claiming worker.
+    """
+    fields = proc_stat_fields(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from acb_slurm.assigner.testing import AssignerProcess
+from acb_slurm.campaign.store import proc_stat_fields
 
 STAGE = Path(__file__).with_name("stage.py")
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
@@ -55,13 +56,8 @@ def runs(results: Path) -> list[dict[str, Any]]:
 def proc_stat(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name (index 0 = state, 1 = ppid, 2 = pgrp,
     3 = session, 16 = nice), or None when the process is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return None if fields[0] in ("Z", "X") else fields
+    fields = proc_stat_fields(pid)
+    return None if not fields or fields[0] in ("Z", "X") else fields
 
 
 def other_host_prefix(hostname: str) -> list[str] | None:
