@@ -128,6 +128,9 @@ def bootstrap() -> None:
     if raw is None:
         return
     settings = AutoSettings(**json.loads(raw))
+    # Registered before the program runs, so it runs after every exit handler of the program
+    # (atexit is last in, first out), whenever they were registered: they find their tensors.
+    atexit.register(_at_exit, settings)
     if "torch" in sys.modules:
         _install(settings)
     else:
@@ -200,13 +203,22 @@ def _install(settings: AutoSettings) -> None:
     )
     lessor.attach(auto)
     auto.install()
+    _installed.append(auto)
 
-    def finish() -> None:
-        auto.uninstall(restore=False)
-        lessor.client.close()
-        logger.info("automatic mode: %s", auto.describe())
-        if settings.stats_file:
-            with open(settings.stats_file, "w", encoding="utf-8") as fh:
-                json.dump(asdict(auto.stats), fh)
 
-    atexit.register(finish)
+#: The automatic mode installed in this process (at most one).
+_installed: list[Any] = []
+
+
+def _at_exit(settings: AutoSettings) -> None:
+    """After the program's exit handlers: stop the watchdog and write the counters. Nothing is
+    torn down: module teardown may still touch tensors (brought back on first touch), and a
+    lease still held ends with the process's session."""
+    if not _installed:
+        return
+    auto = _installed[0]
+    auto.shutdown()
+    logging.getLogger("acb_slurm").info("automatic mode: %s", auto.describe())
+    if settings.stats_file:
+        with open(settings.stats_file, "w", encoding="utf-8") as fh:
+            json.dump(asdict(auto.stats), fh)

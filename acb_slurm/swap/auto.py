@@ -49,10 +49,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import gc
 import logging
 import os
+import sys
 import threading
 import time
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -62,7 +65,7 @@ from typing import Any, Protocol
 import torch
 from torch.overrides import TorchFunctionMode
 
-from acb_slurm.swap.engine import SwapEngine, SwapError, SwapState, SwapWarning
+from acb_slurm.swap.engine import SwapEngine, SwapError, SwapState, SwapWarning, _inner_tensors
 from acb_slurm.units import format_size
 
 log = logging.getLogger(__name__)
@@ -159,7 +162,7 @@ class AutoStats:
 
 
 class _DeviceUseMode(TorchFunctionMode):
-    """Runs every device call under the lock, after making the device state resident."""
+    """Runs every device call inside the gate, after making the device state resident."""
 
     def __init__(self, auto: AutoSwap):
         super().__init__()
@@ -170,16 +173,22 @@ class _DeviceUseMode(TorchFunctionMode):
     ) -> Any:
         if kwargs is None:
             kwargs = {}
-        if func in METADATA_FUNCS:
+        # While Dynamo traces, the mode is transparent (what it traces runs under hold()).
+        if _compiling() or func in METADATA_FUNCS:
             return func(*args, **kwargs)
         auto = self._auto
+        if auto._off:
+            return func(*args, **kwargs)
         if auto._every_call or auto._touches(func, args, kwargs):
-            with auto.lock:
-                auto._calls += 1
-                if auto._slow:
-                    auto._make_resident()
+            auto._enter()
+            try:
                 return func(*args, **kwargs)
+            finally:
+                auto._exit()
         return func(*args, **kwargs)
+
+
+_compiling = torch.compiler.is_compiling
 
 
 def _names_device(value: Any, device_type: str) -> bool:
@@ -205,6 +214,8 @@ def _is_cuda(t: torch.Tensor) -> bool:
 _SCAN_DEPTH = 3
 #: Values that hold no tensor (torch.save's scan stops at them).
 _ATOMS = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device, range)
+#: Pickled by name (none of their memory is written): torch.save's scan does not follow them.
+_BY_NAME = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType)
 
 
 class AutoSwap:
@@ -227,7 +238,10 @@ class AutoSwap:
         self.idle_s = idle_ms / 1000.0
         self.report_s = report_s
         self.engine = engine or SwapEngine(self.device, allow_graph_pools=allow_graph_pools)
-        self.lock = threading.RLock()
+        # The gate: `_active` counts device calls in flight in every thread; the swap path holds
+        # `_mutex` and acts only when `_active` is 0, so no call runs while storages are away.
+        self._mutex = threading.RLock()
+        self._active = 0
         self.stats = AutoStats()
         self.phase = Phase.AWAY
         self._lease: Lease | None = None
@@ -248,19 +262,33 @@ class AutoSwap:
         self._watchdog: threading.Thread | None = None
         self._patched: list[tuple[Any, str, Any]] = []
         self._reported = -1
+        self._off = False  # uninstalled: modes left on other threads' stacks pass through
+        self._guarded: set[int] = set()  # threads whose torch calls go through the mode
+        self._internal: set[int] = set()  # the watchdog: never touches program tensors
+        self._profile_hook: Any = None  # threading.setprofile hook guarding new threads
+        self._previous_profile: Any = None
+        self._said: set[str] = set()  # refusals already reported (each is said once)
 
     # ---- installation -----------------------------------------------------------------------
 
     def install(self) -> None:
-        """Start intercepting this thread's torch calls and start the watchdog."""
+        """Start intercepting the torch calls of this thread and of every thread started from
+        now on, and start the watchdog."""
         if self._mode is not None:
             raise AutoModeError("automatic mode is already installed in this process")
         self._mode = _DeviceUseMode(self)
         self._mode.__enter__()
+        self._guarded.add(threading.get_ident())
+        self._guard_new_threads()
         self._wrap_entry_points()
         self._stop.clear()
-        self._watchdog = threading.Thread(target=self._watch, name="acb-auto-watchdog", daemon=True)
-        self._watchdog.start()
+        self._off = False
+        watchdog = threading.Thread(target=self._watch, name="acb-auto-watchdog", daemon=True)
+        watchdog._acb_internal = True  # type: ignore[attr-defined]
+        watchdog.start()
+        self._watchdog = watchdog
+        if watchdog.ident is not None:
+            self._internal.add(watchdog.ident)
         me = weakref.ref(self)  # fork callbacks cannot be unregistered: do not keep self alive
 
         def in_child() -> None:
@@ -269,6 +297,47 @@ class AutoSwap:
                 auto._forked()
 
         os.register_at_fork(after_in_child=in_child)
+
+    def _guard_new_threads(self) -> None:
+        """Threads started through `threading` push the mode before their first Python call
+        (a one-shot `threading.setprofile` hook that restores the profiler the program had).
+        Threads that run without it (started before installation, or by ``_thread``) are
+        seen by the watchdog, which then refuses to offload: see `_unguarded_threads`."""
+        previous = threading.getprofile()
+        me = weakref.ref(self)
+
+        def hook(frame: Any, event: str, arg: Any) -> Any:
+            sys.setprofile(previous)
+            auto = me()
+            if auto is not None and not auto._off:
+                auto._guard_this_thread()
+            if previous is not None:
+                return previous(frame, event, arg)
+            return None
+
+        self._previous_profile, self._profile_hook = previous, hook
+        threading.setprofile(hook)
+
+    def _guard_this_thread(self) -> None:
+        if getattr(threading.current_thread(), "_acb_internal", False):
+            return
+        _DeviceUseMode(self).__enter__()
+        self._guarded.add(threading.get_ident())
+
+    def _unguarded_threads(self) -> list[str]:
+        """Live threads whose torch calls the mode does not see (besides the watchdog)."""
+        live = set(sys._current_frames())
+        self._guarded &= live
+        names = {t.ident: t.name for t in threading.enumerate()}
+        return [
+            names.get(ident, f"thread {ident}") for ident in live - self._guarded - self._internal
+        ]
+
+    def _say_once(self, level: int, message: str, *args: Any) -> None:
+        """Log a refusal the first time; later repeats of the same message at debug level."""
+        text = message % args if args else message
+        log.log(level if text not in self._said else logging.DEBUG, "%s", text)
+        self._said.add(text)
 
     def _forked(self) -> None:
         """In a forked child (DataLoader workers): no watchdog, no lease, no session of its own,
@@ -281,37 +350,52 @@ class AutoSwap:
         self._touches = lambda func, args, kwargs: False  # type: ignore[method-assign]
         self._watchdog = None
         self._lease = None
-        self.lock = threading.RLock()  # the parent's may have been held by another thread
+        self._mutex = threading.RLock()  # the parent's may have been held by another thread
+        self._active = 0
 
-    def uninstall(self, *, restore: bool = True) -> None:
-        """Stop intercepting; with `restore`, bring the storages back (else leave them away).
-
-        The lease is released either way. Call from the thread that installed.
-        """
+    def uninstall(self) -> None:
+        """Stop intercepting: bring the storages back (acquiring a lease if they are away),
+        release the lease, and leave the program's tensors as if automatic mode never ran.
+        Call from the thread that installed."""
         if self._passthrough:  # a forked child holds nothing of its own
             return
-        self._stop.set()
-        self._wake.set()
-        if self._watchdog is not None:
-            self._watchdog.join()
-            self._watchdog = None
-        with self.lock:
+        self._stop_watchdog()
+        with self._mutex:
+            if self.engine.state is SwapState.OFFLOADED:
+                self._make_resident()
+            self._off = True
+            if threading.getprofile() is self._profile_hook:
+                threading.setprofile(self._previous_profile)
             if self._mode is not None:
-                self._mode.__exit__(None, None, None)
+                # Pop it only if it is on top (else it stays, and passes through: `_off`).
+                if torch.overrides._get_current_function_mode() is self._mode:
+                    self._mode.__exit__(None, None, None)
                 self._mode = None
             for owner, name, original in reversed(self._patched):
                 setattr(owner, name, original)
             self._patched.clear()
-            if restore and self.engine.state is SwapState.OFFLOADED:
-                self.engine.onload()
             if self._lease is not None:
                 try:
                     self._release(yielded=False)
                 except Exception as exc:  # the session may be gone; the assigner frees it then
                     log.warning("releasing the lease failed: %s", exc)
             self.phase = Phase.AWAY
-            if restore:
-                self.engine.close()
+            self.engine.close()
+
+    def shutdown(self) -> None:
+        """At interpreter exit, after every exit handler and finalizer of the program: stop the
+        watchdog and change nothing else. The hooks stay, so whatever still runs (module
+        teardown) finds its tensors, brought back on first touch; a held lease ends with the
+        process's session."""
+        if not self._passthrough:
+            self._stop_watchdog()
+
+    def _stop_watchdog(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join()
+        self._watchdog = None
 
     def __enter__(self) -> AutoSwap:
         self.install()
@@ -326,15 +410,35 @@ class AutoSwap:
     def hold(self) -> Iterator[None]:
         """A region in which the device state stays resident (code reading tensor memory
         outside torch calls, e.g. streaming a checkpoint)."""
-        if self._passthrough:
+        if self._passthrough or self._off:
             yield
             return
-        with self.lock:
-            self._calls += 1
-            if self._slow:
-                self._make_resident()
+        self._enter()
+        try:
             yield
+        finally:
+            self._exit()
+
+    def _enter(self, *, resident: bool = True) -> None:
+        """A device call starts (any thread): make the state resident (with `resident`), then
+        count the call in flight. The swap path cannot run until `_exit`."""
+        with self._mutex:
+            if resident and self._slow:
+                self._make_resident()
+            self._active += 1
             self._calls += 1
+
+    def _exit(self) -> None:
+        with self._mutex:
+            self._active -= 1
+            self._calls += 1
+            if not self._active and self._yield_for is not None:
+                self._wake.set()  # a yield waited for the calls in flight: now is a safe point
+
+    @property
+    def busy(self) -> bool:
+        """A device call (or a hold()) is in flight in some thread."""
+        return self._active > 0
 
     def request_yield(self, lease_id: str, reason: str = "") -> None:
         """Called from the client's thread on a YieldRequest: give the lease back at the next
@@ -348,9 +452,14 @@ class AutoSwap:
         self._wake.set()
 
     def swap_out(self, reason: str = "manual") -> None:
-        """Offload and release now (waits for the running device call to finish)."""
-        with self.lock:
-            self._leave(reason)
+        """Offload and release now, once no device call is in flight in any thread (it waits
+        for them; never call it from inside one)."""
+        while True:
+            with self._mutex:
+                if not self._active:
+                    self._leave(reason)
+                    return
+            time.sleep(0.001)
 
     @property
     def holding(self) -> bool:
@@ -365,7 +474,9 @@ class AutoSwap:
             self._make_resident_unhooked()
 
     def _make_resident_unhooked(self) -> None:
-        if self._yield_for is not None:
+        # A yield is a safe point only between calls: with a call in flight (an outer call of
+        # this thread, or another thread's) the watchdog honours it once they end.
+        if self._yield_for is not None and self._active == 0:
             if self._lease is not None and self._lease.lease_id == self._yield_for:
                 self._leave("yield")
             self._yield_for = None
@@ -385,7 +496,7 @@ class AutoSwap:
             onloaded = stats.bytes
             log.info("%s", stats)
         self.phase = Phase.HOLDING
-        self._slow = False
+        self._slow = self._yield_for is not None
         if self.device.type == "cuda":
             self._report(force=True)  # memory_reserved(): no walk
         elif onloaded is not None:
@@ -407,16 +518,9 @@ class AutoSwap:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", SwapWarning)
                     stats = self.engine.offload()
-            except SwapError as exc:
+            except Exception as exc:  # SwapError, or anything the engine did not foresee
                 # The data is still on the device: keep the lease rather than lose it.
-                self.phase = Phase.HOLDING
-                self.stats.failed_swaps += 1
-                self._retry_s = min(max(self._retry_s * 2, self.idle_s / 4), MAX_RETRY_S)
-                log.error(
-                    "cannot release the GPU (%s): keeping the lease; next try in %.1f s",
-                    exc,
-                    self._retry_s,
-                )
+                self._refuse(str(exc) if isinstance(exc, SwapError) else repr(exc))
                 return
             self._retry_s = 0.0
             for w in caught:
@@ -425,6 +529,15 @@ class AutoSwap:
             self.stats.swap_seconds += stats.seconds
             log.info("%s (%s)", stats, reason)
         self._release(yielded=reason == "yield")
+
+    def _refuse(self, why: str) -> None:
+        """A swap-out cannot be done safely now: keep the lease, back off, say so once."""
+        self.phase = Phase.HOLDING
+        self.stats.failed_swaps += 1
+        self._retry_s = min(max(self._retry_s * 2, self.idle_s / 4), MAX_RETRY_S)
+        self._say_once(
+            logging.WARNING, "not releasing the GPU (%s): the lease is kept and retried later", why
+        )
 
     def _release(self, *, yielded: bool) -> None:
         """Give the lease back. If the release call fails the lease may still be held by the
@@ -524,7 +637,9 @@ class AutoSwap:
                     return True
                 saw_tensor = True
             elif name == "device":
-                if _device_arg(value, device_type):
+                if _device_arg(value, device_type) or (
+                    value is None and torch.get_default_device().type == device_type
+                ):
                     return True
             elif _names_device(value, device_type) or (
                 isinstance(value, (list, tuple, dict)) and self._scan(value, _SCAN_DEPTH)
@@ -577,31 +692,37 @@ class AutoSwap:
             return any(_device_arg(v, self.device.type) for v in location.values())
         return _device_arg(location, self.device.type)
 
-    def _holds_device_tensor(
-        self, obj: Any, depth: int = 6, budget: list[int] | None = None
-    ) -> bool:
-        """Whether `obj` (what torch.save is given) holds a tensor on the managed device: a scan
-        of containers, modules and optimizers, bounded; anything it cannot see into counts as
-        yes (holding the lock needlessly is safe, reading a storage that is away is not)."""
-        budget = budget if budget is not None else [100_000]
-        budget[0] -= 1
-        if budget[0] < 0 or depth < 0:
-            return True
-        if isinstance(obj, torch.Tensor):
-            return self._on_device(obj)
-        if isinstance(obj, _ATOMS):
-            return False
-        if isinstance(obj, dict):
-            return any(self._holds_device_tensor(v, depth - 1, budget) for v in obj.values())
-        if isinstance(obj, (list, tuple, set, frozenset)):
-            return any(self._holds_device_tensor(v, depth - 1, budget) for v in obj)
-        if isinstance(obj, torch.nn.Module):
-            return any(self._on_device(t) for t in (*obj.parameters(), *obj.buffers()))
-        if isinstance(obj, torch.optim.Optimizer):
-            return self._holds_device_tensor(
-                [obj.state, [g["params"] for g in obj.param_groups]], depth - 1, budget
-            )
-        return True
+    def _reaches_device(self, obj: Any, budget: int = 100_000) -> bool:
+        """Whether serialising `obj` may read memory on the managed device: a walk of what it
+        references (containers, modules, plain attributes, optimizers, any object's state),
+        bounded; past the bound it answers yes (holding needlessly is safe, writing a storage
+        that is away is not). Types, modules and functions are pickled by name: not followed."""
+        seen: set[int] = set()
+        todo = [obj]
+        while todo:
+            item = todo.pop()
+            if isinstance(item, torch.Tensor):
+                inner = _inner_tensors(item)
+                if inner is None:
+                    if self._on_device(item):
+                        return True
+                else:
+                    todo.extend(inner)
+                    continue
+            elif isinstance(item, torch.UntypedStorage):
+                if item.device.type == self.device.type:
+                    return True
+                continue
+            elif isinstance(item, (*_ATOMS, *_BY_NAME)):
+                continue
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+            budget -= 1
+            if budget < 0:
+                return True
+            todo.extend(gc.get_referents(item))
+        return False
 
     # ---- watchdog ---------------------------------------------------------------------------
 
@@ -621,24 +742,37 @@ class AutoSwap:
                 continue
             yield_due = self._yield_for is not None
             if not yield_due and now - since < self.idle_s:
-                if now >= next_report and self.lock.acquire(blocking=False):
+                if now >= next_report and self._mutex.acquire(blocking=False):
                     try:
-                        self._report()
+                        with torch._C.DisableTorchFunction():
+                            self._report()
                     finally:
-                        self.lock.release()
+                        self._mutex.release()
                     next_report = now + self.report_s
                 continue
             if not yield_due and self._retry_s and now - since < self._retry_s:
                 continue  # a swap-out failed: back off (idle/4, doubling, up to MAX_RETRY_S)
-            # Between two calls only: a call running now holds the lock.
-            if not self.lock.acquire(blocking=False):
+            # Between calls only: none in flight in any thread, and no slow path running.
+            if not self._mutex.acquire(blocking=False):
                 since = now
                 continue
             try:
+                if self._active:
+                    since = now
+                    continue
                 if self._calls != seen:  # a call ran since the sample: not idle after all
                     seen, since = self._calls, time.monotonic()
                     if self._yield_for is None:
                         continue
+                unguarded = self._unguarded_threads()
+                if unguarded:
+                    self._yield_for = None
+                    self._refuse(
+                        f"thread(s) {', '.join(sorted(unguarded))} started before automatic mode "
+                        "and may touch tensors unseen"
+                    )
+                    since = time.monotonic()
+                    continue
                 if self._yield_for is not None:
                     if self._lease is not None and self._lease.lease_id == self._yield_for:
                         self._leave("yield")
@@ -650,12 +784,12 @@ class AutoSwap:
             except Exception:
                 log.exception("automatic mode: swap-out failed; the lease is kept")
             finally:
-                self.lock.release()
+                self._mutex.release()
 
     # ---- entry points that read tensor memory outside torch calls -------------------------------
 
     def _wrap_entry_points(self) -> None:
-        self._patch(torch, "save", self._held_if(lambda a, k: self._holds_device_tensor(a[0])))
+        self._patch(torch, "save", self._held_if(lambda a, k: self._reaches_device(a[0])))
         self._patch(torch, "load", self._held_if(self._load_needs_device))
         self._patch(torch, "compile", self._compile_held)
         if self.device.type == "cuda":
@@ -678,15 +812,20 @@ class AutoSwap:
     def _held_if(
         self, needed: Callable[[Sequence[Any], dict[str, Any]], bool]
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Like `_held`, but only when `needed(args, kwargs)` (else the call passes through)."""
+        """Like `_held`, except that the state is brought back only when `needed(args, kwargs)`.
+        The call is counted in flight either way, so no swap-out can start in its middle (a
+        slow ``torch.save`` must not see its storages go away half-written)."""
 
         def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(func)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                if self._passthrough or not needed(args, kwargs):
+                if self._passthrough or self._off:
                     return func(*args, **kwargs)
-                with self.hold():
+                self._enter(resident=self._slow and needed(args, kwargs))
+                try:
                     return func(*args, **kwargs)
+                finally:
+                    self._exit()
 
             return wrapper
 
@@ -720,7 +859,7 @@ class AutoSwap:
         @functools.wraps(init)
         def wrapper() -> None:
             if not self._passthrough and not torch.cuda.is_initialized() and self._pinned is None:
-                with self.lock:
+                with self._mutex:
                     if self._slow:
                         self._make_resident()
             init()

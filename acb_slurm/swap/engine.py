@@ -119,14 +119,29 @@ class _Entry:
 
 
 @dataclass
+class _Skipped:
+    """Device bytes left in place for one reason, and the types of the objects holding them."""
+
+    nbytes: int = 0
+    kinds: set[str] = field(default_factory=set)
+
+
+@dataclass
 class _Found:
     """The result of a walk: storages to move, and what cannot be moved and why."""
 
     storages: list[torch.UntypedStorage] = field(default_factory=list)
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> bytes
+    skipped: dict[str, _Skipped] = field(default_factory=dict)  # reason -> what stays
 
-    def skip(self, reason: str, nbytes: int) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + nbytes
+    def skip(self, reason: str, nbytes: int, kind: str = "") -> None:
+        entry = self.skipped.setdefault(reason, _Skipped())
+        entry.nbytes += nbytes
+        if kind:
+            entry.kinds.add(kind)
+
+    @property
+    def skipped_bytes(self) -> int:
+        return sum(e.nbytes for e in self.skipped.values())
 
 
 def _align(n: int) -> int:
@@ -136,6 +151,13 @@ def _align(n: int) -> int:
 def _byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
     """A flat uint8 tensor over all of `storage` (no copy)."""
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+#: Scripted modules keep their parameters in C++; the Python object lists them.
+_STORAGES: frozenset[type] = frozenset([torch.UntypedStorage])
+_SCRIPTED: frozenset[type] = frozenset(
+    [torch.jit.RecursiveScriptModule, torch.jit.ScriptModule]  # type: ignore[attr-defined]
+)
 
 
 def _tensor_types() -> set[type]:
@@ -156,17 +178,81 @@ def _orphaned(storage: torch.UntypedStorage) -> bool:
     return use_count is not None and use_count(storage._cdata) <= 1
 
 
-def _storages_of(tensor: torch.Tensor) -> Iterator[torch.UntypedStorage]:
-    """The storages behind one tensor object (two for a sparse COO tensor, none for meta/fake)."""
-    if tensor.is_sparse:
-        yield from _storages_of(tensor._values())
-        yield from _storages_of(tensor._indices())
+#: Layouts whose memory lives in component tensors: (accessor names) per layout.
+_COMPONENTS: dict[torch.layout, tuple[str, ...]] = {
+    torch.sparse_coo: ("_values", "_indices"),
+    torch.sparse_csr: ("values", "crow_indices", "col_indices"),
+    torch.sparse_bsr: ("values", "crow_indices", "col_indices"),
+    torch.sparse_csc: ("values", "ccol_indices", "row_indices"),
+    torch.sparse_bsc: ("values", "ccol_indices", "row_indices"),
+}
+_PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_affine_float_qparams)
+
+
+def _inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor] | None:
+    """The tensors a wrapper subclass (``__tensor_flatten__``: nested jagged tensors, DTensor,
+    TwoTensor, FSDP2's and torchao's tensors) keeps its data in; None for any other tensor.
+    A wrapper's own storage is a placeholder with no memory behind it: never copy it."""
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is None:
+        return None
+    names, _ = flatten(tensor)
+    inner = (getattr(tensor, name, None) for name in names)
+    return [t for t in inner if isinstance(t, torch.Tensor)]
+
+
+def _storages_of(tensor: torch.Tensor, depth: int = 8) -> Iterator[torch.UntypedStorage]:
+    """The storages behind one tensor object: the components of sparse layouts, the inner
+    tensors of wrapper subclasses, a per-channel quantizer's scales; none for meta/fake."""
+    inner = _inner_tensors(tensor)
+    if inner is not None:
+        if depth > 0:
+            for t in inner:
+                yield from _storages_of(t, depth - 1)
         return
-    try:
-        yield tensor.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        # Tensors without storage (meta, functional or fake wrappers): nothing on the device.
+    accessors = _COMPONENTS.get(tensor.layout)
+    if accessors is not None:
+        for name in accessors:
+            yield from _storages_of(getattr(tensor, name)(), depth - 1)
         return
+    if tensor.is_quantized and tensor.qscheme() in _PER_CHANNEL:
+        yield tensor.q_per_channel_scales().untyped_storage()
+        yield tensor.q_per_channel_zero_points().untyped_storage()
+    yield tensor.untyped_storage()
+
+
+def _saved_by_autograd(roots: Iterable[torch.Tensor], budget: int = 100_000) -> list[torch.Tensor]:
+    """Tensors the autograd graphs reachable from `roots` saved for backward (C++ objects that no
+    Python reference reaches): read through each node's ``_saved_*`` attributes and, for custom
+    Functions, ``saved_tensors``. A node whose tensors were freed (after backward) or changed
+    in place raises on access and is skipped: such tensors are not used again."""
+    out: list[torch.Tensor] = []
+    names_of: dict[type, list[str]] = {}
+    seen: set[int] = set()
+    todo = [t.grad_fn for t in roots if t.grad_fn is not None]
+    while todo and budget > 0:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        budget -= 1
+        kind = type(node)
+        names = names_of.get(kind)
+        if names is None:
+            names = names_of[kind] = [n for n in dir(node) if n.startswith("_saved_")]
+            if hasattr(node, "saved_tensors"):
+                names.append("saved_tensors")
+        for name in names:
+            try:
+                value = getattr(node, name)
+            except RuntimeError:
+                continue
+            if isinstance(value, torch.Tensor):
+                out.append(value)
+            elif isinstance(value, (tuple, list)):
+                out.extend(v for v in value if isinstance(v, torch.Tensor))
+        todo.extend(fn for fn, _ in node.next_functions)
+    return out
 
 
 class SwapEngine:
@@ -186,13 +272,14 @@ class SwapEngine:
     ):
         self.device = torch.device(device)
         self.allow_graph_pools = allow_graph_pools
-        self._keep_host_buffer = keep_host_buffer and self.device.type == "cuda"
+        self._keep_host_buffer = keep_host_buffer
         self._entries: list[_Entry] = []
         self._host: torch.Tensor | None = None  # holds the bytes of the offloaded storages
         self._host_registered = False  # page-locked with cudaHostRegister (to unregister)
         self._state = SwapState.RESIDENT
         self._lock = threading.Lock()
         self._own: set[int] = set()  # ids of tensors the engine made (never swapped)
+        self._warned: set[tuple[str, frozenset[str]]] = set()  # what SwapWarning has named
         self.last: SwapStats | None = None
 
     # ---- public API -------------------------------------------------------------------------
@@ -213,38 +300,48 @@ class SwapEngine:
     def offload(self) -> SwapStats:
         """Copy every device storage to host memory, then free it on the device.
 
-        Raises SwapError (with the data untouched) when the host copy cannot be made. Warns
-        `SwapWarning` naming the bytes that stay on the device.
+        Any failure raises SwapError with the data where it was (nothing freed, or every freed
+        storage restored). Warns `SwapWarning`, once per kind of object, naming what stays on
+        the device and how many bytes.
         """
         with self._lock:
             if self._state is SwapState.OFFLOADED:
                 raise SwapError("offload() called twice: the storages are already in host memory")
             start = time.perf_counter()
-            self._synchronize(self._devices_in_use())
-            gc.collect()  # garbage still holding device storages is freed, not moved
-            found = self._find()
-            self._synchronize({s.device for s in found.storages})
-            entries, total = self._plan(found.storages)
+            total = 0
             try:
+                self._synchronize(self._devices_in_use())
+                # The young generations only (a few ms, not the ~100 ms of a full collection):
+                # fresh garbage holding device storages is freed rather than copied; older
+                # garbage is copied and not brought back (see onload: `_orphaned`).
+                gc.collect(1)
+                found = self._find()
+                self._synchronize({s.device for s in found.storages})
+                entries, total = self._plan(found.storages)
                 if entries:  # nothing to move: no host buffer (no pinning) either
                     self._copy_out(entries, self._host_buffer(total))
             except Exception as exc:
                 self._drop_host_buffer()
                 raise SwapError(
-                    f"offload failed before any device memory was freed ({exc}); the program's "
-                    f"tensors are intact. Free host memory (needed {format_size(total)}) and retry."
+                    f"offload failed before any device memory was freed ({type(exc).__name__}: "
+                    f"{exc}); the program's tensors are intact"
+                    + (f" (host memory needed: {format_size(total)})" if total else "")
                 ) from exc
             self._free_device(entries)
             self._entries, self._state = entries, SwapState.OFFLOADED
-            if self.device.type == "cuda":
-                self._return_to_driver()
-                self._check_reserved(found)
+            try:
+                if self.device.type == "cuda":
+                    self._return_to_driver()
+                    self._check_reserved(found)
+                self._warn_skipped(found)
+            except SwapWarning:
+                raise  # warnings turned into errors by the caller's filter
+            except Exception as exc:  # the move is complete; reporting must not undo it
+                log.warning("offload: reporting what stayed on %s failed: %s", self.device, exc)
             moved = sum(e.nbytes for e in entries)
-            elapsed = time.perf_counter() - start
             self.last = SwapStats(
-                "offload", len(entries), moved, elapsed, sum(found.skipped.values())
+                "offload", len(entries), moved, time.perf_counter() - start, found.skipped_bytes
             )
-            self._warn_skipped(found)
             log.debug("%s", self.last)
             return self.last
 
@@ -305,33 +402,74 @@ class SwapEngine:
         return self.device.index is None or device.index == self.device.index
 
     def _find(self) -> _Found:
-        """Every distinct, non-empty storage on the managed device reachable from a tensor."""
+        """Every distinct, non-empty storage on the managed device that the program can reach:
+        from any tensor object on the heap (Parameters, ``.grad``, optimizer state, locals,
+        wrapper subclasses' inner tensors, sparse components, quantizer scales), from bare
+        ``UntypedStorage`` objects, from scripted modules' parameters and buffers, and from what
+        autograd saved for backward in the graphs those tensors belong to."""
         found = _Found()
         seen: set[int] = set()
         fixed: list[tuple[int, int]] = []  # memory of storages that stay: [start, end)
         own = self._own
         # Filtering by exact type in C (compress/map) keeps the walk at a few ns per object.
         kinds = _tensor_types()
+        wanted = kinds | _STORAGES | _SCRIPTED
         objects = gc.get_objects()
-        tensors = list(compress(objects, map(kinds.__contains__, map(type, objects))))
+        hits = list(compress(objects, map(wanted.__contains__, map(type, objects))))
         del objects
+        tensors = [o for o in hits if type(o) in kinds]
+        bare = [o for o in hits if type(o) in _STORAGES]
+        scripted = [o for o in hits if type(o) in _SCRIPTED and hasattr(o, "_c")]
+        del hits
+        graphs = [t for t in tensors if t.grad_fn is not None]
+
+        def visit(storage: torch.UntypedStorage, kind: str) -> None:
+            key = storage._cdata
+            if key in seen:
+                return
+            seen.add(key)
+            if not self._matches(storage.device):
+                return
+            nbytes = storage.nbytes()
+            if nbytes == 0:
+                return
+            try:
+                ptr = storage.data_ptr()
+            except RuntimeError:  # a wrapper subclass's placeholder: no memory behind it
+                return
+            reason = self._unmovable(storage)
+            if reason:
+                found.skip(reason, nbytes, kind)
+                fixed.append((ptr, ptr + nbytes))
+            else:
+                found.storages.append(storage)
+
+        def visit_tensor(tensor: torch.Tensor, kind: str) -> None:
+            try:
+                storages = list(_storages_of(tensor))
+            except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+                # No storage torch can reach (opaque layouts such as mkldnn, functional or
+                # fake wrappers): it stays where it is, and is reported if it holds memory.
+                if self._matches(tensor.device) and tensor.layout is not torch.strided:
+                    found.skip(
+                        f"opaque layout {tensor.layout} (no storage to move)",
+                        tensor.numel() * tensor.element_size(),
+                        kind,
+                    )
+                return
+            for storage in storages:
+                visit(storage, kind)
+
         for obj in tensors:
-            if id(obj) in own:
-                continue
-            for storage in _storages_of(obj):
-                key = storage._cdata
-                if key in seen:
-                    continue
-                seen.add(key)
-                nbytes = storage.nbytes()
-                if nbytes == 0 or not self._matches(storage.device):
-                    continue
-                reason = self._unmovable(storage)
-                if reason:
-                    found.skip(reason, nbytes)
-                    fixed.append((storage.data_ptr(), storage.data_ptr() + nbytes))
-                else:
-                    found.storages.append(storage)
+            if id(obj) not in own:
+                visit_tensor(obj, type(obj).__name__)
+        for storage in bare:
+            visit(storage, "UntypedStorage")
+        for module in scripted:
+            for tensor in (*module.parameters(), *module.buffers()):
+                visit_tensor(tensor, f"{type(module).__name__} parameter")
+        for tensor in _saved_by_autograd(graphs):
+            visit_tensor(tensor, "tensor saved by autograd")
         if fixed:
             self._skip_aliases(found, fixed)
         if self.device.type == "cuda" and found.storages:
@@ -359,7 +497,9 @@ class SwapEngine:
             hi = lo + storage.nbytes()
             i = bisect_left(starts, hi) - 1  # last fixed range starting before `hi`
             if i >= 0 and ends[i] > lo:
-                found.skip("sharing memory with a storage that cannot move", storage.nbytes())
+                found.skip(
+                    "sharing memory with a storage that cannot move", storage.nbytes(), "Tensor"
+                )
             else:
                 keep.append(storage)
         found.storages = keep
@@ -392,6 +532,7 @@ class SwapEngine:
                     "in a CUDA graph or private memory pool (do not replay a graph captured "
                     "before a swap: its inputs moved)",
                     storage.nbytes(),
+                    "Tensor",
                 )
             else:
                 keep.append(storage)
@@ -508,7 +649,7 @@ class SwapEngine:
         reserved = sum(
             torch.cuda.memory_reserved(d) for d in self._devices_in_use() if self._matches(d)
         )
-        unexplained = reserved - sum(found.skipped.values())
+        unexplained = reserved - found.skipped_bytes
         if unexplained > 0:
             found.skip(
                 "held by torch but reachable from no Python tensor (autograd saved tensors, "
@@ -517,11 +658,23 @@ class SwapEngine:
             )
 
     def _warn_skipped(self, found: _Found) -> None:
-        if not found.skipped:
+        """One `SwapWarning` for what stays on the device, the first time each reason is met
+        with those kinds of objects (a program that keeps one such tensor is told once)."""
+        new = {
+            why: e
+            for why, e in found.skipped.items()
+            if (why, frozenset(e.kinds)) not in self._warned
+        }
+        if not new:
             return
-        parts = "; ".join(f"{format_size(n)} {why}" for why, n in found.skipped.items())
+        self._warned.update((why, frozenset(e.kinds)) for why, e in new.items())
+        parts = "; ".join(
+            f"{format_size(e.nbytes)} {why}"
+            + (f" [{', '.join(sorted(e.kinds))}]" if e.kinds else "")
+            for why, e in new.items()
+        )
         warnings.warn(
-            f"offload left {format_size(sum(found.skipped.values()))} on {self.device}: {parts}",
+            f"offload left {format_size(found.skipped_bytes)} on {self.device}: {parts}",
             SwapWarning,
             stacklevel=3,
         )
