@@ -65,7 +65,8 @@ from typing import Any, Protocol
 import torch
 from torch.overrides import TorchFunctionMode
 
-from acb_slurm.swap.engine import SwapEngine, SwapError, SwapState, SwapWarning, _inner_tensors
+from acb_slurm.swap.backend import DEFAULT_BACKEND, SwapBackend, create_backend
+from acb_slurm.swap.engine import SwapError, SwapState, SwapWarning, _inner_tensors
 from acb_slurm.units import format_size
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,8 @@ class AutoSwap:
         device: str = "cuda",
         idle_ms: float = DEFAULT_IDLE_MS,
         report_s: float = DEFAULT_REPORT_S,
-        engine: SwapEngine | None = None,
+        engine: SwapBackend | None = None,
+        backend: str = DEFAULT_BACKEND,
         allow_graph_pools: bool = False,
     ):
         if idle_ms <= 0:
@@ -237,7 +239,9 @@ class AutoSwap:
         self.device = torch.device(device)
         self.idle_s = idle_ms / 1000.0
         self.report_s = report_s
-        self.engine = engine or SwapEngine(self.device, allow_graph_pools=allow_graph_pools)
+        self.engine: SwapBackend = engine or create_backend(
+            backend, str(self.device), allow_graph_pools=allow_graph_pools
+        )
         # The gate: `_active` counts device calls in flight in every thread; the swap path holds
         # `_mutex` and acts only when `_active` is 0, so no call runs while storages are away.
         self._mutex = threading.RLock()

@@ -54,6 +54,7 @@ from __future__ import annotations
 import enum
 import gc
 import logging
+import sys
 import threading
 import time
 import warnings
@@ -172,10 +173,15 @@ def _tensor_types() -> set[type]:
     return kinds
 
 
-def _orphaned(storage: torch.UntypedStorage) -> bool:
-    """True when only the engine still holds `storage` (the program dropped every tensor on it)."""
+def _orphaned(entry: _Entry) -> bool:
+    """True when only the engine still holds the entry's storage: no tensor uses it (C++ use
+    count) and no other Python reference holds the storage object (a bare ``UntypedStorage``
+    the program keeps has a use count of one, like a storage nobody holds)."""
     use_count = getattr(torch._C, "_storage_Use_Count", None)
-    return use_count is not None and use_count(storage._cdata) <= 1
+    if use_count is None or use_count(entry.storage._cdata) > 1:
+        return False
+    # References here: the entry's field and getrefcount's argument.
+    return sys.getrefcount(entry.storage) <= 2
 
 
 #: Layouts whose memory lives in component tensors: (accessor names) per layout.
@@ -356,7 +362,7 @@ class SwapEngine:
                 raise SwapError("onload() called while resident: offload() first")
             start = time.perf_counter()
             assert self._host is not None or not self._entries
-            live = [(e, e.storage) for e in self._entries if not _orphaned(e.storage)]
+            live = [(e, e.storage) for e in self._entries if not _orphaned(e)]
             grown: list[torch.UntypedStorage] = []
             try:
                 # Every allocation first, then every copy: cudaMalloc (which may synchronise the
@@ -669,8 +675,7 @@ class SwapEngine:
             return
         self._warned.update((why, frozenset(e.kinds)) for why, e in new.items())
         parts = "; ".join(
-            f"{format_size(e.nbytes)} {why}"
-            + (f" [{', '.join(sorted(e.kinds))}]" if e.kinds else "")
+            f"{format_size(e.nbytes)} of {', '.join(sorted(e.kinds)) or 'storages'} {why}"
             for why, e in new.items()
         )
         warnings.warn(

@@ -386,3 +386,90 @@ def test_compiled_callables_run_under_the_lock(auto: AutoSwap, lessor: LocalLess
     assert inside == [True] and lessor.acquired == 2
     assert getattr(type(module).__call__, "_acb_held", False)
     assert module(x).shape == (4,)
+
+
+# ---- threads, defaults, serialisation ----------------------------------------------------------
+
+
+def test_a_thread_started_after_installation_is_seen_and_never_swapped_under(
+    auto: AutoSwap, lessor: LocalLessor
+) -> None:
+    """The worker computes with pauses shorter than the idle interval while the installing
+    thread sleeps: its calls are device use, so nothing is offloaded until it stops."""
+    shared = torch.zeros(1000)
+    offloads_before = lessor.released
+
+    def work() -> None:
+        for _ in range(40):
+            shared.add_(1.0)
+            time.sleep(IDLE_MS / 1000 / 10)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert lessor.released == offloads_before, "offloaded while the worker computed"
+    assert shared.sum().item() == 40_000.0
+    assert wait_until(lambda: auto.phase is Phase.AWAY)  # idle once it stopped
+
+
+def test_a_thread_from_before_installation_blocks_offload_and_is_named_once(
+    lessor: LocalLessor, caplog: pytest.LogCaptureFixture
+) -> None:
+    go, done = threading.Event(), threading.Event()
+    old = threading.Thread(target=lambda: (go.wait(), done.wait()), name="early-bird")
+    old.start()
+    auto = AutoSwap(lessor, device="cpu", idle_ms=50)
+    auto.install()
+    try:
+        x = torch.ones(100)
+        go.set()
+        time.sleep(1.0)
+        assert lessor.released == 0 and auto.holding, "offloaded with an unseen thread alive"
+        said = [r for r in caplog.records if "early-bird" in r.getMessage()]
+        assert len([r for r in said if r.levelname == "WARNING"]) == 1
+        done.set()
+        old.join()
+        assert wait_until(lambda: auto.phase is Phase.AWAY)  # the thread is gone: offload
+        assert x.sum().item() == 100.0
+    finally:
+        done.set()
+        auto.uninstall()
+
+
+def test_a_factory_with_device_none_lands_on_the_default_device() -> None:
+    """nn.Module constructors call torch.empty(..., device=None): that is the default device."""
+    auto = AutoSwap(LocalLessor(), device="meta")
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        assert auto._touches(torch.empty, ((3, 3),), {"device": None, "dtype": None})
+    finally:
+        torch.set_default_device(previous)
+    assert not auto._touches(torch.empty, ((3, 3),), {"device": None})
+
+
+class _SlowFile(io.BytesIO):
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        time.sleep(0.05)
+        return super().write(data)
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.arange(64.0))
+        self.plain = torch.arange(256.0)  # not a parameter, not a buffer
+
+
+def test_torch_save_of_a_plain_attribute_is_whole_even_while_offloads_are_due(
+    auto: AutoSwap,
+) -> None:
+    auto.idle_s = 0.02  # far shorter than the save
+    holder = _Holder()
+    assert wait_until(lambda: auto.phase is Phase.AWAY)
+    out = _SlowFile()
+    torch.save(holder, out)
+    out.seek(0)
+    loaded = torch.load(out, weights_only=False)
+    assert torch.equal(loaded.plain, torch.arange(256.0))
+    assert torch.equal(loaded.weight.detach(), torch.arange(64.0))

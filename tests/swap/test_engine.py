@@ -142,7 +142,7 @@ def test_unresizable_storage_is_left_in_place_with_a_warning_naming_its_bytes() 
     wrapped = torch.from_numpy(array)  # memory owned by numpy: cannot be resized
     moved = torch.randn(256)
     engine = SwapEngine("cpu")
-    with pytest.warns(SwapWarning, match=r"32\.0KiB not resizable"):
+    with pytest.warns(SwapWarning, match=r"32\.0KiB of Tensor not resizable"):
         stats = engine.offload()
     try:
         assert stats.skipped_bytes >= 4096 * 8
@@ -227,3 +227,140 @@ def test_a_storage_aliased_by_one_that_cannot_move_stays_too() -> None:
         engine.onload()
     alias.add_(1)
     assert torch.equal(original, torch.arange(2048, dtype=torch.float32) + 1)
+
+
+# ---- everything a program can hold -------------------------------------------------------------
+
+
+def _offloaded(*tensors: torch.Tensor) -> bool:
+    return all(t.untyped_storage().nbytes() == 0 for t in tensors)
+
+
+def test_wrapper_subclasses_move_their_inner_tensors_never_their_placeholder() -> None:
+    """Nested jagged tensors and TwoTensor (DTensor, FSDP2 and torchao work alike) keep their
+    data in inner tensors; their own storage has no memory behind it and must not be copied."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    torch.manual_seed(0)
+    two = TwoTensor(torch.randn(64), torch.randn(64))
+    jagged = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)], layout=torch.jagged)
+    expected_two, expected_jagged = (two.a + two.b).clone(), jagged.values().clone()
+    engine = SwapEngine("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SwapWarning)  # nothing is left behind
+        engine.offload()
+    assert _offloaded(two.a, two.b, jagged.values())
+    engine.onload()
+    assert torch.equal(two.a + two.b, expected_two)
+    assert torch.equal(jagged.sin().values(), expected_jagged.sin())
+
+
+def test_a_wrapper_subclass_next_to_an_unresizable_tensor_does_not_break_the_walk() -> None:
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    two = TwoTensor(torch.ones(32), torch.full((32,), 2.0))
+    pinned = torch.from_numpy(np.arange(512, dtype=np.float32))
+    engine = SwapEngine("cpu")
+    with pytest.warns(SwapWarning, match=r"2\.0KiB of Tensor not resizable"):
+        engine.offload()
+    assert _offloaded(two.a, two.b) and pinned.untyped_storage().nbytes() == 2048
+    engine.onload()
+    assert (two.a + two.b).sum().item() == 96.0 and pinned.sum().item() == sum(range(512))
+
+
+def test_sparse_compressed_layouts_move_every_component() -> None:
+    torch.manual_seed(0)
+    dense = torch.randn(16, 16).relu()
+    csr, csc = dense.to_sparse_csr(), dense.to_sparse_csc()
+    bsr = dense.to_sparse_bsr((4, 4))
+    del dense
+    expected = [t.to_dense().clone() for t in (csr, csc, bsr)]
+    engine = SwapEngine("cpu")
+    engine.offload()
+    assert _offloaded(csr.values(), csr.crow_indices(), csr.col_indices())
+    assert _offloaded(csc.values(), csc.ccol_indices(), bsr.values())
+    engine.onload()
+    for got, want in zip((csr, csc, bsr), expected, strict=True):
+        assert torch.equal(got.to_dense(), want)
+
+
+def test_a_per_channel_quantizer_s_scales_move_with_its_tensor() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # quantized dtypes are deprecated
+        q = torch.quantize_per_channel(
+            torch.randn(4, 8), torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.zeros(4, dtype=torch.long),
+            0, torch.qint8,
+        )  # fmt: skip
+    expected = q.dequantize().clone()
+    engine = SwapEngine("cpu")
+    engine.offload()
+    assert _offloaded(q.q_per_channel_scales(), q.q_per_channel_zero_points())
+    engine.onload()
+    assert torch.equal(q.dequantize(), expected)
+
+
+def test_tensors_saved_for_backward_move_and_backward_is_unchanged() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(32, 32, requires_grad=True)
+    x = torch.randn(8, 32)
+    loss = torch.tanh(x @ w).exp().sum()  # tanh's and exp's results live only in the graph
+    saved = loss.grad_fn.next_functions[0][0]._saved_result  # exp's result
+    reference = torch.autograd.grad(torch.tanh(x @ w).exp().sum(), w)[0]
+    engine = SwapEngine("cpu")
+    engine.offload()
+    assert _offloaded(saved)
+    engine.onload()
+    loss.backward()
+    assert torch.equal(w.grad, reference)
+
+
+def test_scripted_modules_bare_storages_are_moved() -> None:
+    torch.manual_seed(0)
+    scripted = torch.jit.script(torch.nn.Linear(8, 4))
+    storage = torch.UntypedStorage(256)
+    torch.empty(0, dtype=torch.uint8).set_(storage).copy_(torch.arange(256, dtype=torch.uint8))
+    x = torch.randn(2, 8)
+    expected = scripted(x).clone()
+    del x
+    engine = SwapEngine("cpu")
+    engine.offload()
+    assert storage.nbytes() == 0
+    assert _offloaded(*scripted.parameters())
+    engine.onload()
+    assert scripted(torch.randn(2, 8).copy_(torch.zeros(2, 8))).shape == (2, 4)
+    assert torch.equal(bytes_of(storage), torch.arange(256, dtype=torch.uint8))
+    assert expected.shape == (2, 4)
+
+
+def bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8).set_(storage).clone()
+
+
+def test_what_stays_is_said_once_with_its_type_and_size() -> None:
+    pinned = torch.from_numpy(np.zeros(1024, dtype=np.float32))
+    engine = SwapEngine("cpu")
+    with pytest.warns(SwapWarning, match=r"4\.0KiB of Tensor not resizable"):
+        engine.offload()
+    engine.onload()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SwapWarning)  # the second time: silent
+        engine.offload()
+    engine.onload()
+    assert pinned.untyped_storage().nbytes() == 4096
+
+
+def test_any_failure_inside_the_walk_is_a_swap_error_and_moves_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from acb_slurm.swap import engine as engine_module
+
+    x = torch.randn(100)
+
+    def broken(tensor: torch.Tensor) -> list[torch.Tensor]:
+        raise KeyError("a bug the engine did not foresee")
+
+    monkeypatch.setattr(engine_module, "_saved_by_autograd", broken)
+    engine = SwapEngine("cpu")
+    with pytest.raises(SwapError, match=r"KeyError.*intact"):
+        engine.offload()
+    assert engine.state is SwapState.RESIDENT and x.untyped_storage().nbytes() == 400
