@@ -1,47 +1,54 @@
 """Automatic PyTorch mode: hold a GPU only while the program uses it, with no code change.
 
-A `torch.overrides.TorchFunctionMode` sees every torch call of the thread that installed it
-(functions, tensor methods and attributes, ``backward``, ``autograd.grad``). A call that touches
-the managed device first makes sure the process holds a lease and its storages are resident
-(acquire, then `SwapEngine.onload`). A watchdog thread notices when no device call has run for
-the idle interval and then, between two calls, synchronises, offloads and releases. A
-`YieldRequest` from the assigner is honoured at the next safe point: the next device call on the
-program's thread, or at once by the watchdog when the program is between calls.
+A `torch.overrides.TorchFunctionMode` sees every torch call (functions, tensor methods and
+attributes, ``backward``, ``autograd.grad``) of the thread that installed it and of every thread
+started through `threading` afterwards (a one-shot ``threading.setprofile`` hook pushes it before
+the thread's first Python call). A call that touches the managed device first makes sure the
+process holds a lease and its storages are resident (acquire, then the backend's ``onload``). A
+watchdog thread notices when no device call has run for the idle interval and then, between
+calls, synchronises, offloads and releases. A `YieldRequest` from the assigner is honoured at the
+next safe point: when no call is in flight, by the watchdog or by the next outermost call.
 
-ONE lock (`AutoSwap.lock`, re-entrant) is held by every intercepted device call for its whole
-duration and by the swap/release path, so no tensor operation runs while its storage is away.
-Code that reads tensor memory outside torch calls must run under `AutoSwap.hold()`;
-``torch.save`` (which streams storages) and ``torch.load`` are wrapped with it. A numpy view of
-a tensor (possible only under the ``cpu`` device) reads memory behind the lock's back: the test
-programs do not keep one across a CPU phase.
+THE GATE: every intercepted device call counts itself in flight (`_active`, under `_mutex`) for
+its whole duration, in whichever thread it runs; the swap path holds `_mutex` and acts only when
+nothing is in flight, so no tensor operation runs while its storage is away, and calls of
+different threads still run concurrently (one lock held through every call would serialise them,
+and deadlock a call that waits on another thread's torch work, as compile workers do). Code that
+reads tensor memory outside torch calls runs under `AutoSwap.hold()`; ``torch.save`` (which
+streams storages, maybe into a slow file) and ``torch.load`` are wrapped with it. A live thread the
+mode cannot see (started before installation, or by ``_thread``) makes the watchdog refuse to
+offload while it lives (said once, naming it). A numpy view of a tensor (possible only under the
+``cpu`` device) reads memory behind the gate's back: it must not be kept across a CPU phase.
 
 Why a TorchFunctionMode rather than a TorchDispatchMode: the dispatch mode also sees the kernels
 autograd runs, but costs more per op and puts every op through Python with unwrapped arguments;
 the function mode sees the Python entry points, which is where a program can be between two GPU
-phases, and ``backward()`` is one call that holds the lock throughout. Overhead of both is
+phases, and ``backward()`` is one call that stays in flight throughout. Overhead of both is
 measured by ``benchmarks/swap_cpu_bench.py``.
 
 What is not device use: reading a tensor's metadata (``.shape``, ``.dtype``, ``.device``,
 ``.grad``, ``size()``, ``numel()``, ``len()``, ... : `METADATA_FUNCS`) never takes the GPU, even
-while the storages are away. ``torch.load`` holds only when it may create tensors on the managed
-device (no ``map_location``, or one naming it), ``torch.save`` only when the object holds a tensor
-on the managed device.
+while the storages are away. ``torch.load`` brings the state back only when it may create
+tensors on the managed device (no ``map_location``, or one naming it), ``torch.save`` only when
+what it saves reaches a managed tensor or storage.
 
-CUDA graphs and ``torch.compile``: ``CUDAGraph.replay`` and every callable ``torch.compile``
-returns (functions and compiled modules) run under `AutoSwap.hold()`, so the watchdog cannot
-offload in the middle of one (dynamo inlines the mode while tracing, so the calls inside are not
-seen one by one). While a CUDA graph's private pool exists the engine refuses to offload (see
-`SwapEngine`): the lease is kept, the failure logged, and the watchdog retries with exponential
-backoff; ``ACB_SWAP_ALLOW_GRAPHS=1`` opts in for programs that re-capture after every swap.
+CUDA graphs and ``torch.compile``: while Dynamo traces, the mode is transparent (it checks
+``torch.compiler.is_compiling()`` first), so compile builds the graphs it builds without
+automatic mode. ``CUDAGraph.replay`` and every callable ``torch.compile`` returns (functions and
+compiled modules) run under `AutoSwap.hold()`, so the watchdog cannot offload in the middle of
+one. While a CUDA graph's private pool exists the engine refuses to offload (see `SwapEngine`):
+the lease is kept, the refusal said once, and the watchdog retries with exponential backoff;
+``ACB_SWAP_ALLOW_GRAPHS=1`` opts in for programs that re-capture after every swap.
 
-Limits (documented, not silent): modes are thread-local, so device work started from other
-threads the program creates is not intercepted; a compilation longer than the idle interval
-happens under the lock, so it is not idle; a forked child (DataLoader worker) inherits the mode
-but not the lease, so all its calls, ``torch.save`` and ``torch.load`` included, pass straight
-through (it must not use the managed device, which holds for DataLoader workers).
-On CUDA the process is bound to the GPU of its first grant (tensors carry a device index), so
-``CUDA_VISIBLE_DEVICES`` is set from that grant before CUDA initialises and later grants must
-name the same GPU.
+Exit: `shutdown()` (run by the launcher after every exit handler of the program) only stops the
+watchdog; the hooks stay, so exit handlers, finalizers and module teardown find their tensors.
+
+Limits (documented, not silent): a compilation longer than the idle interval happens inside a
+held call, so it is not idle; a forked child (DataLoader worker) inherits the mode but not the
+lease, so all its calls, ``torch.save`` and ``torch.load`` included, pass straight through (it must
+not use the managed device, which holds for DataLoader workers). On CUDA the process is bound to
+the GPU of its first grant (tensors carry a device index), so ``CUDA_VISIBLE_DEVICES`` is set from
+that grant before CUDA initialises and later grants must name the same GPU.
 """
 
 from __future__ import annotations

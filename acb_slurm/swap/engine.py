@@ -26,16 +26,24 @@ Approaches considered, and why this one:
   of a ``cpu`` tensor) cannot be seen: it must not be used across a swap.
 
 Finding storages: a walk of ``gc.get_objects()`` for tensors (Parameters, ``.grad``, optimizer
-state, locals and globals alike: all are gc-tracked Python objects), deduplicated by the storage
-implementation (``untyped_storage()._cdata``), so a storage shared by views or tied weights moves
-once. While away, the engine holds each storage; one that nothing else holds any more (the
-program dropped its tensors meanwhile) is not brought back.
+state, locals and globals alike: all are gc-tracked Python objects), bare ``UntypedStorage``
+objects and scripted modules, plus the tensors autograd saved in the graphs those tensors belong
+to; deduplicated by the storage implementation (``untyped_storage()._cdata``), so a storage shared
+by views or tied weights moves once. Wrapper subclasses (``__tensor_flatten__``) contribute their
+inner tensors, sparse layouts their components; a wrapper's own placeholder storage (no memory
+behind it) is never copied. The walk is needed at every offload: tensors are made by C++ (autograd,
+``__torch_dispatch__`` subclasses, other threads, calls with torch functions disabled) without
+passing any Python hook, so only the heap shows them all; it costs ~35 ms with torch's ~290k
+objects (one filtered pass in C), and only the young generations are collected first (a full
+collection cost ~115 ms). While away, the engine holds each storage; one that nothing else holds
+any more (the program dropped its tensors meanwhile) is not brought back.
 
 Copies: on CUDA, one page-locked host buffer (``cudaHostRegister`` of a plain allocation, kept
 between swaps so the pinning cost is paid once), every copy queued ``non_blocking`` on the current
 stream and one synchronisation per device. On ``cpu`` the host buffer is a separate allocation (a
-uint8 tensor), so ``resize_(0)`` really frees the storage's own memory; the bytes simply live in
-another buffer of the same RAM while away.
+uint8 tensor), so ``resize_(0)`` really frees the storage's own memory; it is kept between swaps
+as on CUDA (``keep_host_buffer``), since a fresh buffer pays a page fault per 4 KiB on every
+offload (benchmarks/swap_bandwidth_bench.py).
 
 CUDA graphs: a captured graph replays fixed device addresses, its inputs included, and those
 live outside its private pool where the engine cannot tell them from any other storage. Moving
