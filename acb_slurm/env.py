@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 #: gRPC target of the node's assigner: "unix:/path/to/assigner.sock" or "host:port".
 ASSIGNER = "ACB_ASSIGNER"
@@ -81,4 +80,8 @@ def job_id(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
 
 def worker_name(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
-    return env.get(WORKER) or f"{socket.gethostname()}:{os.getpid()}"
+    if env.get(WORKER):
+        return env[WORKER]
+    import socket  # here: the automatic mode's boot imports this module in every program
+
+    return f"{socket.gethostname()}:{os.getpid()}"

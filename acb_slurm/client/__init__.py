@@ -1,25 +1,54 @@
-"""The client library: a process's session with its assigner and the manual API."""
+"""The client library: a process's session with its assigner and the manual API.
+
+The names are loaded on first use, so that importing the errors (``acb-run`` does, to report
+them) does not import gRPC and the generated protobuf code (about 60 ms, more in a process that
+has imported torch).
+"""
 
 from __future__ import annotations
 
-from acb_slurm.client.errors import (
-    AssignerError,
-    AssignerNotConfigured,
-    AssignerUnavailable,
-    GrantImpossible,
-    InvalidGpuRequest,
-    LeaseNotHeld,
-    SessionLost,
-    Unauthenticated,
-)
-from acb_slurm.client.manual import on_device, on_device_begin, on_device_end
-from acb_slurm.client.session import (
-    Client,
-    Lease,
-    LeaseListener,
-    default_client,
-    set_default_client,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from acb_slurm.client.errors import (
+        AssignerError,
+        AssignerNotConfigured,
+        AssignerUnavailable,
+        GrantImpossible,
+        InvalidGpuRequest,
+        LeaseNotHeld,
+        SessionLost,
+        Unauthenticated,
+    )
+    from acb_slurm.client.manual import on_device, on_device_begin, on_device_end
+    from acb_slurm.client.session import (
+        Client,
+        Lease,
+        LeaseListener,
+        default_client,
+        set_default_client,
+    )
+
+#: Exported name -> the submodule that defines it.
+_EXPORTS = {
+    "AssignerError": "errors",
+    "AssignerNotConfigured": "errors",
+    "AssignerUnavailable": "errors",
+    "GrantImpossible": "errors",
+    "InvalidGpuRequest": "errors",
+    "LeaseNotHeld": "errors",
+    "SessionLost": "errors",
+    "Unauthenticated": "errors",
+    "on_device": "manual",
+    "on_device_begin": "manual",
+    "on_device_end": "manual",
+    "Client": "session",
+    "Lease": "session",
+    "LeaseListener": "session",
+    "default_client": "session",
+    "set_default_client": "session",
+}
 
 __all__ = [
     "AssignerError",
@@ -39,3 +68,16 @@ __all__ = [
     "on_device_end",
     "set_default_client",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import grpc
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # grpc is imported only where an error is translated (it costs ~40 ms)
+    import grpc
 
 
 class AssignerError(RuntimeError):
@@ -43,6 +46,8 @@ class SessionLost(AssignerError):
 
 def from_rpc_error(exc: grpc.RpcError, what: str) -> AssignerError:
     """Turn a gRPC error into the matching AssignerError, keeping the assigner's message."""
+    import grpc
+
     code = exc.code() if hasattr(exc, "code") else None
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     message = f"{what}: {details}"

@@ -211,13 +211,14 @@ _installed: list[Any] = []
 
 
 def _at_exit(settings: AutoSettings) -> None:
-    """After the program's exit handlers: stop the watchdog and write the counters. Nothing is
-    torn down: module teardown may still touch tensors (brought back on first touch), and a
-    lease still held ends with the process's session."""
+    """After the program's exit handlers: stop the watchdog, end the session (a lease still
+    held is freed with it; a stream left open at interpreter teardown can deadlock grpc), write
+    the counters. The hooks stay for module teardown (see `AutoSwap.shutdown`)."""
     if not _installed:
         return
     auto = _installed[0]
     auto.shutdown()
+    auto.lessor.client.close()
     logging.getLogger("acb_slurm").info("automatic mode: %s", auto.describe())
     if settings.stats_file:
         with open(settings.stats_file, "w", encoding="utf-8") as fh:

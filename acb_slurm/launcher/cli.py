@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+# Cheap: the client package loads gRPC only when a client is made (--gate), never for --auto,
+# whose launcher only starts the program.
 from acb_slurm.client.errors import AssignerError
 from acb_slurm.units import parse_size
 
@@ -129,6 +131,7 @@ def _run_auto(
     label: str,
 ) -> None:
     from acb_slurm.launcher.auto import AutoError, AutoSpec, run_auto
+    from acb_slurm.launcher.gate import GateError
 
     try:
         spec = AutoSpec(
@@ -142,7 +145,7 @@ def _run_auto(
         code = run_auto(spec)
     except ValueError as exc:
         _fail(f"--memory: {exc}")
-    except (AssignerError, AutoError) as exc:
+    except (AssignerError, AutoError, GateError) as exc:  # GateError: command not found
         _fail(str(exc))
     raise typer.Exit(code)
 

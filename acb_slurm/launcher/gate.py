@@ -37,10 +37,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from acb_slurm import _deathwrap as deathwrap
 from acb_slurm import env
-from acb_slurm.client.session import Client
+
+if TYPE_CHECKING:  # imported by run_gated: `run_child` (acb-run --auto) needs no gRPC client
+    from acb_slurm.client.session import Client
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,10 @@ def run_gated(spec: GateSpec, client: Client | None = None) -> int:
     if not spec.command:
         raise GateError("no command to run: put it after `--`, e.g. acb-run --gate -- python x.py")
     own_client = client is None
-    client = client or Client()
+    if client is None:
+        from acb_slurm.client.session import Client
+
+        client = Client()
     try:
         lease = client.allocate(
             gpus=spec.gpus,

@@ -274,6 +274,7 @@ class AutoSwap:
         self._patched: list[tuple[Any, str, Any]] = []
         self._reported = -1
         self._off = False  # uninstalled: modes left on other threads' stacks pass through
+        self._exiting = False  # shutdown(): no lease is asked for again
         self._guarded: set[int] = set()  # threads whose torch calls go through the mode
         self._internal: set[int] = set()  # the watchdog: never touches program tensors
         self._profile_hook: Any = None  # threading.setprofile hook guarding new threads
@@ -395,11 +396,17 @@ class AutoSwap:
 
     def shutdown(self) -> None:
         """At interpreter exit, after every exit handler and finalizer of the program: stop the
-        watchdog and change nothing else. The hooks stay, so whatever still runs (module
-        teardown) finds its tensors, brought back on first touch; a held lease ends with the
-        process's session."""
-        if not self._passthrough:
-            self._stop_watchdog()
+        watchdog and ask for no lease again; the caller then ends the session (which frees a
+        lease still held). The hooks stay for what still runs (module teardown): resident state
+        is used as it is; on ``cpu`` state that is away is brought back on first touch, on CUDA
+        such a touch raises `AutoModeError` (the GPU is no longer held) rather than read freed
+        memory."""
+        if self._passthrough:
+            return
+        self._stop_watchdog()
+        with self._mutex:
+            self._exiting = True
+            self._slow = True
 
     def _stop_watchdog(self) -> None:
         self._stop.set()
@@ -485,6 +492,9 @@ class AutoSwap:
             self._make_resident_unhooked()
 
     def _make_resident_unhooked(self) -> None:
+        if self._exiting:
+            self._resident_after_shutdown()
+            return
         # A yield is a safe point only between calls: with a call in flight (an outer call of
         # this thread, or another thread's) the watchdog honours it once they end.
         if self._yield_for is not None and self._active == 0:
@@ -514,6 +524,17 @@ class AutoSwap:
             self._report(force=True, resident=onloaded)
         # else (cpu, nothing onloaded): the watchdog reports within report_s; a walk per grant
         # would cost the program tens of ms on every first call after a grant.
+
+    def _resident_after_shutdown(self) -> None:
+        if self.engine.state is SwapState.OFFLOADED:
+            if self.device.type != "cpu":
+                raise AutoModeError(
+                    "a tensor was used during interpreter teardown, after automatic mode gave "
+                    f"the GPU back: its state is in host memory and {self.device} is not held"
+                )
+            self.engine.onload()  # host memory on both sides: no device to hold
+        self._lease = None
+        self._slow = False
 
     def _leave(self, reason: str) -> None:
         """Synchronise, offload and release (no-op without a lease)."""
