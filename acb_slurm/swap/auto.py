@@ -226,6 +226,20 @@ _ATOMS = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.
 _BY_NAME = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType)
 
 
+class _HeldMethod:
+    """A TorchScript method that runs under `AutoSwap.hold()`; everything else is the method's."""
+
+    def __init__(self, method: Any, auto: AutoSwap):
+        self._method, self._auto = method, auto
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._auto.hold():
+            return self._method(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._method, name)
+
+
 class AutoSwap:
     """Automatic mode for one process: hooks, watchdog, the one lock, and the swap engine."""
 
@@ -280,6 +294,7 @@ class AutoSwap:
         self._profile_hook: Any = None  # threading.setprofile hook guarding new threads
         self._previous_profile: Any = None
         self._said: set[str] = set()  # refusals already reported (each is said once)
+        self._refusals: set[str] = set()  # standing reasons not to offload at all
 
     # ---- installation -----------------------------------------------------------------------
 
@@ -797,11 +812,13 @@ class AutoSwap:
                     if self._yield_for is None:
                         continue
                 unguarded = self._unguarded_threads()
-                if unguarded:
+                if unguarded or self._refusals:
                     self._yield_for = None
                     self._refuse(
                         f"thread(s) {', '.join(sorted(unguarded))} started before automatic mode "
                         "and may touch tensors unseen"
+                        if unguarded
+                        else "; ".join(sorted(self._refusals))
                     )
                     since = time.monotonic()
                     continue
@@ -824,9 +841,37 @@ class AutoSwap:
         self._patch(torch, "save", self._held_if(lambda a, k: self._reaches_device(a[0])))
         self._patch(torch, "load", self._held_if(self._load_needs_device))
         self._patch(torch, "compile", self._compile_held)
+        # TorchScript runs in C++ without torch function calls: a scripted module's __call__ and
+        # its methods are held; a scripted or traced free function cannot be, so while one exists
+        # offloads are refused (`_refusals`).
+        self._patch(torch.jit.ScriptModule, "__call__", self._held)
+        for maker in ("script", "trace", "trace_module", "load", "freeze"):
+            self._patch(torch.jit, maker, self._watch_scripted)
         if self.device.type == "cuda":
             self._patch(torch.cuda.CUDAGraph, "replay", self._held)
             self._patch(torch.cuda, "_lazy_init", self._before_cuda_init)
+
+    def _watch_scripted(self, make: Callable[..., Any]) -> Callable[..., Any]:
+        """What TorchScript makes: a module's exported methods (ScriptMethods kept in its
+        instance dict) are held like ``__call__``; a free function cannot be held, so while one
+        exists offloads are refused and said so once."""
+
+        @functools.wraps(make)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            made = make(*args, **kwargs)
+            if isinstance(made, torch.jit.ScriptModule):
+                for module in made.modules():
+                    for name, value in list(vars(module).items()):
+                        if isinstance(value, torch._C.ScriptMethod):
+                            vars(module)[name] = _HeldMethod(value, self)
+            elif isinstance(made, torch._C.ScriptFunction):
+                self._refusals.add(
+                    f"TorchScript function {getattr(made, 'name', '?')!s} reads tensors outside "
+                    "torch calls"
+                )
+            return made
+
+        return wrapper
 
     def _patch(self, owner: Any, name: str, wrap: Callable[[Any], Any]) -> None:
         original = getattr(owner, name)
