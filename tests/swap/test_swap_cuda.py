@@ -87,3 +87,10 @@ def test_automatic_mode_frees_the_device_while_idle_and_trains_on_exactly() -> N
     assert result["acquired"] >= 2 and result["released"] >= 1
     assert result["losses_equal"]
     assert result["usage_reported"] > 0
+
+
+def test_wrapper_subclasses_sparse_components_and_saved_tensors_move_on_cuda() -> None:
+    result = run_case("what_a_program_holds_moves_on_cuda")
+    assert result["moved"] >= 4 * 16 * (1 << 20), result  # both TwoTensor halves, the graph's
+    assert result["freed_on_device"] >= 0.9 * result["moved"], result
+    assert result["values_equal"] and result["grad_equal"], result

@@ -322,5 +322,40 @@ def auto_mode_releases_memory_when_idle() -> dict[str, Any]:
     return result
 
 
+@case
+def what_a_program_holds_moves_on_cuda() -> dict[str, Any]:
+    """Wrapper subclasses, sparse components and tensors saved for backward, on CUDA: moved (free
+    device memory rises by what moved), placeholders never copied, values intact after onload."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    torch.manual_seed(0)
+    mib = 1 << 18  # float32 elements in 1 MiB
+    two = TwoTensor(torch.randn(16 * mib, device="cuda"), torch.randn(16 * mib, device="cuda"))
+    jagged = torch.nested.nested_tensor(
+        [torch.randn(1024, 1024, device="cuda"), torch.randn(2048, 1024, device="cuda")],
+        layout=torch.jagged,
+    )
+    csr = torch.randn(2048, 2048, device="cuda").relu().to_sparse_csr()
+    w = torch.randn(2048, 2048, device="cuda", requires_grad=True)
+    loss = torch.tanh(w @ w).exp().sum()  # the graph holds two 16 MiB results
+    expected = [(two.a + two.b).cpu(), jagged.values().cpu(), csr.to_dense().cpu()]
+    expected_grad = torch.autograd.grad(torch.tanh(w @ w).exp().sum(), w)[0].cpu()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    free_before = free_device_memory()
+    engine = SwapEngine("cuda")
+    out = engine.offload()
+    freed = free_device_memory() - free_before
+    engine.onload()
+    loss.backward()
+    got = [(two.a + two.b).cpu(), jagged.values().cpu(), csr.to_dense().cpu()]
+    return {
+        "moved": out.bytes,
+        "freed_on_device": freed,
+        "values_equal": all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)),
+        "grad_equal": torch.equal(w.grad.cpu(), expected_grad),
+    }
+
+
 if __name__ == "__main__":
     print(json.dumps(CASES[sys.argv[1]]()))
