@@ -21,6 +21,10 @@ RUN_DIR = "ACB_RUN_DIR"
 AUTO = "ACB_AUTO"
 #: Idle interval (milliseconds) after which automatic mode gives the GPU back (`--idle-ms`).
 IDLE_MS = "ACB_IDLE_MS"
+#: Its default, in milliseconds (see benchmarks/RESULTS.md: far above the gaps between device
+#: calls of a training loop, small against a CPU phase of seconds). Here, not beside automatic
+#: mode, so that `acb-run` resolves it without importing torch (1.7 s of CPU).
+DEFAULT_IDLE_MS = 500
 #: Device automatic mode manages: "cuda" (default) or "cpu" (tests without a GPU) (`--device`).
 AUTO_DEVICE = "ACB_AUTO_DEVICE"
 #: Log level of automatic mode inside the program (default WARNING; INFO shows every swap).

@@ -63,13 +63,11 @@ class AutoSettings:
 
 def settings_for(spec: AutoSpec, environ: Mapping[str, str]) -> AutoSettings:
     """Resolve the spec against the environment (ACB_IDLE_MS, ACB_AUTO_DEVICE)."""
-    from acb_slurm.swap.auto import DEFAULT_IDLE_MS
-
     idle_ms = spec.idle_ms
     if idle_ms is None:
         raw = environ.get(env.IDLE_MS, "")
         try:
-            idle_ms = float(raw) if raw else DEFAULT_IDLE_MS
+            idle_ms = float(raw) if raw else env.DEFAULT_IDLE_MS
         except ValueError:
             raise AutoError(f"{env.IDLE_MS}={raw!r} is not a number of milliseconds") from None
     if idle_ms <= 0:

@@ -72,15 +72,15 @@ from typing import Any, Protocol
 import torch
 from torch.overrides import TorchFunctionMode
 
+from acb_slurm import env
 from acb_slurm.swap.backend import DEFAULT_BACKEND, SwapBackend, create_backend
 from acb_slurm.swap.engine import SwapError, SwapState, SwapWarning, _inner_tensors
 from acb_slurm.units import format_size
 
 log = logging.getLogger(__name__)
 
-#: Default idle interval before a swap-out, in milliseconds (see benchmarks/RESULTS.md: far above
-#: the gaps between device calls of a training loop, small against a CPU phase of seconds).
-DEFAULT_IDLE_MS = 500
+#: Default idle interval before a swap-out, in milliseconds.
+DEFAULT_IDLE_MS = env.DEFAULT_IDLE_MS
 #: How often resident bytes are reported while a lease is held, in seconds.
 DEFAULT_REPORT_S = 5.0
 #: A failed swap-out is retried after idle/4, doubling up to this many seconds.
