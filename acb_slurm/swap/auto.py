@@ -2,11 +2,11 @@
 
 A `torch.overrides.TorchFunctionMode` sees every torch call (functions, tensor methods and
 attributes, ``backward``, ``autograd.grad``) of the thread that installed it and of every thread
-started through `threading` afterwards (a one-shot ``threading.setprofile`` hook pushes it before
-the thread's first Python call). A call that touches the managed device first makes sure the
-process holds a lease and its storages are resident (acquire, then the backend's ``onload``). A
-watchdog thread notices when no device call has run for the idle interval and then, between
-calls, synchronises, offloads and releases. A `YieldRequest` from the assigner is honoured at the
+started through `threading` afterwards (pushed before the thread's ``run``, popped after). A
+call that touches the managed device first makes sure the process holds a lease and its
+storages are resident (acquire, then the backend's ``onload``). A watchdog thread notices when
+no device call has run for the idle interval and then, between calls, synchronises, offloads and
+releases. A `YieldRequest` from the assigner is honoured at the
 next safe point: when no call is in flight, by the watchdog or by the next outermost call.
 
 THE GATE: every intercepted device call counts itself in flight (`_active`, under `_mutex`) for
@@ -197,6 +197,8 @@ class _DeviceUseMode(TorchFunctionMode):
 
 
 _compiling = torch.compiler.is_compiling
+#: Packages whose threads never touch the program's tensors (the client's session, gRPC's own).
+_INTERNAL = frozenset(["grpc", "acb_slurm"])
 
 
 def _names_device(value: Any, device_type: str) -> bool:
@@ -291,8 +293,6 @@ class AutoSwap:
         self._exiting = False  # shutdown(): no lease is asked for again
         self._guarded: set[int] = set()  # threads whose torch calls go through the mode
         self._internal: set[int] = set()  # the watchdog: never touches program tensors
-        self._profile_hook: Any = None  # threading.setprofile hook guarding new threads
-        self._previous_profile: Any = None
         self._said: set[str] = set()  # refusals already reported (each is said once)
         self._refusals: set[str] = set()  # standing reasons not to offload at all
 
@@ -326,35 +326,48 @@ class AutoSwap:
         os.register_at_fork(after_in_child=in_child)
 
     def _guard_new_threads(self) -> None:
-        """Threads started through `threading` push the mode before their first Python call
-        (a one-shot `threading.setprofile` hook that restores the profiler the program had).
-        Threads that run without it (started before installation, or by ``_thread``) are
-        seen by the watchdog, which then refuses to offload: see `_unguarded_threads`."""
-        previous = threading.getprofile()
+        """Threads started through `threading` push the mode before their ``run`` and pop it
+        after (``Thread._bootstrap_inner`` is wrapped): a thread never ends with the mode on
+        its stack, whose C++ destructor would need the GIL, which a thread ending while the
+        interpreter finalises cannot have (std::terminate). Threads of gRPC and of this package
+        never touch the program's tensors: they are left alone. Threads that run without the
+        mode (started before installation, or by ``_thread``) are seen by the watchdog, which
+        then refuses to offload: see `_unguarded_threads`."""
         me = weakref.ref(self)
 
-        def hook(frame: Any, event: str, arg: Any) -> Any:
-            sys.setprofile(previous)
-            auto = me()
-            if auto is not None and not auto._off:
-                auto._guard_this_thread()
-            if previous is not None:
-                return previous(frame, event, arg)
+        def wrap(bootstrap: Callable[[threading.Thread], None]) -> Callable[..., None]:
+            @functools.wraps(bootstrap)
+            def bootstrap_inner(thread: threading.Thread) -> None:
+                auto = me()
+                mode = auto._guard_this_thread(thread) if auto is not None else None
+                try:
+                    bootstrap(thread)
+                finally:
+                    if mode is not None and torch.overrides._get_current_function_mode() is mode:
+                        mode.__exit__(None, None, None)
+
+            return bootstrap_inner
+
+        self._patch(threading.Thread, "_bootstrap_inner", wrap)
+
+    def _guard_this_thread(self, thread: threading.Thread) -> _DeviceUseMode | None:
+        if self._off or self._passthrough:
             return None
-
-        self._previous_profile, self._profile_hook = previous, hook
-        threading.setprofile(hook)
-
-    def _guard_this_thread(self) -> None:
-        if getattr(threading.current_thread(), "_acb_internal", False):
-            return
-        _DeviceUseMode(self).__enter__()
+        target = getattr(thread, "_target", None)
+        owner = getattr(target, "__module__", None) or ""
+        if getattr(thread, "_acb_internal", False) or owner.split(".")[0] in _INTERNAL:
+            self._internal.add(threading.get_ident())
+            return None
+        mode = _DeviceUseMode(self)
+        mode.__enter__()
         self._guarded.add(threading.get_ident())
+        return mode
 
     def _unguarded_threads(self) -> list[str]:
         """Live threads whose torch calls the mode does not see (besides the watchdog)."""
         live = set(sys._current_frames())
         self._guarded &= live
+        self._internal &= live
         names = {t.ident: t.name for t in threading.enumerate()}
         return [
             names.get(ident, f"thread {ident}") for ident in live - self._guarded - self._internal
@@ -391,8 +404,6 @@ class AutoSwap:
             if self.engine.state is SwapState.OFFLOADED:
                 self._make_resident()
             self._off = True
-            if threading.getprofile() is self._profile_hook:
-                threading.setprofile(self._previous_profile)
             if self._mode is not None:
                 # Pop it only if it is on top (else it stays, and passes through: `_off`).
                 if torch.overrides._get_current_function_mode() is self._mode:
