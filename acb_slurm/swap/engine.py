@@ -59,6 +59,7 @@ onload gives back what it re-allocated, keeps the host copies and re-raises, so 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import gc
 import logging
@@ -378,11 +379,13 @@ class SwapEngine:
                 for entry, storage in live:
                     storage.resize_(entry.nbytes)
                     grown.append(storage)
-                for entry, storage in live:
-                    assert self._host is not None
-                    _byte_view(storage).copy_(
-                        self._host[entry.offset : entry.offset + entry.nbytes], non_blocking=True
-                    )
+                with self._copying():
+                    for entry, storage in live:
+                        assert self._host is not None
+                        _byte_view(storage).copy_(
+                            self._host[entry.offset : entry.offset + entry.nbytes],
+                            non_blocking=True,
+                        )
                 self._synchronize({e.device for e, _ in live})
             except Exception as exc:
                 for storage in grown:
@@ -598,12 +601,30 @@ class SwapEngine:
         self._host = None
 
     def _copy_out(self, entries: list[_Entry], host: torch.Tensor) -> None:
-        for entry in entries:
-            storage = entry.storage
-            host[entry.offset : entry.offset + entry.nbytes].copy_(
-                _byte_view(storage), non_blocking=True
-            )
+        with self._copying():
+            for entry in entries:
+                storage = entry.storage
+                host[entry.offset : entry.offset + entry.nbytes].copy_(
+                    _byte_view(storage), non_blocking=True
+                )
         self._synchronize({e.device for e in entries})
+
+    @contextlib.contextmanager
+    def _copying(self) -> Iterator[None]:
+        """Host-to-host copies (device ``cpu``) run on one thread: hundreds of copies each
+        opening a parallel region pay a barrier each, which on a loaded machine made them run at
+        a third of one large copy's speed (benchmarks/swap_bandwidth_bench.py); one thread per
+        copy is memory-bound all the same. CUDA copies are DMA: nothing to change. No device
+        call runs meanwhile (the caller's gate), so the setting is seen by nothing else."""
+        if self.device.type != "cpu":
+            yield
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     def _free_device(self, entries: list[_Entry]) -> None:
         """resize_(0) every storage; if one refuses, bring the freed ones back and raise."""
