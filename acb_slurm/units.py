@@ -41,6 +41,30 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+#: A size written without a unit and below this (1 MiB) is almost certainly a missing unit
+#: (`memory: 30` meant 30GiB, not 30 bytes): `parse_written_size` refuses it.
+MIN_BARE_SIZE = 1024**2
+_BARE = re.compile(r"^\s*\d+(?:\.\d+)?\s*$")
+
+
+def parse_written_size(text: str | int) -> int:
+    """`parse_size` for a size a person wrote in a file or an option: a number without a unit
+    below MIN_BARE_SIZE (1 MiB) is refused as a missing unit; write 512B to mean bytes.
+
+    Zero passes (the caller says whether zero is allowed). ValueError says what to write.
+    """
+    size = parse_size(text)
+    bare = isinstance(text, int) or _BARE.match(text) is not None
+    if bare and 0 < size < MIN_BARE_SIZE:
+        number = str(text).strip()
+        raise ValueError(
+            f"{text!r} has no unit, so it is {size} byte{'s' if size != 1 else ''}: a size below "
+            f"1 MiB without a unit is almost certainly a missing unit; write {number}GiB or "
+            f"{number}MiB (or {number}B if you do mean bytes)"
+        )
+    return size
+
+
 def format_size(n: int) -> str:
     """Format bytes with a binary unit, e.g. 85899345920 -> '80.0GiB'."""
     value = float(n)

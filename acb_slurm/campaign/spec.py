@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from acb_slurm.campaign.errors import SpecError
-from acb_slurm.units import parse_size
+from acb_slurm.units import parse_written_size
 
 #: Placeholders a command or env value may use, with what they become.
 PLACEHOLDERS: Mapping[str, str] = {
@@ -312,7 +312,7 @@ def _stage(reader: _Reader, node: yaml.Node, index: int) -> Stage:
     if "memory" in keys:
         raw = reader.value(keys["memory"][1])
         try:
-            memory_bytes = parse_size(raw)
+            memory_bytes = parse_written_size(raw)
         except (ValueError, TypeError) as exc:
             raise reader.error(keys["memory"][1], f"{where}.memory", str(exc)) from None
 

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from acb_slurm.slurm.errors import Problem, SpecError
-from acb_slurm.units import parse_size
+from acb_slurm.units import MIN_BARE_SIZE, parse_size, parse_written_size
 
 #: Kept in sync with acb_slurm.scheduler's registry; used only when it cannot be imported.
 FALLBACK_POLICIES = ("gpu-affinity", "gpu-sharing", "simple")
@@ -59,11 +59,141 @@ class Node:
     raw: str = ""  # scalar: the text as written (YAML 1.1 reads 10:30 as the integer 630)
 
 
+#: Values that YAML aliases (*name) may add to a job.yaml, all aliases together: plenty to share a
+#: command or an env mapping between worker groups, far too few for an alias bomb ("billion
+#: laughs": nested anchors that expand to billions of values).
+MAX_ALIAS_VALUES = 10_000
+#: Nesting a job.yaml may have (its own fields are at most 5 levels deep); deeper is refused
+#: before it reaches Python's recursion limit.
+MAX_YAML_DEPTH = 32
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _tag_as_written(tag: str) -> str:
+    """A resolved tag as people write it: tag:yaml.org,2002:str -> !!str."""
+    prefix = "tag:yaml.org,2002:"
+    return "!!" + tag[len(prefix) :] if tag.startswith(prefix) else tag
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose composer refuses YAML tags, merge keys, values that contain themselves
+    and deep nesting, and bounds how many values aliases may add (all with file, line, field).
+
+    Tags are refused rather than dropped: job.yaml holds plain values, and a tag (`!!python/...`)
+    would otherwise be ignored silently and the tagged value used. Aliases are counted as they
+    are composed, by the size of what they stand for, so an alias bomb is refused after a few
+    thousand values instead of being expanded.
+    """
+
+    def __init__(self, text: str, file: str) -> None:
+        super().__init__(text)
+        self.file = file
+        self.problems: list[Problem] = []
+        self.fields: list[str] = []  # the dotted field of each node being composed
+        self.open_anchors: set[str] = set()  # anchors of the nodes being composed
+        self.alias_values = 0
+        self.sizes: dict[int, int] = {}  # id(node) -> values it stands for, expanded
+
+    def field_of(self, parent: yaml.Node | None, index: Any) -> str:
+        """The dotted field of the child `index` of `parent` (PyYAML's compose_node arguments:
+        a mapping's key node for its value, None for the key itself, an int in a sequence)."""
+        here = self.fields[-1] if self.fields else ""
+        if isinstance(parent, yaml.SequenceNode):
+            return f"{here}[{index}]"
+        if isinstance(parent, yaml.MappingNode) and isinstance(index, yaml.ScalarNode):
+            return f"{here}.{index.value}" if here else str(index.value)
+        return here
+
+    def size(self, node: yaml.Node) -> int:
+        """How many values `node` stands for once every alias in it is expanded."""
+        known = self.sizes.get(id(node))
+        if known is not None:
+            return known
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(self.size(k) + self.size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(self.size(n) for n in node.value)
+        else:
+            total = 1
+        self.sizes[id(node)] = total
+        return total
+
+    def refuse(self, line: int, field: str, message: str) -> SpecError:
+        return SpecError([*self.problems, Problem(self.file, line, field, message)])
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        field = self.field_of(parent, index)
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self.open_anchors:
+                raise self.refuse(
+                    line,
+                    field,
+                    f"the alias *{event.anchor} stands for a value that contains it, and a value "
+                    "that contains itself never ends; write the value out",
+                )
+            node = super().compose_node(parent, index)
+            size = self.size(node)
+            self.alias_values += size
+            if self.alias_values > MAX_ALIAS_VALUES:
+                raise self.refuse(
+                    line,
+                    field,
+                    f"YAML aliases (*name) expand to more than {MAX_ALIAS_VALUES} values here "
+                    f"(*{event.anchor} alone stands for {size}): refusing what looks like an "
+                    "alias bomb; write the values out, or use aliases for small shared values only",
+                )
+            return node
+        if len(self.fields) >= MAX_YAML_DEPTH:
+            raise self.refuse(
+                line,
+                field,
+                f"nested more than {MAX_YAML_DEPTH} levels deep; a job.yaml needs at most 5 "
+                "(workers[0].env.NAME): look for unclosed or stray brackets",
+            )
+        tag = getattr(event, "tag", None)
+        if tag is not None:
+            self.problems.append(
+                Problem(
+                    self.file,
+                    line,
+                    field,
+                    f"YAML tag {_tag_as_written(tag)!r} is not allowed: job.yaml holds plain "
+                    "values only; remove the tag (quote it, '...', if the value must stay text)",
+                )
+            )
+        anchor = getattr(event, "anchor", None)
+        self.fields.append(field)
+        if anchor is not None:
+            self.open_anchors.add(anchor)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.fields.pop()
+            if anchor is not None:
+                self.open_anchors.discard(anchor)
+        if isinstance(parent, yaml.MappingNode) and index is None and node.tag == _MERGE_TAG:
+            self.problems.append(
+                Problem(
+                    self.file,
+                    line,
+                    field,
+                    "YAML merge keys (<<) are not supported in job.yaml: write the fields out (an "
+                    "alias can still stand for a whole value, e.g. env: *common)",
+                )
+            )
+        return node
+
+
 def _compose(text: str, file: str) -> Node | None:
     """Parse YAML text into Nodes keeping line numbers (PyYAML's compose marks)."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text, file)
     try:
         root = loader.get_single_node()
+        if loader.problems:
+            raise SpecError(loader.problems)
         if root is None:
             return None
         return _to_node(loader, root, file)
@@ -183,13 +313,21 @@ _SBATCH_SAFE = re.compile(r'^[^"\\\x00-\x1f\x7f]+$')
 _SBATCH_SAFE_JSON = '^[^"\\\\\\u0000-\\u001f\\u007f]+$'
 
 
+# Control characters (line breaks, tabs, ...): valid in a file name, but no one means them there,
+# and the shell lines and logs that print a path break on them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NO_CONTROL_JSON = "^[^\\u0000-\\u001f\\u007f]*$"
+
+
 @dataclass(frozen=True)
 class Str(Kind):
-    """A non-empty string; `sbatch_line` forbids what an #SBATCH line cannot carry."""
+    """A non-empty string; `sbatch_line` forbids what an #SBATCH line cannot carry; `file_name`
+    (where the value goes into file names, in words) forbids '/' and the names '.' and '..'."""
 
     sbatch_line: bool = False
     pattern: str | None = None  # a regex the whole value must match
     pattern_doc: str = ""  # what the pattern allows, in words
+    file_name: str = ""
 
     def scalar(self, value: Any, ctx: _Context) -> str:
         if not isinstance(value, str):
@@ -205,6 +343,17 @@ class Str(Kind):
                 f"{value!r} cannot go on an #SBATCH line: no double quotes, backslashes or "
                 "line breaks"
             )
+        if self.file_name and "/" in value:
+            raise _Invalid(
+                f"{value!r} contains '/': {self.file_name}, where '/' would start a directory "
+                "that does not exist, and the job would fail without any output; use '-' or '_' "
+                "instead"
+            )
+        if self.file_name and value.strip() in (".", ".."):
+            raise _Invalid(
+                f"{value!r} cannot be a job name: {self.file_name}, where {value.strip()!r} names "
+                "a directory, not a file; choose another name"
+            )
         return value
 
     def expected(self) -> str:
@@ -213,10 +362,60 @@ class Str(Kind):
     def schema(self) -> dict[str, Any]:
         if self.pattern is not None:
             return {"type": "string", "minLength": 1, "pattern": f"^(?:{self.pattern})$"}
-        if not self.sbatch_line:
+        if not self.sbatch_line and not self.file_name:
             return {"type": "string", "minLength": 1, "pattern": r"\S"}
-        patterns = [{"pattern": r"\S"}, {"pattern": _SBATCH_SAFE_JSON}]
+        patterns: list[dict[str, Any]] = [{"pattern": r"\S"}]
+        if self.sbatch_line:
+            patterns.append({"pattern": _SBATCH_SAFE_JSON})
+        if self.file_name:
+            patterns.append({"pattern": "^[^/]*$"})
+            patterns.append({"not": {"pattern": r"^\s*\.\.?\s*$"}})
         return {"type": "string", "minLength": 1, "allOf": patterns}
+
+
+# Slurm's filename patterns that differ between jobs, steps, tasks or nodes (%j, %3a, ...; %%
+# is a literal %): in a directory of an --output path they name a directory that cannot exist
+# yet, and Slurm does not create directories. (%u and %x are fixed at submission: such a
+# directory can be made beforehand.)
+_PER_JOB_DIR = re.compile(r"^(?:[^%]|%%)*?(%[0-9]*[AabJjNnst])[^/]*/")
+
+
+@dataclass(frozen=True)
+class PathStr(Str):
+    """A path: a leading ~ is expanded (sbatch, srun and quoted shell words do not do it), control
+    characters are refused; `slurm_pattern` (--output/--error) keeps per-job %-patterns out of
+    directory names."""
+
+    slurm_pattern: bool = False
+
+    def scalar(self, value: Any, ctx: _Context) -> str:
+        text = super().scalar(value, ctx)
+        if _CONTROL.search(text):
+            raise _Invalid(
+                f"{text!r} contains a control character (a line break, tab, ...) that would "
+                "break the path it becomes; remove it"
+            )
+        if self.slurm_pattern:
+            per_job = _PER_JOB_DIR.match(text)
+            if per_job:
+                raise _Invalid(
+                    f"{text!r} puts {per_job.group(1)} in a directory name: Slurm does not create "
+                    "directories and acb-sbatch can only create the fixed part before it, so the "
+                    "job would fail without any output; keep such %-patterns in the file name "
+                    "(e.g. logs/%x-%j.out)"
+                )
+        return os.path.expanduser(text) if text.startswith("~") else text
+
+    def schema(self) -> dict[str, Any]:
+        out = super().schema()
+        patterns = out.pop("allOf", [])
+        if "pattern" in out:
+            patterns.append({"pattern": out.pop("pattern")})
+        if not self.sbatch_line:  # the #SBATCH pattern already has no control characters
+            patterns.append({"pattern": _NO_CONTROL_JSON})
+        if self.slurm_pattern:
+            patterns.append({"not": {"pattern": _PER_JOB_DIR.pattern}})
+        return {**out, "allOf": patterns}
 
 
 @dataclass(frozen=True)
@@ -383,6 +582,8 @@ class ByteSize(Kind):
             raise _Invalid(f"expected {self.expected()}, got {_describe(value)}")
         try:
             size = parse_size(value)
+            if size > 0:
+                parse_written_size(value)  # a bare number below 1 MiB: a missing unit
         except ValueError as exc:
             raise _Invalid(str(exc)) from None
         if size <= 0:
@@ -395,13 +596,23 @@ class ByteSize(Kind):
     def schema(self) -> dict[str, Any]:
         return {
             "anyOf": [
-                {"type": "integer", "minimum": 1},
+                {"type": "integer", "minimum": MIN_BARE_SIZE},
                 {
                     "type": "string",
-                    "pattern": r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]([iI]?[bB])?|[bB])?\s*$",
+                    "pattern": r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]([iI]?[bB])?|[bB])\s*$",
                 },
+                # A bare number of bytes, from 1 MiB (1048576) up.
+                {"type": "string", "pattern": rf"^\s*0*{_AT_LEAST_1_MIB}(\.\d+)?\s*$"},
             ]
         }
+
+
+# Whole numbers >= 1048576 (MIN_BARE_SIZE) as a regex: 8 digits or more, or 7 digits from
+# 1048576 up, digit by digit.
+_AT_LEAST_1_MIB = (
+    r"(?:[1-9]\d{7,}|[2-9]\d{6}|1[1-9]\d{5}|10[5-9]\d{4}|1049\d{3}|1048[6-9]\d{2}"
+    r"|10485[89]\d|104857[6-9])"
+)
 
 
 @dataclass(frozen=True)
@@ -440,7 +651,9 @@ class StrList(Kind):
     def schema(self) -> dict[str, Any]:
         item: dict[str, Any] = {"type": "string", "minLength": 1}
         if self.sbatch_flag:
-            item = {"type": "string", "allOf": [{"pattern": "^-"}, {"pattern": _SBATCH_SAFE_JSON}]}
+            patterns = [{"pattern": "^-"}, {"pattern": _SBATCH_SAFE_JSON},
+                        {"not": {"pattern": _managed_flags_json_pattern()}}]  # fmt: skip
+            item = {"type": "string", "allOf": patterns}
         return {"type": "array", "items": item}
 
 
@@ -662,7 +875,15 @@ def spec_field(
 class Allocation:
     """What to ask Slurm for: one line of `#SBATCH` per field that is set."""
 
-    name: str = spec_field(Str(sbatch_line=True), "job name (--job-name)", "acb-job")
+    name: str = spec_field(
+        Str(
+            sbatch_line=True,
+            file_name="the job name is %x in allocation.output (default "
+            "acb-%x-%j.out) and so part of a file name",
+        ),
+        "job name (--job-name); no '/': it is part of the output file's name (%x)",
+        "acb-job",
+    )
     partition: str | None = spec_field(Str(sbatch_line=True), "partition (--partition)")
     account: str | None = spec_field(Str(sbatch_line=True), "account to charge (--account)")
     nodes: int = spec_field(Int(1), "number of nodes (--nodes); one assigner runs on each", 1)
@@ -676,9 +897,13 @@ class Allocation:
     mem: str | None = spec_field(SlurmMem(), "memory per node (--mem), e.g. 64G")
     time: str | None = spec_field(SlurmTime(), "time limit (--time), e.g. 1-00:00:00")
     output: str | None = spec_field(
-        Str(sbatch_line=True), "stdout file (--output); %j is the job id", "acb-%x-%j.out"
+        PathStr(sbatch_line=True, slurm_pattern=True),
+        "stdout file (--output); %j is the job id, %x the job name (not in directory names)",
+        "acb-%x-%j.out",
     )
-    error: str | None = spec_field(Str(sbatch_line=True), "stderr file (--error); default: output")
+    error: str | None = spec_field(
+        PathStr(sbatch_line=True, slurm_pattern=True), "stderr file (--error); default: output"
+    )
     extra: tuple[str, ...] = spec_field(
         StrList(sbatch_flag=True), "more sbatch options, one per entry, e.g. --qos=high", ()
     )
@@ -711,7 +936,7 @@ class Broker:
         0,
     )
     run_root: str | None = spec_field(
-        Str(),
+        PathStr(),
         "directory under which the job's run dir <run_root>/<job id> is made; "
         "relative to the submit dir; default acb-runs",
     )
@@ -737,7 +962,7 @@ class WorkerGroup:
     )
     gpus: int = spec_field(Int(1), "GPUs each worker holds at once (acb-run --gpus)", 1)
     env: tuple[tuple[str, str], ...] = spec_field(EnvMap(), "environment variables", ())
-    workdir: str | None = spec_field(Str(), "working directory (default: the submit dir)")
+    workdir: str | None = spec_field(PathStr(), "working directory (default: the submit dir)")
 
 
 @dataclass(frozen=True)
@@ -777,20 +1002,49 @@ class JobSpec:
 # Exclusive field pairs of a section: at most one of them may be given.
 _EXCLUSIVE: dict[type, tuple[tuple[str, str], ...]] = {WorkerGroup: (("per_node", "per_gpu"),)}
 
-# sbatch options that a field already sets: `extra` may not repeat them.
+# sbatch options that a job.yaml field already sets (the batch script's #SBATCH lines, or the
+# GPUs and CPUs they imply): `extra` may not repeat or contradict them.
 _MANAGED_FLAGS = {
-    "-J": "name", "--job-name": "name", "-p": "partition", "--partition": "partition",
-    "-A": "account", "--account": "account", "-N": "nodes", "--nodes": "nodes",
-    "--ntasks-per-node": "ntasks_per_node", "-c": "cpus_per_task",
-    "--cpus-per-task": "cpus_per_task", "--gres": "gpus_per_node",
-    "--gpus-per-node": "gpus_per_node", "-G": "gpus_per_node", "--gpus": "gpus_per_node",
-    "--mem": "mem", "-t": "time", "--time": "time",
-    "-o": "output", "--output": "output", "-e": "error", "--error": "error",
+    "-J": "allocation.name", "--job-name": "allocation.name",
+    "-p": "allocation.partition", "--partition": "allocation.partition",
+    "-A": "allocation.account", "--account": "allocation.account",
+    "-N": "allocation.nodes", "--nodes": "allocation.nodes",
+    "--ntasks-per-node": "allocation.ntasks_per_node",
+    "-n": "allocation.ntasks_per_node", "--ntasks": "allocation.ntasks_per_node",
+    "-c": "allocation.cpus_per_task", "--cpus-per-task": "allocation.cpus_per_task",
+    "--cpus-per-gpu": "allocation.cpus_per_task",
+    "--gres": "allocation.gpus_per_node", "--gpus-per-node": "allocation.gpus_per_node",
+    "-G": "allocation.gpus_per_node", "--gpus": "allocation.gpus_per_node",
+    "--gpus-per-task": "allocation.gpus_per_node",
+    "--gpus-per-socket": "allocation.gpus_per_node",
+    "--mem": "allocation.mem", "-t": "allocation.time", "--time": "allocation.time",
+    "-o": "allocation.output", "--output": "allocation.output",
+    "-e": "allocation.error", "--error": "allocation.error",
 }  # fmt: skip
 
+# sbatch options that acb-sbatch itself owns (it writes the script, runs sbatch, reads its answer
+# and prepares the directories the job writes to): why each is refused, and what to do instead.
+_ACB_SBATCH_FLAGS = {
+    "--wrap": "it writes the batch script itself; put the command in workers[].command",
+    "-D": "the job starts in the directory acb-sbatch runs in, which is where acb-sbatch creates "
+    "the output and error directories and says the output is; run acb-sbatch from the "
+    "directory the job should start in, or set workers[].workdir for where the workers run",
+    "--parsable": "acb-sbatch submit already passes it to read the job id; remove it",
+    "--test-only": "acb-sbatch submit would find no job id in sbatch's answer; use "
+    "acb-sbatch submit --test-only",
+    "-W": "it would make sbatch, and so acb-sbatch submit, wait until the job ends; remove it "
+    "and follow the job with acb-sbatch status <job id>",
+}
+_ACB_SBATCH_FLAGS["--chdir"] = _ACB_SBATCH_FLAGS["-D"]
+_ACB_SBATCH_FLAGS["--wait"] = _ACB_SBATCH_FLAGS["-W"]
 
 # Memory options that Slurm takes only one of: --mem, --mem-per-cpu, --mem-per-gpu.
 _MEM_FLAGS = ("--mem-per-cpu", "--mem-per-gpu")
+
+# Long options `extra` may not give, for abbreviations (sbatch, like getopt_long, reads --part
+# as --partition). Each exact name that is also a prefix of another (--ntasks, --gpus, --mem,
+# --wait) is refused itself; no option of sbatch's is a prefix of these and allowed.
+_REFUSED_LONG = sorted(f for f in (*_MANAGED_FLAGS, *_ACB_SBATCH_FLAGS) if f.startswith("--"))
 
 
 def sbatch_flag_name(flag: str) -> str:
@@ -798,6 +1052,52 @@ def sbatch_flag_name(flag: str) -> str:
     if flag.startswith("--"):
         return re.split(r"[=\s]", flag, maxsplit=1)[0]
     return flag[:2]
+
+
+def _abbreviated(name: str, options: Sequence[str]) -> list[str]:
+    """The long options that `name` (--part) is an abbreviation of, itself excluded."""
+    if not name.startswith("--") or len(name) < 3 or name in options:
+        return []
+    return [o for o in options if o.startswith(name)]
+
+
+def managed_flag_problem(flag: str) -> str | None:
+    """Why an `extra` entry may not be given (it is an option that a job.yaml field or acb-sbatch
+    manages, in full or abbreviated), or None when it may."""
+    name = sbatch_flag_name(flag)
+    if name in _MANAGED_FLAGS:
+        field = _MANAGED_FLAGS[name]
+        return f"{flag!r} is managed by job.yaml field {field}; set {field} instead"
+    if name in _ACB_SBATCH_FLAGS:
+        return f"{flag!r} is managed by acb-sbatch: {_ACB_SBATCH_FLAGS[name]}"
+    full = _abbreviated(name, _REFUSED_LONG)
+    if not full:
+        return None
+    fields = list(dict.fromkeys(_MANAGED_FLAGS[f] for f in full if f in _MANAGED_FLAGS))
+    reasons = [_ACB_SBATCH_FLAGS[f] for f in full if f in _ACB_SBATCH_FLAGS]
+    instead = [f"set {' or '.join(fields)} instead"] if fields else []
+    return (
+        f"{flag!r} abbreviates {' or '.join(full)} (sbatch reads unambiguous abbreviations), "
+        f"which {'are' if len(full) > 1 else 'is'} managed by "
+        f"{' and '.join(w for w, by in (('job.yaml', fields), ('acb-sbatch', reasons)) if by)}: "
+        + "; ".join([*instead, *reasons])
+        + "; write the option out in full if you meant another"
+    )
+
+
+def _prefixes_regex(word: str) -> str:
+    """A regex matching every non-empty prefix of `word`: abc -> a(?:b(?:c)?)?."""
+    out = ""
+    for ch in reversed(word):
+        out = f"{re.escape(ch)}(?:{out})?" if out else re.escape(ch)
+    return out
+
+
+def _managed_flags_json_pattern() -> str:
+    """The JSON Schema pattern of `extra` entries that managed_flag_problem refuses."""
+    shorts = "".join(sorted(f[1] for f in (*_MANAGED_FLAGS, *_ACB_SBATCH_FLAGS) if len(f) == 2))
+    longs = "|".join(_prefixes_regex(f[2:]) for f in _REFUSED_LONG)
+    return rf"^(?:-[{shorts}]|--(?:{longs})(?:[=\s]|$))"
 
 
 def _spec_fields(cls: type) -> list[dataclasses.Field[Any]]:
@@ -936,15 +1236,10 @@ def _cross_checks(spec: JobSpec, root: Node, out: _Collector) -> None:
             )
     for i, flag in enumerate(alloc.extra):
         name = sbatch_flag_name(flag)
-        if name in _MANAGED_FLAGS:
-            owner = _MANAGED_FLAGS[name]
-            out.add(
-                line_of("allocation", "extra", i),
-                f"allocation.extra[{i}]",
-                f"{flag!r} is managed by job.yaml field allocation.{owner}; set "
-                f"allocation.{owner} instead",
-            )
-        elif name in _MEM_FLAGS and alloc.mem is not None:
+        managed = managed_flag_problem(flag)
+        if managed:
+            out.add(line_of("allocation", "extra", i), f"allocation.extra[{i}]", managed)
+        elif (name in _MEM_FLAGS or _abbreviated(name, _MEM_FLAGS)) and alloc.mem is not None:
             out.add(
                 line_of("allocation", "extra", i),
                 f"allocation.extra[{i}]",

@@ -113,6 +113,13 @@ def test_a_valid_file_loads_into_typed_stages(tmp_path: Path) -> None:
             ["80GiB"],
         ),
         (
+            "a memory size without a unit is refused as a missing unit",
+            GOOD.replace("memory: 16GiB", "memory: 30"),
+            13,
+            "stages[1] (predict).memory",
+            ["no unit", "30GiB"],
+        ),
+        (
             "auto mode with several GPUs names both fields",
             GOOD.replace("mode: gate", "mode: auto\n    gpus: 2"),
             13,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jsonschema
@@ -12,13 +16,16 @@ import yaml
 from acb_slurm.slurm.errors import SpecError
 from acb_slurm.slurm.spec import (
     FALLBACK_POLICIES,
+    Broker,
     JobSpec,
+    check_value,
     json_schema,
     known_policies,
     load_spec,
     parse_slurm_time,
     parse_spec,
 )
+from acb_slurm.units import MIN_BARE_SIZE, parse_written_size
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "slurm"
 
@@ -549,6 +556,262 @@ ERRORS = [
         "job.yaml:2: allocation.gpu_type",
         ["allocation.gpu_type=a100", "allocation.gpus_per_node=0"],
     ),
+    # values that become paths
+    (
+        "a job name with a slash would make the default output path a missing directory",
+        """\
+        allocation:
+          name: fold/v2
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.name",
+        ["'fold/v2' contains '/'", "%x", "acb-%x-%j.out", "use '-' or '_' instead"],
+    ),
+    (
+        "a job name that is a directory of its own",
+        """\
+        allocation:
+          name: ".."
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.name",
+        ["'..' cannot be a job name", "%x"],
+    ),
+    (
+        "an output path with the job id in a directory name",
+        """\
+        allocation:
+          output: logs/%j/out.txt
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.output",
+        [
+            "'logs/%j/out.txt' puts %j in a directory name",
+            "Slurm does not create directories",
+            "logs/%x-%j.out",
+        ],
+    ),
+    (
+        "an error path with the array index in a directory name",
+        """\
+        allocation:
+          error: "runs/%4a/%j.err"
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.error",
+        ["puts %4a in a directory name"],
+    ),
+    (
+        "a run root with a line break",
+        """\
+        broker:
+          run_root: "runs\\nold"
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: broker.run_root",
+        ["control character", "would break the path"],
+    ),
+    (
+        "a worker directory with a tab",
+        """\
+        workers:
+          - command: [x]
+            mode: client
+            workdir: "/scratch/\\tdata"
+        """,
+        "job.yaml:4: workers[0].workdir",
+        ["control character"],
+    ),
+    # sizes without a unit
+    (
+        "a worker estimate without a unit is a missing unit, not 30 bytes",
+        """\
+        broker: {virtual_gpus: 1, worker_memory: 30}
+        workers:
+          - command: [x]
+        """,
+        "job.yaml:1: broker.worker_memory",
+        ["30 has no unit", "30 bytes", "missing unit", "30GiB", "30MiB", "30B"],
+    ),
+    (
+        "a quoted GPU memory without a unit",
+        """\
+        broker:
+          virtual_gpus: 1
+          gpu_memory: "1000"
+        workers:
+          - command: [x]
+        """,
+        "job.yaml:3: broker.gpu_memory",
+        ["'1000' has no unit", "missing unit"],
+    ),
+    (
+        "a size without a unit just below 1 MiB",
+        """\
+        broker:
+          virtual_gpus: 1
+          gpu_memory: 1048575
+        workers:
+          - command: [x]
+        """,
+        "job.yaml:3: broker.gpu_memory",
+        ["1048575 has no unit", "below 1 MiB"],
+    ),
+    # extra options that acb-sbatch manages
+    (
+        "--wrap in extra: the batch script is acb-sbatch's",
+        """\
+        allocation:
+          extra: [--wrap=hostname]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[0]",
+        ["'--wrap=hostname' is managed by acb-sbatch", "workers[].command"],
+    ),
+    (
+        "--ntasks in extra",
+        """\
+        allocation:
+          extra: [--ntasks=4]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[0]",
+        ["managed by job.yaml field allocation.ntasks_per_node"],
+    ),
+    (
+        "-n in extra",
+        """\
+        allocation:
+          extra: [-n4]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[0]",
+        ["'-n4' is managed by job.yaml field allocation.ntasks_per_node"],
+    ),
+    (
+        "an abbreviated managed option in extra",
+        """\
+        allocation:
+          extra: [--part=gpu]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[0]",
+        ["'--part=gpu' abbreviates --partition", "allocation.partition"],
+    ),
+    (
+        "an abbreviation of several managed options in extra",
+        """\
+        allocation:
+          extra: ["--nt 4"]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[0]",
+        ["abbreviates --ntasks or --ntasks-per-node", "allocation.ntasks_per_node"],
+    ),
+    (
+        "--chdir in extra",
+        """\
+        allocation:
+          extra: [--chdir=/scratch]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[0]",
+        ["'--chdir=/scratch' is managed by acb-sbatch", "workers[].workdir"],
+    ),
+    (
+        "-D in extra",
+        """\
+        allocation:
+          extra: [-D /scratch]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[0]",
+        ["'-D /scratch' is managed by acb-sbatch"],
+    ),
+    (
+        "--test-only in extra",
+        """\
+        allocation:
+          extra: [--test-only]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[0]",
+        ["acb-sbatch submit --test-only"],
+    ),
+    (
+        "--parsable in extra",
+        """\
+        allocation:
+          extra: [--parsable]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[0]",
+        ["'--parsable' is managed by acb-sbatch"],
+    ),
+    (
+        "--wait in extra",
+        """\
+        allocation:
+          extra: [-W]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[0]",
+        ["'-W' is managed by acb-sbatch", "wait until the job ends", "acb-sbatch status"],
+    ),
+    (
+        "--gpus-per-task in extra",
+        """\
+        allocation:
+          gpus_per_node: 1
+          extra: [--gpus-per-task=1]
+        workers:
+          - command: [x]
+        """,
+        "job.yaml:3: allocation.extra[0]",
+        ["managed by job.yaml field allocation.gpus_per_node"],
+    ),
+    (
+        "--cpus-per-gpu in extra",
+        """\
+        allocation:
+          extra: [--cpus-per-gpu=4]
+        workers:
+          - command: [x]
+            mode: client
+        """,
+        "job.yaml:2: allocation.extra[0]",
+        ["managed by job.yaml field allocation.cpus_per_task"],
+    ),
 ]
 
 
@@ -684,7 +947,8 @@ def test_examples_pass_both_validation_and_schema(path: Path) -> None:
         if e[0]
         not in (
             # Only the Python validator can see these: duplicates vanish in safe_load, files and
-            # other fields are outside a schema's reach, zero times match the format.
+            # other fields are outside a schema's reach, zero times match the format, --mem-per-*
+            # is wrong only beside mem.
             "a duplicate key is refused with the first line",
             "a missing campaign file is named with where it was looked for",
             "a zero time limit is impossible",
@@ -693,11 +957,6 @@ def test_examples_pass_both_validation_and_schema(path: Path) -> None:
             "a worker wanting more GPUs than a node has",
             "a worker estimate larger than a virtual GPU",
             "gpu_memory without virtual GPUs",
-            "an extra flag repeating a field",
-            "an extra flag in short form repeating a field",
-            "an extra short flag with a space repeating a field",
-            "an extra long flag with a space repeating a field",
-            "an extra --gpus beside gpus_per_node",
             "--mem-per-cpu in extra together with mem",
             "--mem-per-gpu in extra together with mem",
             "too many workers per node in all groups together",
@@ -729,3 +988,254 @@ def test_tuning_variables_stay_allowed_in_worker_env() -> None:
 def test_gpu_type_is_kept() -> None:
     spec = parse_spec("allocation: {gpus_per_node: 2, gpu_type: a100}\nworkers: [{command: [x]}]")
     assert spec.allocation.gpu_type == "a100"
+
+
+# ---- YAML features job.yaml refuses: tags, alias bombs, self-containing and deep values -------
+
+CLIENT_WORKER = "workers:\n  - command: [x]\n    mode: client\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "tag"),
+    [
+        (
+            "workers: !!python/object/apply:os.system [{command: [x], mode: client}]\n",
+            "job.yaml:1: workers",
+            "'!!python/object/apply:os.system'",
+        ),
+        (
+            "allocation:\n  nodes: !!python/object/apply:os.system 2\n" + CLIENT_WORKER,
+            "job.yaml:2: allocation.nodes",
+            "'!!python/object/apply:os.system'",
+        ),
+        (
+            "allocation: !!python/object:acb.Evil\n  nodes: 2\n" + CLIENT_WORKER,
+            "job.yaml:1: allocation",
+            "'!!python/object:acb.Evil'",
+        ),
+        (
+            "allocation:\n  name: !!str fold\n" + CLIENT_WORKER,
+            "job.yaml:2: allocation.name",
+            "'!!str'",
+        ),
+        (
+            "allocation:\n  name: !mine fold\n" + CLIENT_WORKER,
+            "job.yaml:2: allocation.name",
+            "'!mine'",
+        ),
+        ("allocation:\n  name: ! fold\n" + CLIENT_WORKER, "job.yaml:2: allocation.name", "'!'"),
+        (
+            "workers:\n  - command: [x, !!binary aGk=]\n    mode: client\n",
+            "job.yaml:2: workers[0].command[1]",
+            "'!!binary'",
+        ),
+        (
+            "workers:\n  - command: [x]\n    mode: client\n    env: {!!str A: b}\n",
+            "job.yaml:4: workers[0].env",
+            "'!!str'",
+        ),
+    ],
+    ids=["sequence", "scalar", "mapping", "str", "local", "non-specific", "list item", "key"],
+)
+def test_yaml_tags_are_refused(text: str, where: str, tag: str) -> None:
+    message = only_problem(text)
+    assert message.startswith(f"{where}: YAML tag {tag} is not allowed"), message
+    assert "plain values" in message and "quote it" in message, message
+
+
+def test_every_tag_is_reported_at_once() -> None:
+    found = problems_of("allocation:\n  name: !!str a\n  account: !x b\n" + CLIENT_WORKER)
+    assert [p.split(": ")[0:2] for p in found] == [
+        ["job.yaml:2", "allocation.name"],
+        ["job.yaml:3", "allocation.account"],
+    ]
+
+
+def alias_bomb(levels: int, width: int) -> str:
+    """A "billion laughs": each level an anchored list of `width` aliases of the level below."""
+    lines = ["allocation:", "  extra:", "    - &l0 [" + ", ".join(["lol"] * width) + "]"]
+    for i in range(1, levels):
+        lines.append(f"    - &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n" + CLIENT_WORKER
+
+
+def test_alias_bomb_is_refused_in_well_under_a_second(tmp_path: Path) -> None:
+    # 9 levels of 9: 9**9 = 387 million values once expanded. Run in a child process with a
+    # timeout, so that a regression fails this test instead of hanging the suite.
+    job = tmp_path / "job.yaml"
+    job.write_text(alias_bomb(9, 9), encoding="utf-8")
+    code = (
+        "import sys, time\n"
+        "from acb_slurm.slurm.errors import SpecError\n"
+        "from acb_slurm.slurm.spec import load_spec\n"
+        "start = time.perf_counter()\n"
+        "try:\n"
+        "    load_spec(sys.argv[1])\n"
+        "except SpecError as exc:\n"
+        "    print(time.perf_counter() - start)\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(job)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    took, *message = done.stdout.splitlines()
+    assert float(took) < 2.0, f"refusing the alias bomb took {took} s"
+    text = "\n".join(message)
+    assert f"{job}:7: allocation.extra[4][0]: YAML aliases (*name) expand to more than" in text, (
+        text
+    )
+    assert "alias bomb" in text and "write the values out" in text, text
+
+
+def test_alias_expansion_is_bounded_in_process() -> None:
+    start = time.perf_counter()
+    message = only_problem(alias_bomb(7, 10))
+    assert time.perf_counter() - start < 2.0
+    assert "YAML aliases (*name) expand to more than 10000 values" in message, message
+
+
+def test_aliases_for_small_shared_values_still_work() -> None:
+    spec = parse_spec(
+        textwrap.dedent(
+            """\
+            workers:
+              - command: &cmd [python, fold.py]
+                mode: client
+                env: &env {OMP_NUM_THREADS: 4, TAG: x}
+              - command: *cmd
+                mode: client
+                name: other
+                env: *env
+            """
+        )
+    )
+    assert spec.workers[1].command == ("python", "fold.py")
+    assert dict(spec.workers[1].env) == {"OMP_NUM_THREADS": "4", "TAG": "x"}
+
+
+def test_a_value_containing_itself_is_refused() -> None:
+    message = only_problem(
+        "workers:\n  - &w\n    command: [x]\n    mode: client\n    env: {A: *w}\n"
+    )
+    assert message.startswith("job.yaml:5: workers[0].env.A: the alias *w stands for a value"), (
+        message
+    )
+    assert "contains itself" in message, message
+
+
+def test_deep_nesting_is_refused_fast() -> None:
+    start = time.perf_counter()
+    message = only_problem("workers: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert time.perf_counter() - start < 2.0
+    assert message.startswith("job.yaml:1: workers"), message
+    assert "nested more than 32 levels deep" in message, message
+
+
+def test_merge_keys_get_a_clear_message() -> None:
+    message = only_problem(
+        "workers:\n  - &w {command: [x], mode: client}\n  - <<: *w\n    name: b\n"
+    )
+    assert message.startswith("job.yaml:3: workers[1]: YAML merge keys (<<) are not supported"), (
+        message
+    )
+    assert "write the fields out" in message, message
+
+
+# ---- sizes, paths, names and extra options that stay allowed --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("written", "size"),
+    [
+        (1048576, 1 << 20),
+        ("1048576", 1 << 20),
+        ("30B", 30),
+        ("30 GiB", 30 << 30),
+        ("1.5M", 1572864),
+    ],
+)
+def test_sizes_with_a_unit_or_from_1_mib_stay_allowed(written: str | int, size: int) -> None:
+    text = f"broker: {{virtual_gpus: 1, gpu_memory: {written!r}}}\nworkers: [{{command: [x]}}]\n"
+    assert parse_spec(text).broker.gpu_memory == size
+    assert not list(validator().iter_errors(yaml.safe_load(text)))
+
+
+def test_size_without_a_unit_from_the_command_line_is_refused_too() -> None:
+    with pytest.raises(SpecError) as info:
+        check_value(Broker, "gpu_memory", "30", "--gpu-memory")
+    message = str(info.value.problems[0])
+    assert message.startswith("command line: --gpu-memory: '30' has no unit"), message
+
+
+def test_parse_written_size_refuses_only_small_bare_numbers() -> None:
+    assert parse_written_size("16GiB") == 16 << 30
+    assert parse_written_size(0) == 0
+    assert parse_written_size("2B") == 2
+    assert parse_written_size(MIN_BARE_SIZE) == MIN_BARE_SIZE
+    for bare in (30, "30", " 1.5 ", MIN_BARE_SIZE - 1):
+        with pytest.raises(ValueError, match="missing unit"):
+            parse_written_size(bare)
+
+
+def test_names_and_paths_that_stay_allowed() -> None:
+    spec = parse_spec(
+        textwrap.dedent(
+            """\
+            allocation:
+              name: fold v1.2_x
+              output: "/scratch/%u/logs/%x-%j.out"
+              error: "logs/100%%j/%j.err"
+            broker:
+              run_root: runs/../acb-runs
+            workers:
+              - command: [x]
+                mode: client
+                workdir: ./data dir
+            """
+        )
+    )
+    assert spec.allocation.name == "fold v1.2_x"
+    assert spec.allocation.output == "/scratch/%u/logs/%x-%j.out"
+    assert spec.allocation.error == "logs/100%%j/%j.err"
+
+
+def test_home_is_expanded_in_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spec = parse_spec(
+        textwrap.dedent(
+            """\
+            allocation: {output: ~/logs/%j.out, error: ~/logs/%j.err}
+            broker: {run_root: ~/acb-runs}
+            workers:
+              - command: [x]
+                mode: client
+                workdir: ~/data
+            """
+        )
+    )
+    assert spec.allocation.output == f"{tmp_path}/logs/%j.out"
+    assert spec.allocation.error == f"{tmp_path}/logs/%j.err"
+    assert spec.broker.run_root == f"{tmp_path}/acb-runs"
+    assert spec.workers[0].workdir == f"{tmp_path}/data"
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["--qos=high", "--wait-all-nodes=1", "--nodelist=n1", "--array=1-3", "--exclusive", "-w n1",
+     "--time-min=10", "--gres-flags=enforce-binding", "--mem-per-cpu=2G", "--ntasks-per-core=1"],
+)  # fmt: skip
+def test_extra_options_acb_sbatch_does_not_manage_stay_allowed(flag: str) -> None:
+    text = f"allocation: {{extra: [{flag!r}]}}\nworkers: [{{command: [x], mode: client}}]\n"
+    assert parse_spec(text).allocation.extra == (flag,)
+    assert not list(validator().iter_errors(yaml.safe_load(text)))
+
+
+def test_schema_command_still_prints_the_schema() -> None:
+    from typer.testing import CliRunner
+
+    from acb_slurm.slurm.cli import app
+
+    result = CliRunner().invoke(app, ["schema"])
+    assert result.exit_code == 0, result.output
+    jsonschema.Draft202012Validator.check_schema(json.loads(result.output))
