@@ -15,6 +15,12 @@ fresh single-threaded process before exec'ing CMD in place (same pid, session, p
 - an empty signal mask (`acb-run` blocks the signals it forwards while the child starts; the
   mask would otherwise be inherited across exec).
 
+The same script guards a whole process group (``--guard``): `guard()` starts it beside a child
+that leads its own group. The death signal only reaches the direct child, so a script's own
+children would outlive a killed parent and go on using the GPU; the guard waits for its parent's
+death (PR_SET_PDEATHSIG = SIGTERM, caught), then kills the group with SIGKILL. On a normal end
+the parent kills the group itself and then the guard (`stop_guard`).
+
 Standard library only and run with -S -I (no site, no environment), so it needs nothing
 installed and starts fast (about 15 ms). A CMD that cannot be exec'd exits 127 with the reason
 on stderr, prefixed with NAME (default ``acb``).
@@ -22,10 +28,15 @@ on stderr, prefixed with NAME (default ``acb``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where a guard is started, not by the exec wrapper (start-up time)
+    import subprocess
 
 _PR_SET_PDEATHSIG = 1
 #: Exit status when CMD cannot be started (as a shell's "command not found").
@@ -55,9 +66,47 @@ def command(
     ]
 
 
+def guard(pgid: int) -> subprocess.Popen[bytes]:
+    """Start the guard of process group `pgid`: it kills the group if this process dies."""
+    import subprocess
+
+    return subprocess.Popen(
+        [sys.executable, "-S", "-I", WRAPPER, "--guard", str(os.getpid()), str(pgid)],
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # never in the group it guards, nor in the terminal's
+    )
+
+
+def stop_guard(guard: subprocess.Popen[bytes], pgid: int) -> None:
+    """A normal end: kill what is left of the group, then the guard (without its killpg, so a
+    reused group id is never touched)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        guard.kill()
+    guard.wait()
+
+
+def _run_guard(parent_pid: int, pgid: int) -> int:
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return 0  # not Linux: no death signal, nothing to guard with
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0 and os.getppid() == parent_pid:
+        signal.sigwait([signal.SIGTERM])  # the parent died (or asked)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Arm the death signal, check the parent, set niceness and the signal mask, then exec the
     command (returns only when it cannot)."""
+    if argv[:1] == ["--guard"] and len(argv) == 3:
+        return _run_guard(int(argv[1]), int(argv[2]))
     name = "acb"
     if argv and argv[0].startswith("--name="):
         name, argv = argv[0].removeprefix("--name="), argv[1:]

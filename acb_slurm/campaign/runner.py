@@ -617,6 +617,9 @@ class Worker:
             )
         except OSError as exc:
             raise StageFailed(f"stage {stage.name} could not start {argv[0]!r}: {exc}") from None
+        # If this worker is killed outright, the guard kills the stage's whole group (the death
+        # signal reaches the stage's first process only, not what it started).
+        guard = deathwrap.guard(child.pid)
         self._child = child
         timed_out = False
         try:
@@ -636,8 +639,7 @@ class Worker:
         finally:
             self._child = None
             # Whatever the stage left behind in its process group goes with it.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.pid, signal.SIGKILL)
+            deathwrap.stop_guard(guard, child.pid)
         wall = time.time() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

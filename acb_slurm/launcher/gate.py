@@ -19,10 +19,13 @@ Signals that arrive while the child is being started are blocked (``pthread_sigm
 the forwarding handlers are installed, then delivered to the child: none is lost, none kills
 this process with the child left behind.
 
-Without a terminal (batch jobs) the child runs in its own process group and receives every
-forwarded signal exactly once, from here. With a terminal on stdin the child stays in the
-terminal's foreground group (so an interactive program can read it), the terminal delivers Ctrl-C
-to both processes, and SIGINT is therefore not forwarded a second time.
+Without a terminal (batch jobs) the child leads its own process group, which acb-run owns
+whole: every forwarded signal goes to the group (a script's children get it too, once), what is
+left of the group when the child ends is killed before the lease goes back, and a guard process
+(`acb_slurm._deathwrap.guard`) kills the group if acb-run itself is killed. With a terminal on
+stdin the child stays in the terminal's foreground group (so an interactive program can read
+it), the terminal delivers Ctrl-C to both processes, and SIGINT is therefore not forwarded a
+second time; there, only the direct child is acb-run's to signal and kill.
 """
 
 from __future__ import annotations
@@ -142,12 +145,18 @@ def run_child(command: Sequence[str], child_env: dict[str, str]) -> int:
         except OSError as exc:
             raise GateError(f"cannot start {command[0]!r}: {exc.strerror or exc}") from None
 
+        guard = None if interactive else deathwrap.guard(child.pid)
+
         def forward(signum: int, frame: FrameType | None) -> None:
             if interactive and signum == signal.SIGINT:
                 return  # the terminal sent it to the child too
-            if child.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    child.send_signal(signum)
+            if interactive:
+                if child.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.send_signal(signum)
+                return
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signum)  # the child's own children too
 
         previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     finally:
@@ -159,6 +168,8 @@ def run_child(command: Sequence[str], child_env: dict[str, str]) -> int:
             except KeyboardInterrupt:  # pragma: no cover - SIGINT is forwarded, not raised
                 continue
     finally:
+        if guard is not None:  # nothing of the command outlives it (the lease goes back next)
+            deathwrap.stop_guard(guard, child.pid)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         sys.stdout.flush()

@@ -569,3 +569,25 @@ def test_the_stage_wrapper_does_not_start_a_stage_whose_worker_is_gone(tmp_path:
         timeout=30,
     )
     assert ours.returncode == 0 and flag.read_text().strip() == "5"
+
+
+def test_what_a_stage_started_dies_with_its_sigkilled_worker(
+    tmp_path: Path, workers: Workers
+) -> None:
+    """The death signal reaches the stage's first process only; the guard of its process group
+    takes the rest (a script's own children, as run_alphafold.sh starts them)."""
+    write_fasta(tmp_path / "items.fasta", 1)
+    marker = tmp_path / "grandchild"
+    script = f"sleep 300 & echo $! > '{marker}'; wait"
+    campaign = write_campaign(tmp_path, [{"name": "msa", "command": ["sh", "-c", script]}])
+    worker = workers.start(campaign, "w0")
+    wait_for(lambda: marker.exists() and bool(marker.read_text().strip()), what="the stage")
+    grandchild = int(marker.read_text())
+    assert proc_stat(grandchild) is not None
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(10)
+    try:
+        wait_for(lambda: proc_stat(grandchild) is None, 10, "the stage's child to die")
+    finally:
+        if proc_stat(grandchild) is not None:
+            os.kill(grandchild, signal.SIGKILL)

@@ -44,6 +44,16 @@ SIGNALLED_CHILD = textwrap.dedent(
 )
 
 
+def command_children(pid: int) -> list[int]:
+    """The children of `pid` that run the command (not the guard of its process group)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [
+        int(child)
+        for child in children.stdout.split()
+        if b"--guard" not in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+    ]
+
+
 def acb_run(assigner: AssignerProcess | None, *args: str, **kwargs: Any) -> Any:
     environ = (
         assigner.client_env()
@@ -166,12 +176,7 @@ def test_sigkilled_launcher_gives_the_lease_back(start_assigner: StartAssigner) 
     )
     assert proc.stdout is not None
     proc.stdout.readline()
-    (child,) = [
-        int(pid)
-        for pid in subprocess.run(
-            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
-        ).stdout.split()
-    ]
+    (child,) = command_children(proc.pid)
     proc.kill()
     proc.wait()
     with contextlib.suppress(ProcessLookupError):  # it died with acb-run (PR_SET_PDEATHSIG)
@@ -277,12 +282,7 @@ def test_a_sigkilled_launcher_takes_its_child_with_it(start_assigner: StartAssig
     )  # fmt: skip
     assert proc.stdout is not None
     proc.stdout.readline()  # the command itself runs (the wrapper exec'd it, same pid)
-    (child,) = [
-        int(pid)
-        for pid in subprocess.run(
-            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
-        ).stdout.split()
-    ]
+    (child,) = command_children(proc.pid)
     proc.kill()
     proc.wait()
     killed = time.monotonic()
@@ -350,3 +350,87 @@ def test_the_exec_wrapper_clears_the_signal_mask_and_names_its_caller() -> None:
     )
     assert missing.returncode == _deathwrap.CANNOT_START
     assert missing.stderr.startswith("acb-run: cannot start 'no-such-command-acb'")
+
+
+# ---- the whole process tree ------------------------------------------------------------------
+
+#: A script that starts a grandchild (what `run_alphafold.sh` does), records its pid, and waits.
+TREE = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    open(sys.argv[1], "w").write(str(grandchild.pid))
+    if sys.argv[2] == "wait":
+        time.sleep(300)
+    """
+)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        return fh.read().split(")")[-1].split()[0] != "Z"  # a zombie waits only for its reaper
+
+
+def wait_for_file(path: Path, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return path.read_text()
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never written")
+
+
+def until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_what_the_command_started_is_gone_before_the_lease_goes_back(
+    start_assigner: StartAssigner, tmp_path: Path
+) -> None:
+    assigner = start_assigner(gpus=1)
+    pidfile = tmp_path / "grandchild"
+    result = acb_run(
+        assigner,
+        "--gate",
+        "--",
+        sys.executable,
+        "-c",
+        TREE,
+        str(pidfile),
+        "exit",
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not alive(int(pidfile.read_text())), "the command's child outlived acb-run"
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killing_acb_run_kills_the_command_s_children_too(
+    start_assigner: StartAssigner, tmp_path: Path, how: signal.Signals
+) -> None:
+    assigner = start_assigner(gpus=1)
+    pidfile = tmp_path / "grandchild"
+    run = subprocess.Popen(
+        [*ACB_RUN, "--gate", "--", sys.executable, "-c", TREE, str(pidfile), "wait"],
+        env=assigner.client_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        grandchild = int(wait_for_file(pidfile))
+        assert alive(grandchild)
+        run.send_signal(how)
+        run.wait(timeout=30)
+        assert until(lambda: not alive(grandchild)), f"the grandchild survived {how.name}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            run.kill()
+        run.wait(timeout=30)
