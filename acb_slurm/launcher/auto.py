@@ -19,12 +19,13 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 from acb_slurm import env
 
@@ -100,10 +101,13 @@ def child_environment(spec: AutoSpec, environ: Mapping[str, str]) -> dict[str, s
     return out
 
 
-def run_auto(spec: AutoSpec, environ: Mapping[str, str] | None = None) -> int:
-    """Run `spec.command` in automatic mode; returns its exit code (128+N for signal N)."""
-    from acb_slurm.launcher.gate import run_child
+def run_auto(spec: AutoSpec, environ: Mapping[str, str] | None = None) -> NoReturn:
+    """Become `spec.command` in automatic mode (exec in place; returns only by raising).
 
+    No parent stays behind: the program holds its own session with the assigner (its lease dies
+    with it), so there is nothing to forward signals to or to outlive. Its pid, exit status,
+    signals and process group are the ones `acb-run` had, and start-up pays for no second
+    process (measured: benchmarks/auto_startup_bench.py)."""
     if not spec.command:
         raise AutoError(
             "no command to run: put it after `--`, e.g. acb-run --auto -- python train.py"
@@ -113,7 +117,17 @@ def run_auto(spec: AutoSpec, environ: Mapping[str, str] | None = None) -> int:
         env.assigner_target(dict(base))
     except env.ConfigurationError as exc:
         raise AutoError(str(exc)) from None
-    return run_child(spec.command, child_environment(spec, base))
+    child_env = child_environment(spec, base)
+    name = spec.command[0]
+    program = name if os.sep in name else shutil.which(name, path=child_env.get("PATH"))
+    if program is None:
+        raise AutoError(f"cannot start {spec.command[0]!r}: command not found")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(program, list(spec.command), child_env)
+    except OSError as exc:
+        raise AutoError(f"cannot start {spec.command[0]!r}: {exc.strerror or exc}") from None
 
 
 # ---- in the child ------------------------------------------------------------------------------

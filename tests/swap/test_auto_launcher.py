@@ -157,3 +157,20 @@ def test_bad_settings_are_refused_with_the_reason(
 ) -> None:
     with pytest.raises(AutoError, match=message):
         child_environment(spec, environ)
+
+
+def test_acb_run_auto_becomes_the_program(start_assigner: StartAssigner) -> None:
+    """No parent stays behind (the program holds its own session): same pid, and a signal sent
+    to acb-run's pid reaches the program itself."""
+    assigner = start_assigner(gpus=1)
+    code = "import os, time; print(os.getpid(), flush=True); time.sleep(60)"
+    proc = subprocess.Popen(
+        [*ACB_RUN, "--auto", "--device", "cpu", "--", sys.executable, "-c", code],
+        env=assigner.client_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert int(proc.stdout.readline()) == proc.pid
+    proc.terminate()
+    assert proc.wait(timeout=30) == -15
