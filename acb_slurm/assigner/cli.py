@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import sys
 from typing import Annotated
 
@@ -16,6 +17,33 @@ from acb_slurm.scheduler.types import UnknownPolicy
 from acb_slurm.units import parse_size
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+def read_token(token_file: str) -> str:
+    """The job's token from its file; AssignerStartError if the file is not private (group or
+    others could read it) or the token cannot travel as gRPC metadata (printable ASCII)."""
+    try:
+        with open(token_file, "rb") as fh:
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            raw = fh.read()
+    except OSError as exc:
+        raise AssignerStartError(f"cannot read --token-file {token_file}: {exc}") from None
+    if mode & 0o044:
+        raise AssignerStartError(
+            f"--token-file {token_file} is mode {mode:04o}: group or others can read the job's "
+            f"token; chmod 600 {token_file}",
+            exit_code=2,
+        )
+    token = raw.strip()
+    if not token:
+        raise AssignerStartError(f"--token-file {token_file} is empty", exit_code=2)
+    if not all(0x20 <= byte < 0x7F for byte in token):
+        raise AssignerStartError(
+            f"--token-file {token_file}: the token must be printable ASCII (it travels as gRPC "
+            "metadata); e.g. make one with: od -An -N32 -tx1 /dev/urandom | tr -d ' \\n'",
+            exit_code=2,
+        )
+    return token.decode("ascii")
 
 
 def build_config(
@@ -56,15 +84,7 @@ def build_config(
         )
     else:
         gpus = nvml_inventory()
-    token = None
-    if token_file is not None:
-        try:
-            with open(token_file, encoding="utf-8") as fh:
-                token = fh.read().strip()
-        except OSError as exc:
-            raise AssignerStartError(f"cannot read --token-file {token_file}: {exc}") from None
-        if not token:
-            raise AssignerStartError(f"--token-file {token_file} is empty", exit_code=2)
+    token = None if token_file is None else read_token(token_file)
     if tcp is not None and ":" not in tcp:
         raise AssignerStartError(f"--tcp wants HOST:PORT (port 0 = any), got {tcp!r}", exit_code=2)
     if not time_slice >= 0:  # also refuses NaN
@@ -95,7 +115,10 @@ def assigner(
     socket: Annotated[
         str,
         typer.Option(
-            "--socket", metavar="PATH", help="Unix socket to listen on; its directory is made 0700."
+            "--socket",
+            metavar="PATH",
+            help="Unix socket to listen on. Its directory must be this user's and writable by "
+            "nobody else (it is made 0700 if missing).",
         ),
     ],
     tcp: Annotated[
@@ -124,7 +147,9 @@ def assigner(
     token_file: Annotated[
         str | None,
         typer.Option(
-            metavar="PATH", help="Refuse calls whose x-acb-token is not this file's content."
+            metavar="PATH",
+            help="Refuse calls whose x-acb-token is not this file's content (printable ASCII; "
+            "the file must be readable by this user only, e.g. 0600).",
         ),
     ] = None,
     ready_file: Annotated[

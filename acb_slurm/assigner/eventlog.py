@@ -6,6 +6,9 @@ before it answers the client, so one operation (a release and the grant it makes
 one write system call, and a client that got an answer finds its lines in the file. A line emitted
 outside such an operation (`batching` is 0) gets a flush scheduled on the event loop as a safety
 net, and `close()` writes whatever is left.
+
+The log is private (0600, its directory made 0700 when missing): it names the job's sessions,
+workers and labels. An existing log of this user is made 0600 too.
 """
 
 from __future__ import annotations
@@ -13,10 +16,28 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import time
 from typing import IO, Any
 
 _encoder = json.JSONEncoder(separators=(",", ":"))
+
+
+def create_private(path: str | os.PathLike[str], exclusive: bool = False) -> IO[str]:
+    """Open `path` for writing, readable by this user only: created 0600 (whatever the umask),
+    or, if it exists and is this user's, made 0600. `exclusive`: a new file only (never one
+    already there, nor what a symbolic link there names); else appended to."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+    flags |= os.O_EXCL if exclusive else os.O_APPEND
+    fd = os.open(path, flags, 0o600)
+    try:
+        info = os.fstat(fd)
+        if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o077:
+            os.fchmod(fd, stat.S_IMODE(info.st_mode) & 0o700)
+        return open(fd, "a" if not exclusive else "w", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _encode(record: dict[str, Any]) -> str:
@@ -31,8 +52,8 @@ class EventLog:
         self.node = node
         self._file: IO[str] | None = None
         if path is not None:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            self._file = create_private(path)  # closed by close()
         self._pending: list[str] = []
         self._flush_scheduled = False
         #: Operations in progress that flush when they end (no safety-net flush is scheduled).

@@ -17,15 +17,19 @@ import grpc
 
 from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
 from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
+from acb_slurm.assigner import limits
 from acb_slurm.assigner.leases import LeaseBook
 from acb_slurm.env import TOKEN_METADATA_KEY
 
 log = logging.getLogger(__name__)
 
-#: Keepalive pings notice a controller whose node died (no FIN ever comes then).
+#: Keepalive pings notice a controller whose node died (no FIN ever comes then) within ~15 s:
+#: the same settings as the client's (`acb_slurm.client.session.CHANNEL_OPTIONS`), including
+#: `grpc.http2.ping_timeout_ms`, without which gRPC core waits 60 s for a ping's answer.
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
@@ -68,7 +72,8 @@ class ExecutorLink:
                         self.connected = True
                         delay = 0.2
             except grpc.RpcError as exc:
-                log.warning("controller %s: %s; retrying", self.controller, exc.details())
+                details = limits.clip(exc.details() or "", limits.MAX_ECHO * 4)
+                log.warning("controller %s: %s; retrying", self.controller, details)
             self.connected = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)

@@ -5,14 +5,20 @@
 notifying session streams, writing the event log) and keeps what the core does not: who the
 clients are, when things happened, labels, counters. Everything runs on the daemon's event loop,
 so nothing here needs a lock; no method awaits.
+
+Identities are unguessable and bound to the stream that made them: a session has a public id
+(`s-` and 128 random bits, in logs) and a secret key (256 random bits, told only on its own stream),
+and `submit` and `release` act for a session only when given both; a lease (`l-` and 128 random
+bits) belongs to the session that asked for it and ends with it. What clients send is bounded
+(`limits`), and so is every message quoted back or logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
-import os
+import hmac
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,7 +28,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
+from acb_slurm.assigner import limits
 from acb_slurm.assigner.eventlog import EventLog
+from acb_slurm.assigner.limits import echo
 from acb_slurm.scheduler.types import (
     Grant,
     Infeasible,
@@ -69,9 +77,15 @@ class BookError(Exception):
     """A client action the book refuses; `code` is the gRPC status the daemon answers with."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        message = limits.clip(message)
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def new_id(prefix: str) -> str:
+    """A session or lease id: `prefix-` and 128 random bits in hex."""
+    return f"{prefix}-{secrets.token_hex(16)}"
 
 
 @dataclass(eq=False)
@@ -81,6 +95,8 @@ class ClientSession:
     session_id: str
     identity: pb.ClientIdentity
     opened_at: float
+    #: The secret that proves a call comes from this session's own client (never logged).
+    key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     outbox: asyncio.Queue[pb.ServerMessage | None] = field(default_factory=asyncio.Queue)
     leases: dict[str, Lease] = field(default_factory=dict)  # waiting and granted, by id
 
@@ -162,17 +178,19 @@ class LeaseBook:
         self._slice_timer: asyncio.TimerHandle | None = None
         #: Called after every change of holders or queue (the executor role reports them).
         self.change_listeners: list[Callable[[], None]] = []
-        boot = os.urandom(3).hex()
-        self._session_ids = (f"s{n}-{boot}" for n in itertools.count(1))
-        self._lease_ids = (f"l{n}-{boot}" for n in itertools.count(1))
 
     # ---- sessions ----
 
     @_flushes_log
     def open_session(self, identity: pb.ClientIdentity) -> ClientSession:
-        """Register a client; its leases live until `close_session`."""
+        """Register a client; its leases live until `close_session`. The session's `key` goes
+        to this client only: `submit` and `release` need it."""
         self._check_open()
-        session = ClientSession(next(self._session_ids), identity, self.clock())
+        try:
+            limits.check_identity(identity)
+        except limits.OutOfBounds as exc:
+            raise self._refuse(grpc.StatusCode.INVALID_ARGUMENT, f"register: {exc}") from None
+        session = ClientSession(new_id("s"), identity, self.clock())
         self.sessions[session.session_id] = session
         self.counters.sessions += 1
         self.log.emit(
@@ -228,17 +246,20 @@ class LeaseBook:
         request_tag: str = "",
         required_gpus: Iterable[int] = (),
         notify: bool = True,
+        session_key: str = "",
     ) -> Lease:
         """Queue a request; its `future` resolves with the AllocReply once granted.
 
-        `required_gpus` pins it to exactly those inventory indices (a process whose device state
-        lives on its first grant's GPUs); the core refuses a malformed or impossible pin.
-        `notify=False`: no GrantNotice on the session stream when it is granted (the Allocate
-        call has no deadline, so its reply cannot arrive too late)."""
+        `session_key` must be the session's own (`ClientSession.key`): a lease always belongs to
+        the session of the stream that asked for it. `required_gpus` pins it to exactly those
+        inventory indices (a process whose device state lives on its first grant's GPUs); the
+        core refuses a malformed or impossible pin. `notify=False`: no GrantNotice on the
+        session stream when it is granted (the Allocate call has no deadline, so its reply
+        cannot arrive too late)."""
         self._check_open()
-        session = self._session(session_id)
+        session = self._session(session_id, session_key)
         lease = Lease(
-            lease_id=next(self._lease_ids),
+            lease_id=new_id("l"),
             session=session,
             gpu_count=gpu_count,
             memory_bytes=memory_bytes,
@@ -295,7 +316,8 @@ class LeaseBook:
         if lease is None or self.closed:
             return
         if lease.state is LeaseState.GRANTED:
-            self.release(lease.session.session_id, lease_id, reason=reason)
+            session = lease.session
+            self.release(session.session_id, lease_id, reason=reason, session_key=session.key)
             return
         self.leases.pop(lease_id)
         lease.session.leases.pop(lease_id, None)
@@ -305,14 +327,17 @@ class LeaseBook:
         self._changed()
 
     @_flushes_log
-    def release(self, session_id: str, lease_id: str, reason: str = "release") -> None:
-        """Give a granted lease back and serve whoever its GPUs make possible.
+    def release(
+        self, session_id: str, lease_id: str, reason: str = "release", session_key: str = ""
+    ) -> None:
+        """Give a granted lease back and serve whoever its GPUs make possible. Only the session
+        that holds it can (`session_key` proves the caller opened that session).
 
         Reason `deadline` or `cancelled`: the caller gave up on its Allocate just as it was
         granted; a lease already released on that account is then not an error.
         """
         self._check_open()
-        session = self._session(session_id)
+        session = self._session(session_id, session_key)
         lease = session.leases.get(lease_id)
         if lease is None and reason in ("deadline", "cancelled"):
             return
@@ -320,14 +345,14 @@ class LeaseBook:
             raise self._error(
                 session,
                 grpc.StatusCode.NOT_FOUND,
-                f"lease {lease_id!r} is not held by this session (already released, or never "
+                f"lease {echo(lease_id)} is not held by this session (already released, or never "
                 "granted to it)",
             )
         if lease.state is not LeaseState.GRANTED:
             raise self._error(
                 session,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"lease {lease_id!r} is still waiting; cancel its Allocate call to withdraw it",
+                f"lease {echo(lease_id)} is still waiting; cancel its Allocate call to withdraw it",
             )
         grants = self.scheduler.release(lease_id)
         del self.leases[lease_id]
@@ -377,8 +402,8 @@ class LeaseBook:
         """Count and log an error answered outside the book (e.g. a bad first stream message)."""
         session = self.sessions.get(session_id)
         self.counters.errors += 1
-        who = session.who() if session else {"client": session_id, "worker": ""}
-        self.log.emit("error", **who, code=code.name, message=message)
+        who = session.who() if session else {"client": session_id[: limits.MAX_ID], "worker": ""}
+        self.log.emit("error", **who, code=code.name, message=limits.clip(message))
 
     @_flushes_log
     def shutdown(self) -> None:
@@ -451,7 +476,7 @@ class LeaseBook:
                 )
             )
         c = self.counters
-        return pb.NodeStatus(
+        status = pb.NodeStatus(
             node=self.node,
             address=self.address,
             policy=_policy_name(self.scheduler),
@@ -469,6 +494,7 @@ class LeaseBook:
             ),
             uptime_seconds=now - self.started_at,
         )
+        return limits.fit_node_status(status)
 
     # ---- internals ----
 
@@ -546,31 +572,63 @@ class LeaseBook:
             # Nobody may be awaiting it any more (the caller is gone); mark it retrieved.
             lease.future.exception()
 
-    def _session(self, session_id: str) -> ClientSession:
+    def _session(self, session_id: str, session_key: str) -> ClientSession:
+        """The session a call names, if the call proves it is that session's own client."""
         session = self.sessions.get(session_id)
         if session is None:
             self.counters.errors += 1
             self.log.emit(
                 "error",
-                client=session_id,
+                client=session_id[: limits.MAX_ID],
                 worker="",
                 code=grpc.StatusCode.FAILED_PRECONDITION.name,
                 message="unknown session",
             )
             raise BookError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"unknown session {session_id!r}: open a Session stream and use the session_id "
-                "its Registered message carries (sessions end when their stream does)",
+                f"unknown session {echo(session_id)}: open a Session stream and use the "
+                "session_id and session_key its Registered message carries (sessions end when "
+                "their stream does)",
+            )
+        if not hmac.compare_digest(
+            session_key.encode("utf-8", "surrogatepass"), session.key.encode("ascii")
+        ):
+            # Logged as from no known session: the caller is not the one it names.
+            raise self._refuse(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"session {session_id} is not the caller's: a call acts only for the session its "
+                "own Session stream opened (send that stream's session_id and session_key)",
             )
         return session
+
+    def _refuse(self, code: grpc.StatusCode, message: str) -> BookError:
+        """Count and log a refusal of a call that proves no session is its caller's."""
+        self.counters.errors += 1
+        message = limits.clip(message)
+        self.log.emit("error", client="", worker="", code=code.name, message=message)
+        return BookError(code, message)
 
     def _error(self, session: ClientSession, code: grpc.StatusCode, message: str) -> BookError:
         self.counters.errors += 1
         who = session.who()
+        message = limits.clip(message)
         self.log.emit(
             "error", client=who["client"], worker=who["worker"], code=code.name, message=message
         )
         return BookError(code, message)
+
+    @_flushes_log
+    def refuse(
+        self, code: grpc.StatusCode, message: str, session_id: str = "", session_key: str = ""
+    ) -> BookError:
+        """A call refused before the book acted (a field out of bounds): counted, logged (under
+        the caller's session when the call proves it is that session's), returned to raise."""
+        session = self.sessions.get(session_id) if len(session_id) <= limits.MAX_ID else None
+        if session is None or not hmac.compare_digest(
+            session_key.encode("utf-8", "surrogatepass"), session.key.encode("ascii")
+        ):
+            return self._refuse(code, message)
+        return self._error(session, code, message)
 
     def _check_open(self) -> None:
         if self.closed:

@@ -3,6 +3,11 @@
 `create_server(...)` builds a grpc.aio server bound to a Unix socket (and optionally TCP) and
 returns it with the TCP port actually bound; `serve(config)` runs one daemon until SIGTERM or
 SIGINT, then releases everything (logged with reason `shutdown`), writes `stop` and returns.
+
+The socket is private: its directory must belong to this user and be writable by nobody else
+(it is made 0700 when missing), so no other user can replace the socket and receive the job's
+token from the next client; whatever else is at the socket's path is never deleted. Every field
+a client sends is checked against `limits` before anything else.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +31,9 @@ from grpc_health.v1._async import HealthServicer
 
 from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
 from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
+from acb_slurm.assigner import limits
 from acb_slurm.assigner.errors import AssignerStartError
-from acb_slurm.assigner.eventlog import EventLog
+from acb_slurm.assigner.eventlog import EventLog, create_private
 from acb_slurm.assigner.inventory import describe
 from acb_slurm.assigner.leases import BookError, LeaseBook
 from acb_slurm.env import TOKEN_METADATA_KEY
@@ -34,10 +41,19 @@ from acb_slurm.scheduler.types import Gpu
 
 log = logging.getLogger(__name__)
 
-#: Keepalive pings find a dead peer on another node (a local SIGKILL closes the socket at once).
+#: Keepalive pings find a silent peer: a stopped or hung client, a node that died (a local SIGKILL
+#: closes the socket at once). Every connection is pinged after 5 s without a frame and dropped
+#: when the answer takes over 5 s: a silent client loses its leases within ~10 s (gRPC core
+#: answers pings on its own threads, so a busy client is not silent). gRPC core waits
+#: `grpc.http2.ping_timeout_ms` (default 60 s) for a ping's answer whatever
+#: `grpc.keepalive_timeout_ms` says, so both are set. Clients ping every 10 s
+#: (`acb_slurm.client.session.CHANNEL_OPTIONS`), which the minimum interval here allows.
+KEEPALIVE_TIME_MS = 5_000
+KEEPALIVE_TIMEOUT_MS = 5_000
 SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
@@ -110,6 +126,13 @@ async def _abort(context: grpc.aio.ServicerContext, error: BookError) -> None:
     await context.abort(error.code, error.message)
 
 
+def _out_of_bounds(book: LeaseBook, exc: limits.OutOfBounds, what: str, request: Any) -> BookError:
+    """The refusal of a call whose field is longer than its bound (counted and logged)."""
+    session_id = getattr(request, "session_id", "")
+    session_key = getattr(request, "session_key", "")
+    return book.refuse(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {exc}", session_id, session_key)
+
+
 class AssignerServicer(pb_grpc.AssignerServicer):
     """acb.v1.Assigner: each method hands its work to the LeaseBook."""
 
@@ -138,7 +161,10 @@ class AssignerServicer(pb_grpc.AssignerServicer):
         try:
             yield pb.ServerMessage(
                 registered=pb.Registered(
-                    session_id=session.session_id, node=book.node, policy=book.scheduler.policy.name
+                    session_id=session.session_id,
+                    node=book.node,
+                    policy=book.scheduler.policy.name,
+                    session_key=session.key,
                 )
             )
             while True:
@@ -178,6 +204,11 @@ class AssignerServicer(pb_grpc.AssignerServicer):
         # lease here (`abandon`): no notice (docs/ARCHITECTURE.md, "Late grants").
         notify = context.time_remaining() is not None
         try:
+            limits.check_alloc(request)
+        except limits.OutOfBounds as exc:
+            await _abort(context, _out_of_bounds(self.book, exc, "allocate", request))
+            raise  # unreachable: abort raises
+        try:
             lease = self.book.submit(
                 request.session_id,
                 request.gpu_count,
@@ -187,6 +218,7 @@ class AssignerServicer(pb_grpc.AssignerServicer):
                 request.request_tag,
                 request.required_gpu_indices,
                 notify=notify,
+                session_key=request.session_key,
             )
         except BookError as exc:
             await _abort(context, exc)
@@ -207,15 +239,19 @@ class AssignerServicer(pb_grpc.AssignerServicer):
     async def Release(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseReply:
+        try:
+            limits.check_release(request)
+        except limits.OutOfBounds as exc:
+            await _abort(context, _out_of_bounds(self.book, exc, "release", request))
         reason = request.reason or "release"
         if reason not in RELEASE_REASONS:
             known = ", ".join(RELEASE_REASONS)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown release reason {request.reason!r}; known reasons: {known}",
+                f"unknown release reason {limits.echo(request.reason)}; known reasons: {known}",
             )
         try:
-            self.book.release(request.session_id, request.lease_id, reason)
+            self.book.release(request.session_id, request.lease_id, reason, request.session_key)
         except BookError as exc:
             await _abort(context, exc)
         # Let the Allocate calls this release unblocked answer first: the handoff is the
@@ -226,7 +262,7 @@ class AssignerServicer(pb_grpc.AssignerServicer):
     async def Status(
         self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatusReply:
-        return self._status()
+        return limits.fit_status(self._status())
 
 
 class ControllerServicer(pb_grpc.ControllerServicer):
@@ -253,7 +289,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         self.executors[key] = first.join
         self.ever_joined = True
         try:
-            yield pb.ControllerMessage(note=f"joined as executor {first.join.node}")
+            yield pb.ControllerMessage(note=f"joined as executor {limits.echo(first.join.node)}")
             async for message in request_iterator:
                 if message.WhichOneof("kind") == "state":
                     self.executors[key] = message.state
@@ -281,15 +317,8 @@ def create_server(
     pb_grpc.add_ControllerServicer_to_server(controller, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    directory = os.path.dirname(os.path.abspath(socket_path))
-    if not os.path.isdir(directory):
-        try:
-            os.makedirs(directory, mode=0o700)
-            os.chmod(directory, 0o700)  # makedirs honours the umask; this directory must not
-        except OSError as exc:
-            raise AssignerStartError(f"cannot create the socket's directory: {exc}") from None
-    if os.path.exists(socket_path):
-        _remove_stale_socket(socket_path)
+    _check_socket_directory(os.path.dirname(os.path.abspath(socket_path)))
+    _clear_socket_path(socket_path)
     try:
         server.add_insecure_port(f"unix:{os.path.abspath(socket_path)}")
     except RuntimeError as exc:
@@ -306,6 +335,68 @@ def create_server(
                 f"cannot listen on TCP {tcp}: {exc} (is the port in use? use port 0 for any)"
             ) from exc
     return server, health, port
+
+
+def _check_socket_directory(directory: str) -> None:
+    """Make the socket's directory (0700) if it is missing; refuse one that another user owns or
+    that group or others can write: they could replace the socket with their own and receive
+    the job's token from the next client."""
+    if not os.path.lexists(directory):
+        try:
+            os.makedirs(directory, mode=0o700)
+            os.chmod(directory, 0o700)  # makedirs honours the umask; this directory must not
+        except OSError as exc:
+            raise AssignerStartError(f"cannot create the socket's directory: {exc}") from None
+    try:
+        info = os.stat(directory)
+    except OSError as exc:
+        raise AssignerStartError(f"cannot use the socket's directory: {exc}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise AssignerStartError(f"the socket's directory {directory} is not a directory")
+    problem = unsafe_directory(info)
+    if problem:
+        raise AssignerStartError(
+            f"refusing to put the socket in {directory}: it is {problem}, so another user could "
+            "replace the socket and receive the job's token; use a directory of this user that "
+            "only it can write (chmod 700), or a path whose directory does not exist yet (it is "
+            "then made 0700)"
+        )
+
+
+def unsafe_directory(info: os.stat_result) -> str:
+    """What makes a socket's directory unsafe for this user ("" when nothing does)."""
+    uid = os.geteuid()
+    if info.st_uid != uid:
+        return f"owned by uid {info.st_uid}, not by this user (uid {uid})"
+    if info.st_mode & 0o022:
+        return f"a directory group or others can write (mode {stat.S_IMODE(info.st_mode):04o})"
+    return ""
+
+
+def _clear_socket_path(path: str) -> None:
+    """Make room for the socket: remove one left by a dead assigner; refuse if an assigner still
+    answers on it, or if something other than a socket is there (it is never deleted)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise AssignerStartError(f"cannot use --socket {path}: {exc}") from None
+    if not stat.S_ISSOCK(info.st_mode):
+        kind = (
+            "a regular file"
+            if stat.S_ISREG(info.st_mode)
+            else "a directory"
+            if stat.S_ISDIR(info.st_mode)
+            else "a symbolic link"
+            if stat.S_ISLNK(info.st_mode)
+            else "not a file"
+        )
+        raise AssignerStartError(
+            f"--socket {path} exists and is not a socket ({kind}): refusing to delete it; "
+            "remove it or choose another --socket"
+        )
+    _remove_stale_socket(path)
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -334,8 +425,11 @@ def tcp_address(tcp: str, port: int) -> str:
 
 
 def _write_ready_file(path: str, content: dict[str, Any]) -> None:
+    """Write the ready file (0600) whole: a reader sees the old one or the new one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a leftover of a process with our pid: never written through
+    with create_private(tmp, exclusive=True) as fh:
         json.dump(content, fh)
         fh.write("\n")
     os.replace(tmp, path)

@@ -44,6 +44,12 @@ class SessionLost(AssignerError):
     """The session stream broke (assigner gone): every lease of this process was released."""
 
 
+class UnsafeAssignerSocket(AssignerError):
+    """The assigner's Unix socket, or its directory, is not this user's, or others can write the
+    directory: another user could be listening there, so the client does not connect (the job's
+    token would go to them)."""
+
+
 def from_rpc_error(exc: grpc.RpcError, what: str) -> AssignerError:
     """Turn a gRPC error into the matching AssignerError, keeping the assigner's message."""
     import grpc

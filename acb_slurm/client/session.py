@@ -24,6 +24,18 @@ A grant that arrives just after `allocate()` gave up (its timeout fired, or it w
 is given back at once: every Allocate call carries a tag, the grant's notice on the session
 stream echoes it, and the session thread releases a grant whose call no longer waits (the
 assigner sends notices only where a reply may be lost: docs/ARCHITECTURE.md, "Late grants").
+
+Safety: before it connects to a Unix socket (and so before the job's token leaves the process),
+a client checks that the socket and its directory belong to this user and that nobody else can
+write the directory; otherwise another user could have put their own socket there
+(`UnsafeAssignerSocket`). Its calls carry the session's secret key, which only its own stream
+was told: no other process can act for its session.
+
+Exit: every Client ends its session at interpreter exit (an `atexit` hook): the stream is
+cancelled, the channel closed and the session thread joined (a few seconds at most), so that
+no gRPC call is finalised during interpreter shutdown while a daemon thread holds its lock (the
+grpc-Python exit deadlock). A client used after that (an exit handler registered before this
+module was imported) opens a new session, which its owner closes.
 """
 
 from __future__ import annotations
@@ -35,7 +47,9 @@ import os
 import queue
 import secrets
 import socket
+import stat
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -53,6 +67,7 @@ from acb_slurm.client.errors import (
     InvalidGpuRequest,
     LeaseNotHeld,
     SessionLost,
+    UnsafeAssignerSocket,
     from_rpc_error,
 )
 
@@ -62,9 +77,18 @@ log = logging.getLogger(__name__)
 #: within a few milliseconds, if at all, so a short memory is enough).
 ABANDONED_MEMORY = 256
 
+#: Seconds `close()` (and the exit hook) waits for the session thread to end.
+JOIN_TIMEOUT = 5.0
+
+#: Keepalive: a ping after 10 s without a frame, the connection dropped when its answer takes
+#: over 5 s, so a silent assigner (a stopped process, a dead node) is noticed within ~15 s
+#: (`SessionLost`). gRPC core waits `grpc.http2.ping_timeout_ms` (default 60 s) for a ping's
+#: answer whatever `grpc.keepalive_timeout_ms` says, so both are set. The assigner allows a ping
+#: every 5 s (`acb_slurm.assigner.server.SERVER_OPTIONS`), and pings its clients the same way.
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 0),
@@ -159,12 +183,16 @@ class Client:
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.AssignerStub | None = None
         self._session_id: str | None = None
+        self._session_key = ""  # the secret proving calls come from this session's client
         self._session_error: AssignerError | None = None
         self._outgoing: queue.SimpleQueue[pb.ClientMessage | None] | None = None
         self._call: Any = None
+        self._reader: threading.Thread | None = None
         self._closed = False
         self.node = ""
         self.policy = ""
+        with _live_lock:
+            _live.add(self)
 
     # ---- session ----
 
@@ -189,6 +217,7 @@ class Client:
         self._held.clear()
         self._yield_requests.clear()
         self._session_error = None
+        check_unix_target(self.target)  # before the token leaves this process
         self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.AssignerStub(self._channel)
         outgoing: queue.SimpleQueue[pb.ClientMessage | None] = queue.SimpleQueue()
@@ -219,6 +248,7 @@ class Client:
             name="acb-session",
             daemon=True,
         )
+        self._reader = thread
         thread.start()
         if not registered.wait(self.connect_timeout):
             call.cancel()
@@ -229,6 +259,7 @@ class Client:
             self._session_id = None
             raise result["error"]
         self._session_id = result["session_id"]
+        self._session_key = result["session_key"]
 
     def _read_session(self, call: Any, registered: threading.Event, result: dict[str, Any]) -> None:
         try:
@@ -236,6 +267,7 @@ class Client:
                 kind = message.WhichOneof("kind")
                 if kind == "registered":
                     result["session_id"] = message.registered.session_id
+                    result["session_key"] = message.registered.session_key
                     self.node = message.registered.node
                     self.policy = message.registered.policy
                     registered.set()
@@ -250,6 +282,10 @@ class Client:
                         except Exception:
                             log.exception("a lease listener failed on a yield request")
         except grpc.RpcError as exc:
+            # The error is the call itself, and its traceback holds frames that hold the call:
+            # break that cycle, so the call is freed when this thread ends, never by the garbage
+            # collector during interpreter shutdown (where its finaliser can deadlock).
+            exc.__traceback__ = None
             if call is not self._call or self._closed:
                 return
             if not registered.is_set():
@@ -281,31 +317,58 @@ class Client:
                 f"the assigner at {self.target} ended the session; its leases were released"
             )
 
-    def _teardown(self) -> None:
+    def _teardown(self) -> threading.Thread | None:
+        """End the stream and the channel; returns the session thread, for the caller to join
+        once it no longer holds `_lock` (the thread may be in a listener that takes it)."""
         if self._outgoing is not None:
             self._outgoing.put(None)
         if self._call is not None:
             self._call.cancel()
         if self._channel is not None:
             self._channel.close()
+        reader, self._reader = self._reader, None
         self._call = self._channel = self._stub = self._outgoing = None
         self._session_id = None
+        self._session_key = ""
+        return reader
+
+    @staticmethod
+    def _join(reader: threading.Thread | None, timeout: float = JOIN_TIMEOUT) -> None:
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(timeout)
+            if reader.is_alive():
+                log.warning("the acb session thread did not end within %gs", timeout)
 
     def end_session(self) -> None:
         """End the session but keep the client: the assigner releases every lease the session
         held (it sees the stream close; logged as `disconnect`), and the next call opens a new
         session. For a release that failed, so that nothing stays held behind this process."""
         with self._lock:
-            self._teardown()
+            reader = self._teardown()
             self._held.clear()
             self._yield_requests.clear()
+        self._join(reader)
 
     def close(self) -> None:
-        """End the session: the assigner releases whatever this client still holds."""
+        """End the session: the assigner releases whatever this client still holds. Idempotent;
+        waits (a few seconds at most) for the session thread to end."""
         with self._lock:
             self._closed = True
-            self._teardown()
+            reader = self._teardown()
             self._held.clear()
+        self._join(reader)
+
+    def _end_at_exit(self) -> None:
+        """The exit hook: end the session (its leases go with it) and wait for its thread, so
+        that nothing of gRPC is left running at interpreter shutdown. The client stays usable:
+        an exit handler that runs later may still use it (a new session)."""
+        locked = self._lock.acquire(timeout=JOIN_TIMEOUT)
+        try:
+            reader = self._teardown()
+        finally:
+            if locked:
+                self._lock.release()
+        self._join(reader)
 
     def __enter__(self) -> Client:
         return self
@@ -363,6 +426,7 @@ class Client:
         tag = next(self._tags)
         request = pb.AllocRequest(
             session_id=session_id,
+            session_key=self._session_key,
             gpu_count=gpus,
             memory_bytes=memory,
             priority=priority,
@@ -430,12 +494,14 @@ class Client:
 
     def _give_back(self, lease_id: str, reason: str) -> None:
         """Release a grant nobody waits for any more (best effort: a broken session took it)."""
-        stub, session_id = self._stub, self._session_id
+        stub, session_id, key = self._stub, self._session_id, self._session_key
         if stub is None or self._session_error is not None:
             return
         try:
             stub.Release(
-                pb.ReleaseRequest(session_id=session_id, lease_id=lease_id, reason=reason),
+                pb.ReleaseRequest(
+                    session_id=session_id, session_key=key, lease_id=lease_id, reason=reason
+                ),
                 timeout=self.release_timeout,
                 metadata=self._metadata,
             )
@@ -461,7 +527,11 @@ class Client:
         if self._session_error is None and self._stub is not None:
             try:
                 self._stub.Release(
-                    pb.ReleaseRequest(session_id=self._session_id, lease_id=lease.lease_id),
+                    pb.ReleaseRequest(
+                        session_id=self._session_id,
+                        session_key=self._session_key,
+                        lease_id=lease.lease_id,
+                    ),
                     timeout=self.release_timeout,
                     metadata=self._metadata,
                 )
@@ -507,6 +577,62 @@ class Client:
         return SessionLost(f"{session_error} ({what}: {details})", session_error.code)
 
 
+def unix_socket_path(target: str) -> str | None:
+    """The filesystem path of a `unix:` gRPC target (`unix:path`, `unix:///abs/path`), else None."""
+    if not target.startswith("unix:"):
+        return None
+    path = target[len("unix:") :]
+    if path.startswith("//"):
+        path = path[2:]
+    return path
+
+
+def _unsafe(info: os.stat_result, uid: int, what: str) -> str:
+    if info.st_uid != uid:
+        return f"{what} is owned by uid {info.st_uid}, not by this user (uid {uid})"
+    return ""
+
+
+def check_unix_target(target: str) -> None:
+    """UnsafeAssignerSocket unless a Unix socket target is safe to send the job's token to: the
+    socket and its directory are this user's and nobody else can write the directory (else
+    another user could have unlinked the assigner's socket and listen in its place). A socket
+    that is not there yet is left to the connection to report."""
+    if target.startswith("unix-abstract:"):
+        raise UnsafeAssignerSocket(
+            f"refusing to connect to the assigner at {target}: an abstract Unix socket belongs "
+            "to no user, so any local process could be listening on it; use a socket path in a "
+            "directory of this user (unix:/path/assigner.sock)"
+        )
+    path = unix_socket_path(target)
+    if path is None:
+        return
+    real = os.path.realpath(path)
+    directory = os.path.dirname(real)
+    uid = os.geteuid()
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return  # no directory, no socket: connecting fails and says so
+    problem = _unsafe(info, uid, f"its directory {directory}")
+    if not problem and info.st_mode & 0o022:
+        mode = stat.S_IMODE(info.st_mode)
+        problem = f"its directory {directory} is one group or others can write (mode {mode:04o})"
+    if not problem:
+        try:
+            socket_info = os.stat(real)
+        except OSError:
+            return
+        problem = _unsafe(socket_info, uid, f"the socket {real}")
+    if problem:
+        raise UnsafeAssignerSocket(
+            f"refusing to connect to the assigner at {target}: {problem}, so another user could "
+            "have put their own socket there and would receive the job's token. Use the socket "
+            "of an assigner started by this user in a directory only it can write (acb-assigner "
+            "refuses any other)"
+        )
+
+
 def _required_indices(required_gpus: Sequence[int] | None) -> list[int]:
     """The required GPU indices as the wire carries them; InvalidGpuRequest if they cannot be."""
     if required_gpus is None:
@@ -526,6 +652,9 @@ def _required_indices(required_gpus: Sequence[int] | None) -> list[int]:
 
 _default: Client | None = None
 _default_lock = threading.Lock()
+#: Every Client of this process not yet garbage-collected: the exit hook ends their sessions.
+_live: weakref.WeakSet[Client] = weakref.WeakSet()
+_live_lock = threading.Lock()
 
 
 def default_client() -> Client:
@@ -546,9 +675,18 @@ def set_default_client(client: Client | None) -> Client | None:
         return previous
 
 
-def _close_default() -> None:
-    if _default is not None and _default.pid == os.getpid():
-        _default.close()
+def _close_at_exit() -> None:
+    """At interpreter exit: end the session of every Client of this process (the default one
+    included), cancelling its stream and joining its thread, before shutdown finalises them."""
+    with _live_lock:
+        clients = list(_live)
+    for client in clients:
+        if client.pid != os.getpid():
+            continue  # a fork's copy: the parent's stream is not ours to end
+        try:
+            client._end_at_exit()
+        except Exception:
+            log.exception("could not end an acb session at exit")
 
 
-atexit.register(_close_default)
+atexit.register(_close_at_exit)

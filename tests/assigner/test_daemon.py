@@ -194,7 +194,11 @@ def test_bad_requests_get_clear_errors_and_the_daemon_keeps_serving(
         assert "unknown session" in (unknown_session.value.details() or "")
         with pytest.raises(grpc.RpcError) as unknown_lease:
             stub.Release(
-                pb.ReleaseRequest(session_id=client.session_id, lease_id=lease.lease_id),
+                pb.ReleaseRequest(
+                    session_id=client.session_id,
+                    session_key=client._session_key,
+                    lease_id=lease.lease_id,
+                ),
                 timeout=10,
             )
         assert unknown_lease.value.code() == grpc.StatusCode.NOT_FOUND
@@ -383,9 +387,10 @@ def test_session_stream_registers_first_and_carries_grant_notices(
     first = next(stream)
     assert first.WhichOneof("kind") == "registered"
     assert first.registered.policy == "simple"
-    session_id = first.registered.session_id
+    session_id, key = first.registered.session_id, first.registered.session_key
     reply = stub.Allocate(
-        pb.AllocRequest(session_id=session_id, gpu_count=1, request_tag="t1"), timeout=10
+        pb.AllocRequest(session_id=session_id, session_key=key, gpu_count=1, request_tag="t1"),
+        timeout=10,
     )
     assert reply.request_tag == "t1"
     notice = next(stream)
@@ -394,7 +399,9 @@ def test_session_stream_registers_first_and_carries_grant_notices(
     assert notice.grant.lease.request_tag == "t1"
     with pytest.raises(grpc.RpcError) as unknown_reason:
         stub.Release(
-            pb.ReleaseRequest(session_id=session_id, lease_id=reply.lease_id, reason="bored"),
+            pb.ReleaseRequest(
+                session_id=session_id, session_key=key, lease_id=reply.lease_id, reason="bored"
+            ),
             timeout=10,
         )
     assert unknown_reason.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -402,15 +409,23 @@ def test_session_stream_registers_first_and_carries_grant_notices(
     # A caller that gave up gives back a late grant; giving back one already gone is no error.
     for _ in range(2):
         stub.Release(
-            pb.ReleaseRequest(session_id=session_id, lease_id=reply.lease_id, reason="deadline"),
+            pb.ReleaseRequest(
+                session_id=session_id, session_key=key, lease_id=reply.lease_id, reason="deadline"
+            ),
             timeout=10,
         )
     assert of(assigner.events(), "release", lease=reply.lease_id, reason="deadline")
     # A call without a deadline gets no notice (its reply is lost only if it is cancelled, and
     # then the assigner takes the lease back itself); the next call with a deadline gets one.
-    untimed = stub.Allocate(pb.AllocRequest(session_id=session_id, gpu_count=1, request_tag="t2"))
-    stub.Release(pb.ReleaseRequest(session_id=session_id, lease_id=untimed.lease_id))
-    reply = stub.Allocate(pb.AllocRequest(session_id=session_id, gpu_count=1), timeout=10)
+    untimed = stub.Allocate(
+        pb.AllocRequest(session_id=session_id, session_key=key, gpu_count=1, request_tag="t2")
+    )
+    stub.Release(
+        pb.ReleaseRequest(session_id=session_id, session_key=key, lease_id=untimed.lease_id)
+    )
+    reply = stub.Allocate(
+        pb.AllocRequest(session_id=session_id, session_key=key, gpu_count=1), timeout=10
+    )
     assert next(stream).grant.lease.lease_id == reply.lease_id
     pending.put(None)  # end our side: the session ends and its lease is released
     wait_for(

@@ -106,6 +106,7 @@ def test_bad_flags_are_refused_with_what_to_do(
 def test_flags_become_a_config(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("abc\n")
+    token.chmod(0o600)  # a token file others can read is refused
     built = config(
         tmp_path, token_file=str(token), tcp="127.0.0.1:0", policy="gpu-sharing", time_slice=2.5
     )

@@ -41,14 +41,16 @@ class ServerMessage(_message.Message):
     def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., grant: _Optional[_Union[GrantNotice, _Mapping]] = ..., yield_request: _Optional[_Union[YieldRequest, _Mapping]] = ...) -> None: ...
 
 class Registered(_message.Message):
-    __slots__ = ("session_id", "node", "policy")
+    __slots__ = ("session_id", "node", "policy", "session_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     node: str
     policy: str
-    def __init__(self, session_id: _Optional[str] = ..., node: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+    session_key: str
+    def __init__(self, session_id: _Optional[str] = ..., node: _Optional[str] = ..., policy: _Optional[str] = ..., session_key: _Optional[str] = ...) -> None: ...
 
 class UsageReport(_message.Message):
     __slots__ = ("lease_id", "resident_bytes")
@@ -79,7 +81,7 @@ class YieldDone(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
 
 class AllocRequest(_message.Message):
-    __slots__ = ("session_id", "gpu_count", "memory_bytes", "priority", "label", "request_tag", "required_gpu_indices")
+    __slots__ = ("session_id", "gpu_count", "memory_bytes", "priority", "label", "request_tag", "required_gpu_indices", "session_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +89,7 @@ class AllocRequest(_message.Message):
     LABEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TAG_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     gpu_count: int
     memory_bytes: int
@@ -94,7 +97,8 @@ class AllocRequest(_message.Message):
     label: str
     request_tag: str
     required_gpu_indices: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., gpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., label: _Optional[str] = ..., request_tag: _Optional[str] = ..., required_gpu_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+    session_key: str
+    def __init__(self, session_id: _Optional[str] = ..., gpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., priority: _Optional[int] = ..., label: _Optional[str] = ..., request_tag: _Optional[str] = ..., required_gpu_indices: _Optional[_Iterable[int]] = ..., session_key: _Optional[str] = ...) -> None: ...
 
 class AllocReply(_message.Message):
     __slots__ = ("lease_id", "gpu_indices", "device_ids", "memory_bytes", "node", "waited_seconds", "request_tag")
@@ -115,14 +119,16 @@ class AllocReply(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., device_ids: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[int] = ..., node: _Optional[str] = ..., waited_seconds: _Optional[float] = ..., request_tag: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("session_id", "lease_id", "reason")
+    __slots__ = ("session_id", "lease_id", "reason", "session_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     lease_id: str
     reason: str
-    def __init__(self, session_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    session_key: str
+    def __init__(self, session_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., reason: _Optional[str] = ..., session_key: _Optional[str] = ...) -> None: ...
 
 class ReleaseReply(_message.Message):
     __slots__ = ()
@@ -133,7 +139,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GpuStatus(_message.Message):
-    __slots__ = ("index", "device_id", "uuid", "name", "memory_bytes", "promised_bytes", "lease_ids")
+    __slots__ = ("index", "device_id", "uuid", "name", "memory_bytes", "promised_bytes", "lease_ids", "lease_ids_omitted")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +147,7 @@ class GpuStatus(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROMISED_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_IDS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     index: int
     device_id: str
     uuid: str
@@ -148,7 +155,8 @@ class GpuStatus(_message.Message):
     memory_bytes: int
     promised_bytes: int
     lease_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, index: _Optional[int] = ..., device_id: _Optional[str] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., promised_bytes: _Optional[int] = ..., lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    lease_ids_omitted: int
+    def __init__(self, index: _Optional[int] = ..., device_id: _Optional[str] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., promised_bytes: _Optional[int] = ..., lease_ids: _Optional[_Iterable[str]] = ..., lease_ids_omitted: _Optional[int] = ...) -> None: ...
 
 class LeaseStatus(_message.Message):
     __slots__ = ("lease_id", "client", "gpu_indices", "memory_bytes", "held_seconds", "label")
@@ -203,7 +211,7 @@ class Counters(_message.Message):
     def __init__(self, requests: _Optional[int] = ..., grants: _Optional[int] = ..., releases: _Optional[int] = ..., yields: _Optional[int] = ..., disconnects: _Optional[int] = ..., errors: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node", "address", "policy", "gpus", "leases", "queue", "counters", "uptime_seconds")
+    __slots__ = ("node", "address", "policy", "gpus", "leases", "queue", "counters", "uptime_seconds", "leases_omitted", "queue_omitted")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +220,8 @@ class NodeStatus(_message.Message):
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEASES_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_OMITTED_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     policy: str
@@ -220,17 +230,21 @@ class NodeStatus(_message.Message):
     queue: _containers.RepeatedCompositeFieldContainer[WaiterStatus]
     counters: Counters
     uptime_seconds: float
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., policy: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuStatus, _Mapping]]] = ..., leases: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., queue: _Optional[_Iterable[_Union[WaiterStatus, _Mapping]]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    leases_omitted: int
+    queue_omitted: int
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., policy: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuStatus, _Mapping]]] = ..., leases: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., queue: _Optional[_Iterable[_Union[WaiterStatus, _Mapping]]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., leases_omitted: _Optional[int] = ..., queue_omitted: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("self", "role", "executors")
+    __slots__ = ("self", "role", "executors", "executors_omitted")
     SELF_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     EXECUTORS_FIELD_NUMBER: _ClassVar[int]
+    EXECUTORS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     self: NodeStatus
     role: str
     executors: _containers.RepeatedCompositeFieldContainer[NodeStatus]
-    def __init__(self_, self: _Optional[_Union[NodeStatus, _Mapping]] = ..., role: _Optional[str] = ..., executors: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...
+    executors_omitted: int
+    def __init__(self_, self: _Optional[_Union[NodeStatus, _Mapping]] = ..., role: _Optional[str] = ..., executors: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., executors_omitted: _Optional[int] = ...) -> None: ...
 
 class ExecutorMessage(_message.Message):
     __slots__ = ("join", "state")

@@ -76,6 +76,8 @@ class AssignerServicer:
         FAILED_PRECONDITION  can never be satisfied on this node (more GPUs or memory than exist,
         a required GPU it does not have, a multi-GPU request under a
         one-GPU policy), or unknown session
+        PERMISSION_DENIED    session_key is not the named session's: a call acts only for the
+        session its caller's own stream opened
         DEADLINE_EXCEEDED / CANCELLED  the caller gave up; the request is withdrawn from the queue
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -83,8 +85,9 @@ class AssignerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Gives a lease back. Releasing an unknown or already released lease is NOT_FOUND (not an
-        error with reason "deadline" or "cancelled": see ReleaseRequest).
+        """Gives a lease back. Releasing an unknown or already released lease, or one of another
+        session, is NOT_FOUND (not an error with reason "deadline" or "cancelled": see
+        ReleaseRequest); a session_key that is not the session's is PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,7 +95,9 @@ class AssignerServicer:
 
     def Status(self, request, context):
         """Inventory, holders, queue and counters of this assigner (and of its executors when it is
-        the controller of a multi-node job).
+        the controller of a multi-node job). The reply always fits in gRPC's default 4 MiB message:
+        past 3 MiB the last waiters, then the newest leases, then lease ids per GPU (and, at a
+        controller, the last executors) are left out, and the `*_omitted` counts say how many.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
