@@ -21,7 +21,7 @@ MAX_ID = 64
 #: `ClientIdentity` (the Session stream's `register`), UTF-8 bytes.
 MAX_CLIENT_ID = 128
 MAX_JOB_ID = 64
-MAX_WORKER = 128
+MAX_WORKER = 1024
 MAX_HOSTNAME = 255
 #: `AllocRequest.label` and `.request_tag`, UTF-8 bytes.
 MAX_LABEL = 256

@@ -45,7 +45,7 @@ def test_fields_over_their_bound_are_named() -> None:
     with pytest.raises(limits.OutOfBounds, match="required_gpu_indices has 257 entries"):
         limits.check_alloc(pb.AllocRequest(required_gpu_indices=[0] * 257))
     with pytest.raises(limits.OutOfBounds, match="worker has"):
-        limits.check_identity(pb.ClientIdentity(worker="w" * 1000))
+        limits.check_identity(pb.ClientIdentity(worker="w" * (limits.MAX_WORKER + 1)))
     with pytest.raises(limits.OutOfBounds, match="reason has"):
         limits.check_release(pb.ReleaseRequest(reason="r" * 33))
 

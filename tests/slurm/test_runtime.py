@@ -24,6 +24,7 @@ def run_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "run"
     folder.mkdir(mode=0o700)
     (folder / "token").write_text(secrets.token_hex(16))
+    (folder / "token").chmod(0o600)  # the assigner refuses a token others can read
     return folder
 
 
