@@ -17,12 +17,25 @@ Affinity memory (read by gpu-affinity): the GPUs of the latest grant of each aff
 forgotten when it disconnects. A named key outlives its clients, so a worker that reconnects under
 it gets its GPUs back, but only while one of its GPUs has not been granted to another key since:
 memory stays bounded by the connected clients' keys plus one key per GPU.
+
+Cost: waiters are indexed by shape (`Policy.shape`: equal shapes fit alike) as well as kept in
+service order, so no call walks the whole queue. Every call ends in a settled state: every waiter
+up to the first reservation (all of them when there is none) cannot be placed now. A pass
+therefore need only try the first waiter of each shape, in service order, and stop at a
+reservation; a submit tries only the new request (and only when no earlier waiter has its shape
+and no reservation is ahead of it); a withdraw schedules only when it removes the first
+reservation. What makes the state settle is the rule the pass always relied on: granting only
+uses up GPUs, so a request that cannot be placed stays so until GPUs are freed (a release, a
+disconnect, a holder's usage shrinking). The decisions are those of a walk over the whole queue
+(tests/scheduler/reference_core.py keeps that walk; the tests compare the two call for call).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Hashable, Mapping, Sequence
+import heapq
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -39,18 +52,67 @@ from acb_slurm.scheduler.types import (
 __all__ = ["Scheduler"]
 
 
-@dataclass(slots=True, eq=False)
 class _Waiter:
     """A queued request, its place in the queue and how often later requests went past it.
-    Compared by identity (`eq=False`): the queue removes exactly this waiter."""
+    Compared by identity: the queue removes exactly this waiter."""
 
-    request: Request
-    seq: int
-    bypassed: int = 0
+    __slots__ = ("bypassed", "key", "queued", "request", "seq", "shape")
 
-    @property
-    def key(self) -> tuple[int, int]:
-        return (-self.request.priority, self.seq)
+    def __init__(self, request: Request, seq: int) -> None:
+        self.request = request
+        self.seq = seq
+        self.bypassed = 0
+        self.key = (-request.priority, seq)  # service order: higher priority, then arrival
+        self.shape: Hashable = None  # its key in the shape index (the policy's, else its own)
+        self.queued = True  # False once granted or withdrawn (the reservation heap forgets lazily)
+
+    def __repr__(self) -> str:
+        return f"<waiter {self.request.request_id!r} #{self.seq}, bypassed {self.bypassed}>"
+
+
+class _Queue:
+    """Waiters in service order with O(1) add, remove and first: one band per priority (an
+    OrderedDict by arrival; `seq` only grows, so arrivals append), bands by priority."""
+
+    __slots__ = ("_bands", "_len", "_order", "gpus")
+
+    def __init__(self, gpus: frozenset[int] | None = None) -> None:
+        self._bands: dict[int, OrderedDict[int, _Waiter]] = {}
+        self._order: list[int] = []  # the bands' -priority, ascending (service order)
+        self._len = 0
+        self.gpus = gpus  # a shape's: the only GPUs that decide whether it fits (None: any)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[_Waiter]:
+        for negated in self._order:
+            yield from self._bands[-negated].values()
+
+    def first(self) -> _Waiter:
+        """The first waiter (the queue must not be empty)."""
+        return next(iter(self._bands[-self._order[0]].values()))
+
+    def add(self, waiter: _Waiter) -> None:
+        priority = waiter.request.priority
+        band = self._bands.get(priority)
+        if band is None:
+            band = self._bands[priority] = OrderedDict()
+            bisect.insort(self._order, -priority)
+        band[waiter.seq] = waiter
+        self._len += 1
+
+    def remove(self, waiter: _Waiter) -> None:
+        priority = waiter.request.priority
+        band = self._bands[priority]
+        del band[waiter.seq]
+        self._len -= 1
+        if not band:
+            del self._bands[priority]
+            del self._order[bisect.bisect_left(self._order, -priority)]
+
+
+_OWN_SHAPE = object()  # a shape index key of its own, for a request whose policy shape is None
 
 
 @dataclass(slots=True)
@@ -96,8 +158,20 @@ class Scheduler:
         self._policy = policy
         self._max_bypass = max_bypass
         self._seq = 0
-        self._queue: list[_Waiter] = []  # service order
+        self._queue = _Queue()  # service order
         self._waiting: dict[str, _Waiter] = {}
+        self._by_shape: dict[Hashable, _Queue] = {}  # shape -> its waiters, service order
+        # The shapes by the GPUs that decide whether they fit (pinned shapes, under a policy
+        # with `local_pins`), and the shapes any GPU may decide: what a pass after GPUs were
+        # freed has to try (ordered sets).
+        self._shapes_on: list[dict[Hashable, None]] = [{} for _ in gpus]
+        self._shapes_anywhere: dict[Hashable, None] = {}
+        self._by_client: dict[str, dict[str, _Waiter]] = {}  # client -> its waiters
+        # Waiters bypassed max_bypass times, a heap by service order; entries of waiters that
+        # left stay until they come to the top (or the heap is rebuilt without them).
+        self._reserving: list[tuple[tuple[int, int], _Waiter]] = []
+        self._reserving_count = 0  # how many entries are of waiters still queued
+        self._settled = True  # every waiter up to the first reservation cannot be placed now
         self._held: dict[str, _Holding] = {}  # grant order
         self._grants: dict[str, Grant] = {}  # the same, as the grants handed out
         self._grants_view = MappingProxyType(self._grants)
@@ -134,7 +208,7 @@ class Scheduler:
 
     @property
     def queue(self) -> Sequence[Request]:
-        """Waiting requests in service order."""
+        """Waiting requests in service order (a fresh tuple: O(queue length))."""
         return tuple(w.request for w in self._queue)
 
     def promised_bytes(self, gpu_index: int) -> int:
@@ -183,10 +257,8 @@ class Scheduler:
 
     def reserved(self) -> Request | None:
         """The first waiter that holds a reservation (bypassed `max_bypass` times), if any."""
-        for waiter in self._queue:
-            if waiter.bypassed >= self._max_bypass:
-                return waiter.request
-        return None
+        waiter = self._first_reserving()
+        return None if waiter is None else waiter.request
 
     # ---- calls ------------------------------------------------------------------------------
 
@@ -198,29 +270,53 @@ class Scheduler:
         """
         self._validate(request)
         self._policy.check(request, self._gpus)
+        shape = self._policy.shape(request)
+        reservation = self._first_reserving()
         waiter = _Waiter(request, self._seq)
         self._seq += 1
-        bisect.insort(self._queue, waiter, key=lambda w: w.key)
-        self._waiting[request.request_id] = waiter
+        waiter.shape = (_OWN_SHAPE, waiter.seq) if shape is None else shape
+        self._enqueue(waiter)
         self._keys_of.setdefault(request.client_id, {})[request.affinity] = None
         self._users.setdefault(request.affinity, set()).add(request.client_id)
-        return self._schedule()
+        if not self._settled:
+            return self._schedule()
+        # Settled: nothing that waited could be placed, and nothing was freed. A pass would
+        # stop at a reservation ahead of the new waiter, or skip it when an earlier waiter of
+        # its shape did not fit; else it tries the new waiter alone, and what it grants (if
+        # anything) only uses up GPUs: the waiters behind still cannot be placed.
+        if reservation is not None and reservation.key < waiter.key:
+            return []
+        if self._by_shape[waiter.shape].first() is not waiter:
+            return []
+        try:
+            placed = self._policy.place(request, self)
+            if placed is None:
+                return []
+            return [self._grant(waiter, placed)]
+        except BaseException:
+            self._settled = False  # the next call makes a full pass
+            raise
 
     def release(self, request_id: str) -> list[Grant]:
         """Free a grant; return the grants that made possible."""
         if request_id not in self._held:
             hint = " (it is waiting: withdraw it instead)" if request_id in self._waiting else ""
             raise UnknownRequest(f"no granted request with id {request_id!r}{hint}")
+        reservation = self._first_reserving()
+        freed = self._held[request_id].gpus
         self._drop_holding(request_id)
-        return self._schedule()
+        return self._schedule(freed, reservation)
 
     def withdraw(self, request_id: str) -> list[Grant]:
         """Remove a waiting request (its caller gave up); return the grants that made possible."""
         if request_id not in self._waiting:
             hint = " (it is granted: release it instead)" if request_id in self._held else ""
             raise UnknownRequest(f"no waiting request with id {request_id!r}{hint}")
+        # Settled and nothing freed: the withdrawal makes a difference only when it lifts the
+        # first reservation, behind which waiters that fit may wait.
+        lifted = self._waiting[request_id] is self._first_reserving()
         self._drop_waiter(request_id)
-        return self._schedule()
+        return self._schedule() if lifted or not self._settled else []
 
     def disconnect(self, client_id: str) -> tuple[list[str], list[Grant]]:
         """Drop all grants and waits of a client: (their ids, grants then made possible).
@@ -228,8 +324,11 @@ class Scheduler:
         Ids come held first (in grant order), then waiting (in queue order). A client with
         nothing is not an error.
         """
+        reservation = self._first_reserving()
         held = [rid for rid, h in self._held.items() if h.request.client_id == client_id]
-        waiting = [w.request.request_id for w in self._queue if w.request.client_id == client_id]
+        freed = {i for rid in held for i in self._held[rid].gpus}
+        mine = sorted(self._by_client.get(client_id, {}).values(), key=lambda w: w.key)
+        waiting = [w.request.request_id for w in mine]
         for rid in held:
             self._drop_holding(rid)
         for rid in waiting:
@@ -243,7 +342,7 @@ class Scheduler:
             if key == client_id:  # the client's own key: nobody comes back under it
                 self._last_key = [None if k == key else k for k in self._last_key]
             self._forget_if_unused(key)
-        return held + waiting, self._schedule()
+        return held + waiting, self._schedule(freed, reservation)
 
     def update_usage(self, request_id: str, resident_bytes: int) -> list[Grant]:
         """Re-charge a shared holder with max(its promise, `resident_bytes`) per GPU.
@@ -265,10 +364,16 @@ class Scheduler:
             return []
         charge = max(holding.request.memory_bytes, resident_bytes)
         delta = charge - holding.charge
+        if delta >= 0:  # GPUs only tightened: what could not be placed still cannot
+            holding.charge = charge
+            for index in holding.gpus:
+                self._promised[index] += delta
+            return []
+        reservation = self._first_reserving()
         holding.charge = charge
         for index in holding.gpus:
             self._promised[index] += delta
-        return self._schedule() if delta < 0 else []
+        return self._schedule(holding.gpus, reservation)
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -331,9 +436,58 @@ class Scheduler:
             state = "waiting" if rid in self._waiting else "granted"
             raise InvalidRequest(f"request id {rid!r} is already {state}; use a new id")
 
+    def _enqueue(self, waiter: _Waiter) -> None:
+        request = waiter.request
+        self._waiting[request.request_id] = waiter
+        self._queue.add(waiter)
+        same_shape = self._by_shape.get(waiter.shape)
+        if same_shape is None:
+            required = request.required_gpus
+            local = bool(required) and self._policy.local_pins
+            same_shape = _Queue(frozenset(required) if local else None)
+            self._by_shape[waiter.shape] = same_shape
+            if same_shape.gpus is None:
+                self._shapes_anywhere[waiter.shape] = None
+            for index in same_shape.gpus or ():
+                self._shapes_on[index][waiter.shape] = None
+        same_shape.add(waiter)
+        self._by_client.setdefault(request.client_id, {})[request.request_id] = waiter
+        if waiter.bypassed >= self._max_bypass:  # max_bypass 0: every waiter reserves
+            self._reserve(waiter)
+
     def _drop_waiter(self, request_id: str) -> None:
         waiter = self._waiting.pop(request_id)
+        waiter.queued = False
         self._queue.remove(waiter)
+        same_shape = self._by_shape[waiter.shape]
+        same_shape.remove(waiter)
+        if not same_shape:
+            del self._by_shape[waiter.shape]
+            if same_shape.gpus is None:
+                del self._shapes_anywhere[waiter.shape]
+            for index in same_shape.gpus or ():
+                del self._shapes_on[index][waiter.shape]
+        client = waiter.request.client_id
+        mine = self._by_client[client]
+        del mine[request_id]
+        if not mine:
+            del self._by_client[client]
+        if waiter.bypassed >= self._max_bypass:
+            self._reserving_count -= 1
+            if len(self._reserving) > 2 * self._reserving_count + 32:
+                self._reserving = [entry for entry in self._reserving if entry[1].queued]
+                heapq.heapify(self._reserving)
+
+    def _reserve(self, waiter: _Waiter) -> None:
+        heapq.heappush(self._reserving, (waiter.key, waiter))
+        self._reserving_count += 1
+
+    def _first_reserving(self) -> _Waiter | None:
+        """The first waiter in service order that holds a reservation, if any."""
+        heap = self._reserving
+        while heap and not heap[0][1].queued:
+            heapq.heappop(heap)
+        return heap[0][1] if heap else None
 
     def _drop_holding(self, request_id: str) -> None:
         holding = self._held.pop(request_id)
@@ -346,31 +500,55 @@ class Scheduler:
             else:
                 self._promised[index] -= holding.charge
 
-    def _schedule(self) -> list[Grant]:
+    def _schedule(
+        self, freed: Iterable[int] | None = None, reserved_before: _Waiter | None = None
+    ) -> list[Grant]:
         """One pass over the queue in service order: grant what fits, backfill, honour
         reservations. One pass suffices: granting only uses up GPUs, so a waiter that did not
-        fit earlier in the pass cannot fit later in it."""
+        fit earlier in the pass cannot fit later in it; nor can any later waiter of its shape,
+        so the pass tries only the first waiter of each shape, shapes in the order of their
+        first waiters, and the waiters it skips are the ones a walk over the whole queue would
+        skip. The walk stops at the first waiter that did not fit and holds a reservation; this
+        pass stops before the first waiter that would come after such a one.
+
+        `freed`: the call freed only these GPUs since a settled state whose first reservation
+        was `reserved_before`. Then a pinned shape on other GPUs still cannot fit and is not
+        tried, unless the pass may get past that reservation (its shape is tried, or it left)."""
+        if not self._by_shape:  # nobody waits
+            self._settled = True
+            return []
+        shapes: Iterable[Hashable] = self._by_shape
+        if freed is not None and self._settled:
+            scoped = dict(self._shapes_anywhere)
+            for index in freed:
+                scoped.update(self._shapes_on[index])
+            before = reserved_before
+            if before is None or (before.queued and before.shape not in scoped):
+                shapes = scoped
+        self._settled = False  # until the pass is through (a policy may raise)
         grants: list[Grant] = []
-        blocked: list[_Waiter] = []
-        unplaceable: set[Hashable] = set()  # shapes that did not fit in this pass
-        for waiter in list(self._queue):
-            shape = self._policy.shape(waiter.request)
-            if shape is not None and shape in unplaceable:
-                placed = None
-            else:
-                placed = self._policy.place(waiter.request, self)
+        by_shape = self._by_shape
+        heads = [(by_shape[shape].first().key, shape) for shape in shapes]
+        heapq.heapify(heads)  # keys are unique: shapes are never compared
+        while heads:
+            key, shape = heads[0]
+            reservation = self._first_reserving()
+            if reservation is not None and reservation.key < key:
+                break  # a waiter ahead (blocked, as all ahead are) holds a reservation
+            waiter = self._by_shape[shape].first()
+            placed = self._policy.place(waiter.request, self)
             if placed is None:
-                if shape is not None:
-                    unplaceable.add(shape)
-                blocked.append(waiter)
                 if waiter.bypassed >= self._max_bypass:
                     break  # reservation: nothing behind it goes first
+                heapq.heappop(heads)  # the rest of this shape cannot fit in this pass either
                 continue
             grants.append(self._grant(waiter, placed))
-            for earlier in blocked:
-                earlier.bypassed += 1
-            if any(earlier.bypassed >= self._max_bypass for earlier in blocked):
-                break
+            rest = self._by_shape.get(shape)
+            if rest is None:
+                heapq.heappop(heads)
+            else:
+                heapq.heapreplace(heads, (rest.first().key, shape))
+        self._settled = True
         return grants
 
     def _grant(self, waiter: _Waiter, placed: tuple[int, ...]) -> Grant:
@@ -384,6 +562,17 @@ class Scheduler:
             memory = request.memory_bytes
         grant = Grant(request.request_id, request.client_id, gpus, memory)
         self._drop_waiter(request.request_id)
+        # Every waiter ahead of it could not be placed (or it would have been granted first):
+        # each counts one bypass. A waiter counts at most max_bypass of them while it waits (then
+        # it reserves and nothing goes past it): amortised, O(max_bypass) per request.
+        queue = self._queue
+        if queue and queue.first().key < waiter.key:
+            for earlier in queue:
+                if earlier.key > waiter.key:
+                    break
+                earlier.bypassed += 1
+                if earlier.bypassed == self._max_bypass:
+                    self._reserve(earlier)
         self._held[request.request_id] = _Holding(
             request, grant, exclusive, charge=request.memory_bytes
         )

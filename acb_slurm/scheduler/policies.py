@@ -57,6 +57,12 @@ class Policy(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    #: True when whether a pinned request can be placed depends only on its required GPUs (it is
+    #: placed with `place_required`, and `fits` reads only the GPU it is asked about): then the
+    #: core retries a pinned waiter only when one of its GPUs was freed. Every policy here sets
+    #: it (a subclass that places pins otherwise must set it False); a policy that does not is
+    #: retried whenever any GPU is freed.
+    local_pins: ClassVar[bool] = False
 
     def exclusive(self, request: Request) -> bool:
         """Whether a grant to `request` owns its GPUs alone (default: always)."""
@@ -64,8 +70,10 @@ class Policy(ABC):
 
     def shape(self, request: Request) -> Hashable | None:
         """Requests of equal shape fit alike: once one cannot be placed, the core skips the rest
-        of that shape until the next call (long queues of identical workers stay cheap). Return
-        None when placement depends on more than the GPU count, memory and required GPUs."""
+        of that shape, and tries none of them again until GPUs are freed (the core indexes its
+        waiters by shape, so long queues of identical workers cost nothing per call). Return
+        None when placement depends on more than the GPU count, memory and required GPUs: each
+        such request is then tried on its own (still only when GPUs were freed since)."""
         return (
             request.gpu_count,
             request.memory_bytes,
@@ -128,7 +136,9 @@ class Policy(ABC):
     @abstractmethod
     def place(self, request: Request, view: PolicyView) -> tuple[int, ...] | None:
         """The GPU indices to grant `request` now, or `None` when it cannot be placed now.
-        A request with `required_gpus` gets exactly those or None (see `place_required`)."""
+        A request with `required_gpus` gets exactly those or None (see `place_required`).
+        `None` must stay `None` while GPUs are only taken (grants, holders growing): the core
+        tries a waiter again only after GPUs were freed."""
 
     def __repr__(self) -> str:
         return f"<policy {self.name}>"
@@ -189,6 +199,7 @@ class Simple(Policy):
 
     name = "simple"
     description = "one whole GPU per request, first come first served"
+    local_pins = True
 
     def check(self, request: Request, gpus: Sequence[Gpu]) -> None:
         super().check(request, gpus)
@@ -216,6 +227,7 @@ class GpuSharing(Policy):
 
     name = "gpu-sharing"
     description = "several requests share a GPU while their memory promises fit it"
+    local_pins = True
 
     def exclusive(self, request: Request) -> bool:
         return request.memory_bytes == 0
@@ -261,6 +273,7 @@ class GpuAffinity(Policy):
 
     name = "gpu-affinity"
     description = "exclusive multi-GPU grants that return a client to the GPUs it held last"
+    local_pins = True
 
     def place(self, request: Request, view: PolicyView) -> tuple[int, ...] | None:
         if request.required_gpus:

@@ -133,19 +133,27 @@ class CountingClientBound(CountingSimple):
 
 
 @pytest.mark.parametrize(
-    ("policy", "asked"),
-    [(CountingSimple(), 2), (CountingClientBound(), 11)],
+    ("policy", "asked_on_submit", "asked_on_release"),
+    [(CountingSimple(), 0, 3), (CountingClientBound(), 1, 11)],
     ids=[
         "a policy is asked once per request shape in a pass",
         "a policy without shapes is asked for every waiter",
     ],
 )
-def test_the_core_skips_shapes_that_did_not_fit(policy: CountingSimple, asked: int) -> None:
+def test_the_core_skips_shapes_that_did_not_fit(
+    policy: CountingSimple, asked_on_submit: int, asked_on_release: int
+) -> None:
     scheduler = Scheduler([Gpu(0, 10, "0")], policy)
     scheduler.submit(Request("held", "c"))
     for n in range(10):
         scheduler.submit(Request(f"w{n}", "c", memory_bytes=n % 2))
     policy.asked = 0
-    scheduler.submit(Request("late", "c"))
-    assert policy.asked == asked
+    # Nothing was freed since the waiters were tried: a new request is tried alone, and not at
+    # all when an earlier waiter of its shape (w0: one GPU, no memory) could not be placed.
+    assert scheduler.submit(Request("late", "c")) == []
+    assert policy.asked == asked_on_submit
+    policy.asked = 0
+    # A release tries the first waiter of each shape (w0 is granted, then w2 and w1 do not fit),
+    # or, without shapes, every waiter.
     assert [g.request_id for g in scheduler.release("held")] == ["w0"]
+    assert policy.asked == asked_on_release
