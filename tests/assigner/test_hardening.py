@@ -25,6 +25,8 @@ from acb_slurm.assigner.testing import AssignerProcess, assigner_command
 from acb_slurm.client import Client
 from acb_slurm.scheduler.replay import replay
 
+from .test_daemon import HOLDER, WAITER
+
 StartAssigner = Callable[..., AssignerProcess]
 
 #: gRPC's default limit on a received message: a default `status()` fails beyond it.
@@ -512,20 +514,7 @@ def test_status_stays_under_the_default_message_limit_with_many_max_size_waiters
 
 # ---- 4. a silent peer is dropped fast ----------------------------------------------------------
 
-HOLDER = """
-import time
-from acb_slurm.client import on_device_begin
-lease = on_device_begin(label="holder")
-print(lease.lease_id, flush=True)
-time.sleep(600)
-"""
-
-WAITER = """
-import time
-from acb_slurm.client import on_device_begin
-lease = on_device_begin(label="waiter")
-print(time.time(), lease.lease_id, flush=True)
-"""
+# HOLDER and WAITER: the same programs as the daemon tests' (imported above).
 
 
 @pytest.mark.slow
