@@ -22,19 +22,25 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
 
 from acb_slurm import env
+from acb_slurm.exitcodes import ExitCode
 
 #: The directory put first on the child's PYTHONPATH (holds sitecustomize.py).
 BOOT_DIR = Path(__file__).with_name("autoboot")
 
 
 class AutoError(RuntimeError):
-    """`acb-run --auto` cannot start the program (the message says why)."""
+    """`acb-run --auto` cannot start the program (the message says why; `exit_code` is
+    acb-run's status for it)."""
+
+    def __init__(self, message: str, exit_code: ExitCode = ExitCode.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,9 @@ class AutoSettings:
     priority: int = 0
     label: str = "auto"
     stats_file: str | None = None
+    #: PYTHONPATH as it was before acb-run put the boot directory first (None: it was unset);
+    #: put back before the program runs, so that its own children start as without acb-run.
+    pythonpath: str | None = None
 
 
 def settings_for(spec: AutoSpec, environ: Mapping[str, str]) -> AutoSettings:
@@ -90,9 +99,9 @@ def settings_for(spec: AutoSpec, environ: Mapping[str, str]) -> AutoSettings:
 
 def child_environment(spec: AutoSpec, environ: Mapping[str, str]) -> dict[str, str]:
     """The environment of the program: the boot directory first on PYTHONPATH, ACB_AUTO set."""
-    settings = settings_for(spec, environ)
     out = dict(environ)
-    path = out.get("PYTHONPATH", "")
+    path = out.get("PYTHONPATH")
+    settings = replace(settings_for(spec, environ), pythonpath=path)
     out["PYTHONPATH"] = str(BOOT_DIR) + (os.pathsep + path if path else "")
     out[env.AUTO] = json.dumps(asdict(settings))
     # torch.cuda.is_available()/device_count() without initialising CUDA: the GPU is chosen
@@ -116,18 +125,22 @@ def run_auto(spec: AutoSpec, environ: Mapping[str, str] | None = None) -> NoRetu
     try:  # fail here, with the message, rather than inside the program
         env.assigner_target(dict(base))
     except env.ConfigurationError as exc:
-        raise AutoError(str(exc)) from None
+        raise AutoError(str(exc), ExitCode.ASSIGNER_UNAVAILABLE) from None
     child_env = child_environment(spec, base)
     name = spec.command[0]
     program = name if os.sep in name else shutil.which(name, path=child_env.get("PATH"))
     if program is None:
-        raise AutoError(f"cannot start {spec.command[0]!r}: command not found")
+        raise AutoError(
+            f"cannot start {spec.command[0]!r}: command not found", ExitCode.CANNOT_START
+        )
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         os.execve(program, list(spec.command), child_env)
     except OSError as exc:
-        raise AutoError(f"cannot start {spec.command[0]!r}: {exc.strerror or exc}") from None
+        raise AutoError(
+            f"cannot start {spec.command[0]!r}: {exc.strerror or exc}", ExitCode.CANNOT_START
+        ) from None
 
 
 # ---- in the child ------------------------------------------------------------------------------
@@ -140,6 +153,14 @@ def bootstrap() -> None:
     if raw is None:
         return
     settings = AutoSettings(**json.loads(raw))
+    # The program sees the environment and the path it would have without acb-run, and the
+    # Pythons it starts do not load the boot directory (40 ms each for nothing).
+    if settings.pythonpath is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = settings.pythonpath
+    boot = os.path.realpath(BOOT_DIR)
+    sys.path[:] = [p for p in sys.path if not p or os.path.realpath(p) != boot]
     # Registered before the program runs, so it runs after every exit handler of the program
     # (atexit is last in, first out), whenever they were registered: they find their tensors.
     atexit.register(_at_exit, settings)

@@ -1,24 +1,24 @@
-"""`acb-run`: run a program under the node's assigner. Thin: flags → spec → mode function."""
+"""`acb-run`: run a program under the node's assigner. Thin: flags → spec → mode function.
+
+Read with the standard library's argparse, unlike the other commands (typer): acb-run starts
+every worker and sits in front of the program it wraps, and typer validates every value through
+pydantic, about 0.19 s of CPU before the command starts, more than half of what `acb-run --auto`
+may add to a program (benchmarks/auto_startup_bench.py). argparse reads the same line in ~10 ms.
+
+Failures of acb-run itself exit with the statuses of `acb_slurm.exitcodes`, never with a
+traceback; the command's own status comes back unchanged.
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Annotated
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
 
-import typer
-
-# Cheap: the client package loads gRPC only when a client is made (--gate), never for --auto,
-# whose launcher only starts the program.
-from acb_slurm.client.errors import AssignerError
-from acb_slurm.units import parse_size
-
-app = typer.Typer(
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    # Plain help: flags show no `<bool>` type, and the examples keep their line breaks.
-    rich_markup_mode=None,
-    context_settings={"allow_interspersed_args": False},
-)
+from acb_slurm.exitcodes import HELP as EXIT_HELP
+from acb_slurm.exitcodes import ExitCode
 
 MODES_HELP = (
     "pick a mode: --gate holds GPUs while the whole command runs (any framework), e.g.\n"
@@ -27,137 +27,215 @@ MODES_HELP = (
     "  acb-run --auto -- python train.py"
 )
 
+DESCRIPTION = """\
+Run CMD with GPUs from the node's assigner (acb-slurm). Pick a mode:
 
-@app.command()
-def run(
-    ctx: typer.Context,
-    command: Annotated[
-        list[str] | None, typer.Argument(metavar="-- CMD", show_default=False, hidden=True)
-    ] = None,
-    gate: Annotated[
-        bool,
-        typer.Option(
-            "--gate", metavar="", help="Hold a lease exactly while the command runs (any program)."
-        ),
-    ] = False,
-    gpus: Annotated[int, typer.Option(metavar="N", help="GPUs to ask for.")] = 1,
-    memory: Annotated[
-        str | None,
-        typer.Option(
-            metavar="SIZE", help="Memory needed per GPU, e.g. 10GiB (default: the whole GPU)."
-        ),
-    ] = None,
-    priority: Annotated[int, typer.Option(metavar="P", help="Higher is served first.")] = 0,
-    label: Annotated[
-        str, typer.Option(metavar="TEXT", help="Shown in status and the event log.")
-    ] = "",
-    timeout: Annotated[
-        float | None,
-        typer.Option(metavar="SECONDS", help="Give up after this long waiting (exit 2)."),
-    ] = None,
-    auto: Annotated[
-        bool,
-        typer.Option(
-            "--auto", metavar="", help="PyTorch: hold a GPU only while the program uses it."
-        ),
-    ] = False,
-    idle_ms: Annotated[
-        float | None,
-        typer.Option(
-            metavar="MS", help="--auto: give the GPU back after this idle time (env ACB_IDLE_MS)."
-        ),
-    ] = None,
-    device: Annotated[
-        str,
-        typer.Option(
-            metavar="DEVICE", help="--auto: managed device, cuda or cpu (env ACB_AUTO_DEVICE)."
-        ),
-    ] = "",
-) -> None:
-    """Run CMD with GPUs from the node's assigner (acb-slurm). Pick a mode:
+--gate holds the GPUs while the whole command runs, for any framework (JAX, TensorFlow,
+PyTorch, a binary); the command sees them in CUDA_VISIBLE_DEVICES. --auto runs an unmodified
+PyTorch program and holds a GPU only while it uses one. Outside an acb-sbatch job, set
+ACB_ASSIGNER to the socket of a running acb-assigner."""
 
-    --gate holds the GPUs while the whole command runs, for any framework (JAX, TensorFlow,
-    PyTorch, a binary); the command sees them in CUDA_VISIBLE_DEVICES. --auto runs an unmodified
-    PyTorch program and holds a GPU only while it uses one. Outside an acb-sbatch job, set
-    ACB_ASSIGNER to the socket of a running acb-assigner.
+EXAMPLES = """\
+examples:
+  acb-run --gate -- python fold.py
+  acb-run --gate --gpus 2 --memory 20GiB -- python fold.py --model multimer
+  acb-run --gate --timeout 600 --label msa -- ./run_alphafold.sh input.fasta
+  acb-run --auto -- python train.py
+  ACB_WORKER=worker-3 acb-run --gate -- python fold.py   # name the worker in logs
 
-    Examples:
+"""
 
-    \b
-      acb-run --gate -- python fold.py
-      acb-run --gate --gpus 2 --memory 20GiB -- python fold.py --model multimer
-      acb-run --gate --timeout 600 --label msa -- ./run_alphafold.sh input.fasta
-      acb-run --auto -- python train.py
-      ACB_WORKER=worker-3 acb-run --gate -- python fold.py   # name the worker in logs
-    """
-    if auto and not gate:
-        _run_auto(command or [], idle_ms, device, memory, priority, label)
-    if not gate:
-        typer.echo(ctx.get_help(), err=True)
-        typer.echo(f"acb-run: {MODES_HELP}", err=True)
-        raise typer.Exit(2)
-    from acb_slurm.launcher.gate import GateError, GateSpec, run_gated
+#: Flags that mean something in one mode only: flag → (argparse dest, the mode).
+MODE_ONLY = {
+    "--gpus": ("gpus", "gate"),
+    "--timeout": ("timeout", "gate"),
+    "--idle-ms": ("idle_ms", "auto"),
+    "--device": ("device", "auto"),
+}
 
-    try:
-        memory_bytes = parse_size(memory) if memory is not None else 0
-    except ValueError as exc:
-        _fail(f"--memory: {exc}")
-    spec = GateSpec(
-        command=command or [],
-        gpus=gpus,
-        memory_bytes=memory_bytes,
-        priority=priority,
-        label=label,
-        timeout=timeout,
+
+@dataclass(frozen=True)
+class Launch:
+    """A command line, read: what `launch` runs."""
+
+    mode: str
+    command: list[str]
+    gpus: int = 1
+    memory: str | None = None
+    priority: int = 0
+    label: str = ""
+    timeout: float | None = None
+    idle_ms: float | None = None
+    device: str = ""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        _fail(message, ExitCode.USAGE)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="acb-run",
+        usage="acb-run (--gate | --auto) [OPTIONS] -- CMD [ARGS...]",
+        description=DESCRIPTION,
+        epilog=EXAMPLES + EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
+    mode = p.add_argument_group("mode (one of)").add_mutually_exclusive_group()
+    mode.add_argument(
+        "--mode",
+        choices=("gate", "auto"),
+        help="gate: hold a lease exactly while the command runs (any program); auto: PyTorch, "
+        "hold a GPU only while the program uses it",
+    )
+    mode.add_argument(
+        "--gate", dest="mode", action="store_const", const="gate", help="same as --mode gate"
+    )
+    mode.add_argument(
+        "--auto", dest="mode", action="store_const", const="auto", help="same as --mode auto"
+    )
+    both = p.add_argument_group("both modes")
+    both.add_argument(
+        "--memory",
+        metavar="SIZE",
+        help="memory needed per GPU, e.g. 10GiB (default: the whole GPU)",
+    )
+    both.add_argument(
+        "--priority", metavar="P", type=int, default=0, help="higher is served first (default 0)"
+    )
+    both.add_argument(
+        "--label", metavar="TEXT", default="", help="shown in status and the event log"
+    )
+    gate = p.add_argument_group("--gate only")
+    gate.add_argument("--gpus", metavar="N", type=int, help="GPUs to ask for (default 1)")
+    gate.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        help=f"give up after this long waiting (exit {ExitCode.NO_GRANT:d})",
+    )
+    auto = p.add_argument_group("--auto only")
+    auto.add_argument(
+        "--idle-ms",
+        metavar="MS",
+        type=float,
+        help="give the GPU back after this idle time (env ACB_IDLE_MS)",
+    )
+    auto.add_argument(
+        "--device", metavar="DEVICE", help="managed device, cuda or cpu (env ACB_AUTO_DEVICE)"
+    )
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD", help=argparse.SUPPRESS)
+    return p
+
+
+def read(argv: Sequence[str]) -> Launch:
+    """Read a command line; a mistake exits with `ExitCode.USAGE` and says what to write."""
+    p = parser()
+    args = p.parse_args(list(argv))
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if args.mode is None:
+        p.print_usage(sys.stderr)
+        _fail(MODES_HELP, ExitCode.USAGE)
+    wrong = [
+        flag
+        for flag, (dest, mode) in MODE_ONLY.items()
+        if mode != args.mode and getattr(args, dest) is not None
+    ]
+    if wrong:
+        _fail(f"{', '.join(wrong)}: not an option of --{args.mode}", ExitCode.USAGE)
+    if not command:
+        _fail(
+            f"no command to run: put it after `--`, e.g. acb-run --{args.mode} -- python x.py",
+            ExitCode.USAGE,
+        )
+    return Launch(
+        mode=args.mode,
+        command=command,
+        gpus=1 if args.gpus is None else args.gpus,
+        memory=args.memory,
+        priority=args.priority,
+        label=args.label,
+        timeout=args.timeout,
+        idle_ms=args.idle_ms,
+        device=args.device or "",
+    )
+
+
+def launch(spec: Launch) -> int:
+    """Run the command in its mode; returns its exit status (--auto execs the command in place:
+    it returns only by failing). Exits with an `ExitCode` and the reason when it cannot."""
+    from acb_slurm.units import parse_size
+
     try:
-        code = run_gated(spec)
-    except TimeoutError as exc:
-        _fail(str(exc))
-    except (AssignerError, GateError) as exc:
-        _fail(str(exc))
+        memory_bytes = parse_size(spec.memory) if spec.memory is not None else 0
+    except ValueError as exc:
+        _fail(f"--memory: {exc}", ExitCode.USAGE)
+    try:
+        if spec.mode == "auto":
+            from acb_slurm.launcher.auto import AutoSpec, run_auto
+
+            run_auto(
+                AutoSpec(
+                    command=spec.command,
+                    device=spec.device,
+                    idle_ms=spec.idle_ms,
+                    memory_bytes=memory_bytes,
+                    priority=spec.priority,
+                    label=spec.label,
+                )
+            )
+        from acb_slurm.launcher.gate import GateSpec, run_gated
+
+        return run_gated(
+            GateSpec(
+                command=spec.command,
+                gpus=spec.gpus,
+                memory_bytes=memory_bytes,
+                priority=spec.priority,
+                label=spec.label,
+                timeout=spec.timeout,
+            )
+        )
     except KeyboardInterrupt:
-        typer.echo("acb-run: interrupted while waiting for GPUs", err=True)
-        raise typer.Exit(130) from None
-    raise typer.Exit(code)
+        _fail("interrupted while waiting for GPUs", ExitCode.INTERRUPTED)
+    except Exception as exc:
+        code = exit_code_of(exc)
+        if code is None:
+            raise
+        _fail(str(exc), code)
 
 
-def _run_auto(
-    command: list[str],
-    idle_ms: float | None,
-    device: str,
-    memory: str | None,
-    priority: int,
-    label: str,
-) -> None:
-    from acb_slurm.launcher.auto import AutoError, AutoSpec, run_auto
+def exit_code_of(exc: BaseException) -> ExitCode | None:
+    """The status for one of acb-run's own failures; None for anything else (a bug: raise)."""
+    from acb_slurm.client import errors
+    from acb_slurm.launcher.auto import AutoError
     from acb_slurm.launcher.gate import GateError
 
-    try:
-        spec = AutoSpec(
-            command=command,
-            device=device,
-            idle_ms=idle_ms,
-            memory_bytes=parse_size(memory) if memory is not None else 0,
-            priority=priority,
-            label=label,
-        )
-        code = run_auto(spec)
-    except ValueError as exc:
-        _fail(f"--memory: {exc}")
-    except (AssignerError, AutoError, GateError) as exc:  # GateError: command not found
-        _fail(str(exc))
-    raise typer.Exit(code)
+    if isinstance(exc, TimeoutError):
+        return ExitCode.NO_GRANT
+    if isinstance(exc, (errors.InvalidGpuRequest, errors.GrantImpossible)):
+        return ExitCode.BAD_REQUEST
+    if isinstance(exc, errors.AssignerError):
+        return ExitCode.ASSIGNER_UNAVAILABLE
+    if isinstance(exc, (AutoError, GateError)):
+        return getattr(exc, "exit_code", ExitCode.BAD_REQUEST)
+    return None
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"acb-run: {message}", err=True)
-    raise typer.Exit(2)
+def _fail(message: str, code: ExitCode) -> NoReturn:
+    print(f"acb-run: {message}", file=sys.stderr)
+    raise SystemExit(int(code))
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
-    sys.exit(app())
+    spec = read(sys.argv[1:] if argv is None else argv)
+    sys.exit(launch(spec))
 
 
 if __name__ == "__main__":

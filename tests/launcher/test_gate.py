@@ -18,6 +18,7 @@ import pytest
 from acb_slurm import _deathwrap, env
 from acb_slurm.assigner.testing import AssignerProcess
 from acb_slurm.client import Client
+from acb_slurm.exitcodes import ExitCode
 from acb_slurm.scheduler.replay import replay
 
 StartAssigner = Callable[..., AssignerProcess]
@@ -191,7 +192,7 @@ def test_sigkilled_launcher_gives_the_lease_back(start_assigner: StartAssigner) 
 
 def test_without_an_assigner_it_says_what_to_set() -> None:
     result = acb_run(None, "--gate", "--", "true")
-    assert result.returncode == 2
+    assert result.returncode == ExitCode.ASSIGNER_UNAVAILABLE
     assert "ACB_ASSIGNER is not set" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -199,7 +200,7 @@ def test_without_an_assigner_it_says_what_to_set() -> None:
 def test_an_impossible_grant_is_a_clear_error(start_assigner: StartAssigner) -> None:
     assigner = start_assigner(gpus=1)
     result = acb_run(assigner, "--gate", "--gpus", "2", "--", "true")
-    assert result.returncode == 2
+    assert result.returncode == ExitCode.BAD_REQUEST
     assert "asks for 2 GPUs" in result.stderr
 
 
@@ -222,13 +223,13 @@ def test_a_timeout_while_waiting_is_a_clear_error(start_assigner: StartAssigner)
         holder.stdout.readline()
         result = acb_run(assigner, "--gate", "--timeout", "0.3", "--", "true")
         holder.send_signal(signal.SIGTERM)
-    assert result.returncode == 2
+    assert result.returncode == ExitCode.NO_GRANT
     assert "no GPU granted within 0.3s" in result.stderr
 
 
 def test_without_a_mode_it_asks_to_pick_one() -> None:
     result = acb_run(None, "--", "true")
-    assert result.returncode == 2
+    assert result.returncode == ExitCode.USAGE
     assert "pick a mode" in result.stderr
     assert "--gate" in result.stderr
 

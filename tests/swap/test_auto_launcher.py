@@ -16,6 +16,7 @@ import torch
 
 from acb_slurm import env
 from acb_slurm.assigner.testing import AssignerProcess
+from acb_slurm.exitcodes import ExitCode
 from acb_slurm.launcher.auto import BOOT_DIR, AutoError, AutoSpec, child_environment
 
 StartAssigner = Callable[..., AssignerProcess]
@@ -130,7 +131,7 @@ def test_auto_without_an_assigner_says_how_to_point_at_one() -> None:
         timeout=60,
         check=False,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == ExitCode.ASSIGNER_UNAVAILABLE
     assert "ACB_ASSIGNER is not set" in proc.stderr
 
 
@@ -174,3 +175,39 @@ def test_acb_run_auto_becomes_the_program(start_assigner: StartAssigner) -> None
     assert int(proc.stdout.readline()) == proc.pid
     proc.terminate()
     assert proc.wait(timeout=30) == -15
+
+
+def test_the_program_and_the_pythons_it_starts_see_the_environment_as_without_acb_run(
+    start_assigner: StartAssigner, tmp_path: Path
+) -> None:
+    """The boot directory is for the program's own start: afterwards PYTHONPATH and sys.path are
+    what they were, so the Pythons the program starts pay nothing for it."""
+    assigner = start_assigner(gpus=1)
+    program = (
+        "import json, os, subprocess, sys\n"
+        "child = subprocess.run([sys.executable, '-c', 'import sys; print(\"sitecustomize\" in "
+        'sys.modules and sys.modules["sitecustomize"].__file__ or "")\'],\n'
+        "    capture_output=True, text=True, check=True).stdout.strip()\n"
+        "print(json.dumps([os.environ.get('PYTHONPATH'), sys.path[1:], 'ACB_AUTO' in os.environ,"
+        " child]))\n"
+    )
+    for pythonpath in (None, str(tmp_path)):
+        environ = assigner.client_env()
+        plain_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        if pythonpath is not None:
+            environ["PYTHONPATH"] = plain_env["PYTHONPATH"] = pythonpath
+        else:
+            environ.pop("PYTHONPATH", None)
+        runs = [
+            subprocess.run(argv, env=e, capture_output=True, text=True, timeout=120, check=False)
+            for argv, e in (
+                ([sys.executable, "-c", program], plain_env),
+                (
+                    [*ACB_RUN, "--auto", "--device", "cpu", "--", sys.executable, "-c", program],
+                    environ,
+                ),
+            )
+        ]
+        assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+        plain, auto = (r.stdout for r in runs)
+        assert auto == plain, (pythonpath, plain, auto)
