@@ -266,7 +266,7 @@ def _saved_by_autograd(roots: Iterable[torch.Tensor], budget: int = 100_000) -> 
                 out.append(value)
             elif isinstance(value, (tuple, list)):
                 out.extend(v for v in value if isinstance(v, torch.Tensor))
-        todo.extend(fn for fn, _ in node.next_functions)
+        todo.extend(fn for fn, _ in node.next_functions if fn is not None)
     return out
 
 
