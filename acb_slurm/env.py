@@ -49,6 +49,11 @@ CAMPAIGN_STAGE = "ACB_CAMPAIGN_STAGE"
 CAMPAIGN_ATTEMPT = "ACB_CAMPAIGN_ATTEMPT"
 #: A directory searched for sbatch templates before the packaged ones.
 TEMPLATE_DIR = "ACB_TEMPLATE_DIR"
+#: The job's TLS directory (<run dir>/tls: ca.pem, cert.pem, key.pem, each 0600; made by
+#: `acb-assigner tls-init`): clients of a TCP target (`host:port`) use TLS with it.
+TLS_DIR = "ACB_TLS_DIR"
+#: "1": a client may talk to a TCP target without TLS (tests against `--insecure-tcp` assigners).
+INSECURE_TCP = "ACB_INSECURE_TCP"
 #: Metadata key that carries the token on every gRPC call.
 TOKEN_METADATA_KEY = "x-acb-token"
 

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from acb_slurm import tls
 from acb_slurm.assigner.errors import AssignerStartError
 from acb_slurm.assigner.inventory import nvml_inventory, virtual_inventory
 from acb_slurm.assigner.server import AssignerConfig, serve
@@ -57,6 +58,8 @@ def build_config(
     ready_file: str | None,
     controller: str | None,
     time_slice: float = 0.0,
+    tls_dir: str | None = None,
+    insecure_tcp: bool = False,
 ) -> AssignerConfig:
     """Validate the flags into a config; AssignerStartError says what is wrong."""
     from acb_slurm.scheduler import get_policy
@@ -97,6 +100,7 @@ def build_config(
             f"--controller wants HOST:PORT of the controller's TCP address, got {controller!r}",
             exit_code=2,
         )
+    material = tls_material(tcp, controller, tls_dir, insecure_tcp)
     return AssignerConfig(
         socket_path=os.path.abspath(socket_path),
         gpus=gpus,
@@ -107,7 +111,35 @@ def build_config(
         ready_file=ready_file,
         controller=controller,
         time_slice=time_slice,
+        tls=material,
+        insecure_tcp=insecure_tcp,
     )
+
+
+def tls_material(
+    tcp: str | None, controller: str | None, tls_dir: str | None, insecure_tcp: bool
+) -> tls.Material | None:
+    """The job's TLS material for the TCP listener and the link to the controller; refuses TCP
+    without it unless --insecure-tcp says plaintext on purpose."""
+    if tls_dir is not None and insecure_tcp:
+        raise AssignerStartError(
+            "--tls-dir and --insecure-tcp contradict each other: choose one", exit_code=2
+        )
+    if tls_dir is not None:
+        try:
+            return tls.load(tls_dir)
+        except tls.TlsError as exc:
+            raise AssignerStartError(f"--tls-dir: {exc}", exit_code=2) from None
+    if (tcp is not None or controller is not None) and not insecure_tcp:
+        flag = "--tcp" if tcp is not None else "--controller"
+        raise AssignerStartError(
+            f"{flag} needs --tls-dir DIR (the job's TLS material, made by `acb-assigner "
+            "tls-init DIR`): over TCP the job's token and session keys would cross the network "
+            "in clear. For a test on a machine nobody else uses, --insecure-tcp allows "
+            "plaintext",
+            exit_code=2,
+        )
+    return None
 
 
 @app.command()
@@ -156,7 +188,7 @@ def assigner(
         str | None,
         typer.Option(
             metavar="PATH",
-            help="Write JSON {pid, socket, target, tcp, node, policy} here once serving.",
+            help="Write JSON {pid, socket, target, tcp, tls, node, policy} here once serving.",
         ),
     ] = None,
     controller: Annotated[
@@ -173,6 +205,24 @@ def assigner(
             "this long (0 = never).",
         ),
     ] = 0.0,
+    tls_dir: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DIR",
+            help="The job's TLS material (ca.pem, cert.pem, key.pem, each 0600; made by "
+            "`acb-assigner tls-init DIR`): the TCP listener speaks TLS and accepts only clients "
+            "with the job's certificate, and --controller is reached over TLS. Needed with "
+            "--tcp or --controller.",
+        ),
+    ] = None,
+    insecure_tcp: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-tcp",
+            help="Allow --tcp/--controller without TLS (token in clear: tests and development "
+            "only).",
+        ),
+    ] = False,
 ) -> None:
     """Run the GPU assigner of one node of a job: leases, sessions, event log.
 
@@ -186,6 +236,8 @@ def assigner(
           --policy gpu-sharing --event-log events.jsonl
       export ACB_ASSIGNER=unix:/tmp/acb/assigner.sock               # then, in another shell:
       acb-run --gate -- python fold.py
+      acb-assigner tls-init "$ACB_RUN_DIR/tls"                      # multi-node: TLS material,
+      acb-assigner --socket ... --tcp node1:0 --tls-dir "$ACB_RUN_DIR/tls"   # then TCP with it
     """
     try:
         config = build_config(
@@ -199,6 +251,8 @@ def assigner(
             ready_file,
             controller,
             time_slice,
+            tls_dir,
+            insecure_tcp,
         )
         asyncio.run(serve(config))
     except AssignerStartError as exc:
@@ -206,8 +260,38 @@ def assigner(
         raise typer.Exit(exc.exit_code) from None
 
 
+tls_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@tls_app.command()
+def tls_init(
+    directory: Annotated[
+        str, typer.Argument(metavar="DIR", help="Where to write ca.pem, cert.pem, key.pem.")
+    ],
+) -> None:
+    """Make a job's TLS material for the assigners' TCP traffic (run once per job, before the
+    assigners start; every node reads the same DIR).
+
+    \b
+    Writes DIR/ca.pem (a new CA; its key is not kept), DIR/cert.pem and DIR/key.pem (the job's
+    certificate, name "acb-assigner", for servers and clients), each 0600; DIR is made 0700 when
+    missing. Existing files are never overwritten (exit 1).
+    Then: acb-assigner ... --tcp HOST:0 --tls-dir DIR, and ACB_TLS_DIR=DIR for TCP clients.
+    """
+    from acb_slurm import env
+
+    try:
+        material = tls.init(directory, job=env.job_id())
+    except tls.TlsError as exc:
+        typer.echo(f"acb-assigner tls-init: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(material.directory)
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (`acb-assigner tls-init DIR` makes a job's TLS material)."""
+    if sys.argv[1:2] == ["tls-init"]:
+        sys.exit(tls_app(args=sys.argv[2:], prog_name="acb-assigner tls-init"))
     sys.exit(app())
 
 

@@ -3,7 +3,9 @@
 The executor keeps one `Controller.Join` stream open to the controller: `join` with its
 NodeStatus first, then `state` whenever holders or the queue change (at most one report per
 `DEBOUNCE_S`), and a periodic refresh. If the controller is not up yet or the stream breaks, it
-reconnects with backoff. Grants stay local: each node serves its own workers.
+reconnects with backoff. Grants stay local: each node serves its own workers. The link is TLS
+with the job's material (`acb_slurm.tls`: the controller must show the job's certificate, and
+this executor shows it too); plaintext only when the daemon was started with --insecure-tcp.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from acb_slurm import tls
 from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
 from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
 from acb_slurm.assigner import limits
@@ -41,9 +44,17 @@ RETRY_MAX_S = 5.0
 class ExecutorLink:
     """The executor side of Controller.Join, running as a task on the daemon's loop."""
 
-    def __init__(self, book: LeaseBook, controller: str, token: str | None) -> None:
+    def __init__(
+        self,
+        book: LeaseBook,
+        controller: str,
+        token: str | None,
+        material: tls.Material | None = None,
+    ) -> None:
+        """`material` None: plaintext (the daemon was told --insecure-tcp)."""
         self.book = book
         self.controller = controller
+        self.material = material
         self.metadata = ((TOKEN_METADATA_KEY, token),) if token else None
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -63,8 +74,8 @@ class ExecutorLink:
         delay = 0.2
         while True:
             try:
-                async with grpc.aio.insecure_channel(
-                    self.controller, options=CHANNEL_OPTIONS
+                async with tls.aio_channel(
+                    self.controller, self.material, options=CHANNEL_OPTIONS
                 ) as channel:
                     stub = pb_grpc.ControllerStub(channel)
                     call = stub.Join(self._messages(), metadata=self.metadata)

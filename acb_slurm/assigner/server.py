@@ -8,6 +8,10 @@ The socket is private: its directory must belong to this user and be writable by
 (it is made 0700 when missing), so no other user can replace the socket and receive the job's
 token from the next client; whatever else is at the socket's path is never deleted. Every field
 a client sends is checked against `limits` before anything else.
+
+The TCP listener (multi-node jobs) speaks TLS with the job's material (`acb_slurm.tls`) and
+accepts only clients that show the job's certificate; plaintext TCP only when the caller asked
+for it (`acb-assigner --insecure-tcp`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from acb_slurm import tls as job_tls
 from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
 from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
 from acb_slurm.assigner import limits
@@ -78,6 +83,10 @@ class AssignerConfig:
     ready_file: str | None = None
     controller: str | None = None
     time_slice: float = 0.0
+    #: The job's TLS material for the TCP listener and the link to the controller; None only
+    #: with `insecure_tcp` (or without TCP at all).
+    tls: job_tls.Material | None = None
+    insecure_tcp: bool = False
     node: str = field(
         default_factory=lambda: os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     )
@@ -304,8 +313,18 @@ def create_server(
     token: str | None = None,
     controller: ControllerServicer | None = None,
     role: Callable[[], pb.StatusReply] | None = None,
+    tls: job_tls.Material | None = None,
+    insecure_tcp: bool = False,
 ) -> tuple[grpc.aio.Server, HealthServicer, int | None]:
-    """The daemon's server, bound but not started: (server, health servicer, bound TCP port)."""
+    """The daemon's server, bound but not started: (server, health servicer, bound TCP port).
+
+    The TCP listener is TLS with `tls` (clients must show a certificate of the job's CA);
+    without it, plaintext only when `insecure_tcp` says so, else AssignerStartError."""
+    if tcp and tls is None and not insecure_tcp:
+        raise AssignerStartError(
+            f"refusing to listen on TCP {tcp} without TLS: give the job's TLS material "
+            "(--tls-dir) or ask for plaintext explicitly (--insecure-tcp)"
+        )
     interceptors = [TokenInterceptor(token)] if token else []
     server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     controller = controller or ControllerServicer()
@@ -329,7 +348,10 @@ def create_server(
     port = None
     if tcp:
         try:
-            port = server.add_insecure_port(tcp)
+            if tls is not None:
+                port = server.add_secure_port(tcp, job_tls.server_credentials(tls))
+            else:
+                port = server.add_insecure_port(tcp)
         except RuntimeError as exc:
             raise AssignerStartError(
                 f"cannot listen on TCP {tcp}: {exc} (is the port in use? use port 0 for any)"
@@ -471,7 +493,14 @@ async def serve(
         return reply
 
     server, health, port = create_server(
-        book, config.socket_path, config.tcp, config.token, controller, role
+        book,
+        config.socket_path,
+        config.tcp,
+        config.token,
+        controller,
+        role,
+        tls=config.tls,
+        insecure_tcp=config.insecure_tcp,
     )
     tcp = tcp_address(config.tcp, port) if config.tcp and port is not None else None
     if tcp:
@@ -489,7 +518,7 @@ async def serve(
     await server.start()
     log.emit("start", policy=scheduler.policy.name, gpus=describe(config.gpus), pid=os.getpid())
     if config.controller:
-        link = ExecutorLink(book, config.controller, config.token)
+        link = ExecutorLink(book, config.controller, config.token, config.tls)
         link.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(ASSIGNER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -498,6 +527,7 @@ async def serve(
         "socket": os.path.abspath(config.socket_path),
         "target": address,
         "tcp": tcp,
+        "tls": bool(tcp) and config.tls is not None,
         "node": config.node,
         "policy": scheduler.policy.name,
     }

@@ -50,7 +50,11 @@ class AssignerProcess:
         controller: str | None = None,
         extra_args: list[str] | None = None,
         name: str = "assigner",
+        tls_dir: str | os.PathLike[str] | None = None,
+        insecure_tcp: bool = False,
     ) -> None:
+        """With `tcp` or `controller`, give the job's TLS material (`tls_dir`, made by
+        `acb_slurm.tls.init`) or `insecure_tcp` (plaintext), else the assigner refuses to start."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         # Unix socket paths must stay short (108 bytes); fall back to a short temp dir.
@@ -84,10 +88,15 @@ class AssignerProcess:
         ]
         if self.token_file is not None:
             self.args += ["--token-file", str(self.token_file)]
+        self.tls_dir = None if tls_dir is None else str(tls_dir)
         if tcp is not None:
             self.args += ["--tcp", tcp]
         if controller is not None:
             self.args += ["--controller", controller]
+        if self.tls_dir is not None:
+            self.args += ["--tls-dir", self.tls_dir]
+        if insecure_tcp:
+            self.args += ["--insecure-tcp"]
         self.args += extra_args or []
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready: dict[str, Any] = {}
@@ -113,6 +122,9 @@ class AssignerProcess:
         out[env.ASSIGNER] = self.target
         if self.token_file is not None:
             out[env.TOKEN_FILE] = str(self.token_file)
+        out.pop(env.TLS_DIR, None)
+        if self.tls_dir is not None:
+            out[env.TLS_DIR] = self.tls_dir
         out.update(extra)
         return out
 

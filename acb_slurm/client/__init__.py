@@ -17,11 +17,12 @@ if TYPE_CHECKING:
         AssignerUnavailable,
         GrantImpossible,
         InvalidGpuRequest,
+        LeaseLost,
         LeaseNotHeld,
         SessionLost,
         Unauthenticated,
     )
-    from acb_slurm.client.manual import on_device, on_device_begin, on_device_end
+    from acb_slurm.client.manual import on_device, on_device_begin, on_device_end, on_lease_lost
     from acb_slurm.client.session import (
         Client,
         Lease,
@@ -37,12 +38,14 @@ _EXPORTS = {
     "AssignerUnavailable": "errors",
     "GrantImpossible": "errors",
     "InvalidGpuRequest": "errors",
+    "LeaseLost": "errors",
     "LeaseNotHeld": "errors",
     "SessionLost": "errors",
     "Unauthenticated": "errors",
     "on_device": "manual",
     "on_device_begin": "manual",
     "on_device_end": "manual",
+    "on_lease_lost": "manual",
     "Client": "session",
     "Lease": "session",
     "LeaseListener": "session",
@@ -59,6 +62,7 @@ __all__ = [
     "InvalidGpuRequest",
     "Lease",
     "LeaseListener",
+    "LeaseLost",
     "LeaseNotHeld",
     "SessionLost",
     "Unauthenticated",
@@ -66,6 +70,7 @@ __all__ = [
     "on_device",
     "on_device_begin",
     "on_device_end",
+    "on_lease_lost",
     "set_default_client",
 ]
 

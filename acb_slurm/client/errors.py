@@ -44,6 +44,28 @@ class SessionLost(AssignerError):
     """The session stream broke (assigner gone): every lease of this process was released."""
 
 
+class LeaseLost(SessionLost):
+    """A lease this process still meant to hold is gone: its session ended (the assigner died or
+    restarted, or dropped this process as silent, e.g. while it was stopped), so the assigner
+    released it and may have granted its GPUs to another process. Raised when the program ends
+    (or checks) such a lease instead of releasing it as if nothing happened; the program must
+    not use those GPUs any more. `lease_id` names the lease, `lease` is the `Lease` when known,
+    `reason` says how the session ended."""
+
+    def __init__(
+        self,
+        message: str,
+        code: grpc.StatusCode | None = None,
+        lease_id: str = "",
+        lease: object = None,
+        reason: str = "",
+    ) -> None:
+        super().__init__(message, code)
+        self.lease_id = lease_id
+        self.lease = lease
+        self.reason = reason
+
+
 class UnsafeAssignerSocket(AssignerError):
     """The assigner's Unix socket, or its directory, is not this user's, or others can write the
     directory: another user could be listening there, so the client does not connect (the job's

@@ -18,6 +18,14 @@ every later request to that grant:
     ...                                              # offload, on_device_end(first), ...
     lease = on_device_begin(required_gpus=first.gpu_indices)   # waits for exactly those GPUs
 
+A lease can be lost while held: its session ended without this process ending it (the assigner
+died or restarted, or dropped this process as silent after a SIGSTOP), and its GPUs may already
+be another process's. Then `on_device_end()` (and a `with on_device()` block's exit) raises
+`LeaseLost` rather than release the lease as if nothing happened. To learn of it at once, register
+a callback (it runs on the client's session thread, so keep it short):
+
+    on_lease_lost(lambda lease, error: os._exit(70))   # or set a flag the program checks
+
 All calls go through this process's `default_client()` (one Session per process, opened on
 first use from ACB_ASSIGNER / ACB_TOKEN_FILE / ACB_JOB_ID / ACB_WORKER). To act around these
 calls (the swap engine offloads before a release and onloads after a grant), register a
@@ -30,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from acb_slurm.client.errors import LeaseNotHeld
-from acb_slurm.client.session import Lease, default_client
+from acb_slurm.client.session import Lease, LostCallback, default_client
 from acb_slurm.units import parse_size
 
 
@@ -61,14 +69,23 @@ def on_device_begin(
 
 
 def on_device_end(lease: Lease | None = None) -> None:
-    """Give back `lease`, or the most recently granted lease still held."""
+    """Give back `lease`, or the most recently granted lease not yet ended. Raises `LeaseLost`
+    if the lease was lost while held (its session ended: see `on_lease_lost`); it is then
+    forgotten, and was not released "normally"."""
     client = default_client()
     if lease is None:
-        held = client.held
-        if not held:
+        lease = client.latest_lease()
+        if lease is None:
             raise LeaseNotHeld("on_device_end() called without a lease held by this process")
-        lease = held[-1]
     client.release(lease)
+
+
+def on_lease_lost(callback: LostCallback) -> LostCallback:
+    """Call `callback(lease, error)` as soon as a lease of this process is lost (its session
+    ended under it: the assigner died or restarted, or dropped this process as silent); `error`
+    is the `LeaseLost` that ending the lease will raise. Runs on the client's session thread:
+    keep it short. Returns `callback`, so it can decorate a function."""
+    return default_client().on_lease_lost(callback)
 
 
 @contextmanager
@@ -80,7 +97,8 @@ def on_device(
     timeout: float | None = None,
     required_gpus: Sequence[int] | None = None,
 ) -> Iterator[Lease]:
-    """Hold GPUs for the duration of a `with` block (`required_gpus`: see on_device_begin)."""
+    """Hold GPUs for the duration of a `with` block (`required_gpus`: see on_device_begin).
+    The exit raises `LeaseLost` if the lease was lost inside the block."""
     lease = on_device_begin(
         gpus=gpus,
         memory=memory,

@@ -31,6 +31,20 @@ write the directory; otherwise another user could have put their own socket ther
 (`UnsafeAssignerSocket`). Its calls carry the session's secret key, which only its own stream
 was told: no other process can act for its session.
 
+Lost leases: when the session ends without this process asking (the assigner was killed or
+restarted, or it dropped this process as silent, e.g. after a SIGSTOP), every lease it held is
+gone, and the assigner may already have granted its GPUs to another process. The session thread
+notices at once (the stream breaks or ends) and marks those leases lost: each
+`LeaseListener.on_lease_lost(client, lease, error)` and each callback given to
+`Client.on_lease_lost(callback)` runs on that thread (keep them short: kill a child, set a flag,
+exit). The lease leaves `held` for `lost`; ending it later (`release()`, `on_device_end()`, a
+`with on_device()` block's exit) raises `LeaseLost` instead of releasing it "normally", and
+`check_lease(lease)` raises it at any safe point. A release that races with the end of the session
+(the process was resumed after SIGSTOP) waits for the session thread's verdict and raises
+`LeaseLost` too: a lease is released normally only when the assigner accepted its release. An
+`allocate()` whose call failed because its session had just ended (the stream had not said so
+yet) is made once more, on a new session.
+
 Exit: every Client ends its session at interpreter exit (an `atexit` hook): the stream is
 cancelled, the channel closed and the session thread joined (a few seconds at most), so that
 no gRPC call is finalised during interpreter shutdown while a daemon thread holds its lock (the
@@ -49,9 +63,10 @@ import secrets
 import socket
 import stat
 import threading
+import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +80,7 @@ from acb_slurm.client.errors import (
     AssignerNotConfigured,
     AssignerUnavailable,
     InvalidGpuRequest,
+    LeaseLost,
     LeaseNotHeld,
     SessionLost,
     UnsafeAssignerSocket,
@@ -79,6 +95,24 @@ ABANDONED_MEMORY = 256
 
 #: Seconds `close()` (and the exit hook) waits for the session thread to end.
 JOIN_TIMEOUT = 5.0
+
+#: Seconds a failed Release call waits for the session thread to say whether the session ended
+#: (the call and the stream share one connection: both fail together, in either order).
+SESSION_END_WAIT = 2.0
+
+#: Release failures that may mean the session (and so the lease) is gone.
+_LOSS_CODES = frozenset(
+    [
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+    ]
+)
+
+#: A callback told of a lost lease: `callback(lease, error)`, on the session thread.
+LostCallback = Callable[["Lease", LeaseLost], None]
 
 #: Keepalive: a ping after 10 s without a frame, the connection dropped when its answer takes
 #: over 5 s, so a silent assigner (a stopped process, a dead node) is noticed within ~15 s
@@ -138,6 +172,11 @@ class LeaseListener:
         """The assigner asks for `lease_id` back at the next safe point (session thread; do not
         block here: release from the program's own thread). `reason` is e.g. "time-slice"."""
 
+    def on_lease_lost(self, client: Client, lease: Lease, error: LeaseLost) -> None:
+        """`lease` is gone without this process releasing it (its session ended: the assigner
+        died, restarted, or dropped this process); its GPUs may already be another process's.
+        Runs on the session thread as soon as the loss is seen: do not block here."""
+
     def required_gpus(self, client: Client) -> Sequence[int] | None:
         """The GPUs this process is bound to (e.g. its first grant's `gpu_indices`, once swapped
         state lives there), or None. A non-empty answer pins every `allocate()` that names no
@@ -172,7 +211,16 @@ class Client:
         self._metadata = ((env.TOKEN_METADATA_KEY, self._token),) if self._token else ()
         self._lock = threading.Lock()
         self._listeners: list[LeaseListener] = []
-        self._held: dict[str, Lease] = {}  # in grant order
+        # Leases granted and not yet ended by the program, in grant order; those whose session
+        # ended under them are also in `_lost` (until the program ends them: LeaseLost). Both,
+        # and `_session_error` and `_generation`, change under `_lease_lock` (never held across
+        # a call or a callback).
+        self._lease_lock = threading.Lock()
+        self._held: dict[str, Lease] = {}
+        self._lost: dict[str, LeaseLost] = {}
+        self._lost_callbacks: list[LostCallback] = []
+        self._generation = 0  # sessions opened so far (which session a call was made under)
+        self._session_ended = threading.Event()  # set when the current session's stream ends
         self._yield_requests: set[str] = set()  # lease ids the assigner asked back
         # Allocate calls by tag: in flight, their grant notices seen early, and given up.
         self._tags = (str(n) for n in itertools.count(1))
@@ -214,11 +262,19 @@ class Client:
         if self._closed:
             raise AssignerError("this client is closed")
         self._teardown()
-        self._held.clear()
-        self._yield_requests.clear()
-        self._session_error = None
+        # Leases of a session that ended under them were marked lost then (and stay until the
+        # program ends them); any other lease of an earlier session was ended with it on
+        # purpose (the exit hook): forgotten, as `end_session()` forgets them.
+        self._forget_held()
+        with self._lease_lock:
+            self._yield_requests.clear()
+            self._session_error = None
+            self._generation += 1
+            ended = self._session_ended = threading.Event()
         check_unix_target(self.target)  # before the token leaves this process
-        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        from acb_slurm import tls  # TCP targets: TLS with ACB_TLS_DIR (TlsError otherwise)
+
+        self._channel = tls.channel(self.target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.AssignerStub(self._channel)
         outgoing: queue.SimpleQueue[pb.ClientMessage | None] = queue.SimpleQueue()
         self._outgoing = outgoing
@@ -244,7 +300,7 @@ class Client:
         self._call = call
         thread = threading.Thread(
             target=self._read_session,
-            args=(call, registered, result),
+            args=(call, registered, result, ended),
             name="acb-session",
             daemon=True,
         )
@@ -261,7 +317,19 @@ class Client:
         self._session_id = result["session_id"]
         self._session_key = result["session_key"]
 
-    def _read_session(self, call: Any, registered: threading.Event, result: dict[str, Any]) -> None:
+    def _read_session(
+        self,
+        call: Any,
+        registered: threading.Event,
+        result: dict[str, Any],
+        ended: threading.Event,
+    ) -> None:
+        try:
+            self._read_stream(call, registered, result)
+        finally:
+            ended.set()
+
+    def _read_stream(self, call: Any, registered: threading.Event, result: dict[str, Any]) -> None:
         try:
             for message in call:
                 kind = message.WhichOneof("kind")
@@ -301,10 +369,13 @@ class Client:
                 result["error"] = error
                 registered.set()
                 return
-            self._session_error = SessionLost(
-                f"the session with the assigner at {self.target} ended ({exc.details()}); its "
-                "leases were released",
-                exc.code(),
+            self._session_lost(
+                call,
+                SessionLost(
+                    f"the session with the assigner at {self.target} ended ({exc.details()}); "
+                    "its leases were released",
+                    exc.code(),
+                ),
             )
             return
         if not registered.is_set():
@@ -313,21 +384,62 @@ class Client:
             )
             registered.set()
         elif call is self._call and not self._closed:
-            self._session_error = SessionLost(
-                f"the assigner at {self.target} ended the session; its leases were released"
+            self._session_lost(
+                call,
+                SessionLost(
+                    f"the assigner at {self.target} ended the session; its leases were released"
+                ),
             )
+
+    def _session_lost(self, call: Any, error: SessionLost) -> None:
+        """Session thread: the stream `call` ended without this process ending it. Every lease
+        still held is lost; listeners and callbacks are told, at once."""
+        with self._lease_lock:
+            if call is not self._call or self._closed:
+                return  # ended by this process (close, end_session): nothing was lost
+            self._session_error = error
+            self._yield_requests.clear()
+            lost = [lease for lease_id, lease in self._held.items() if lease_id not in self._lost]
+            errors = [_lost_error(lease, error) for lease in lost]
+            for lease, lost_error in zip(lost, errors, strict=True):
+                self._lost[lease.lease_id] = lost_error
+        # A loss nobody is told of is logged as an error; one a callback or listener handles
+        # is theirs to report (acb-run says it once, its own way).
+        handled = bool(self._lost_callbacks) or any(
+            type(listener).on_lease_lost is not LeaseListener.on_lease_lost
+            for listener in self._listeners
+        )
+        for lease, lost_error in zip(lost, errors, strict=True):
+            log.log(logging.INFO if handled else logging.ERROR, "%s", lost_error)
+            self._notify_lost(lease, lost_error)
+
+    def _notify_lost(self, lease: Lease, error: LeaseLost) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener.on_lease_lost(self, lease, error)
+            except Exception:
+                log.exception("a lease listener failed on a lost lease")
+        for callback in list(self._lost_callbacks):
+            try:
+                callback(lease, error)
+            except Exception:
+                log.exception("an on_lease_lost callback failed")
 
     def _teardown(self) -> threading.Thread | None:
         """End the stream and the channel; returns the session thread, for the caller to join
         once it no longer holds `_lock` (the thread may be in a listener that takes it)."""
-        if self._outgoing is not None:
-            self._outgoing.put(None)
-        if self._call is not None:
-            self._call.cancel()
-        if self._channel is not None:
-            self._channel.close()
+        # Detached first: the session thread, seeing the cancellation, must find its call is
+        # no longer the client's (an end on purpose, not a loss).
+        with self._lease_lock:
+            call, channel, outgoing = self._call, self._channel, self._outgoing
+            self._call = self._channel = self._stub = self._outgoing = None
+        if outgoing is not None:
+            outgoing.put(None)
+        if call is not None:
+            call.cancel()
+        if channel is not None:
+            channel.close()
         reader, self._reader = self._reader, None
-        self._call = self._channel = self._stub = self._outgoing = None
         self._session_id = None
         self._session_key = ""
         return reader
@@ -345,7 +457,7 @@ class Client:
         session. For a release that failed, so that nothing stays held behind this process."""
         with self._lock:
             reader = self._teardown()
-            self._held.clear()
+            self._forget_held()
             self._yield_requests.clear()
         self._join(reader)
 
@@ -355,8 +467,16 @@ class Client:
         with self._lock:
             self._closed = True
             reader = self._teardown()
-            self._held.clear()
+            self._forget_held()
         self._join(reader)
+
+    def _forget_held(self) -> None:
+        """This process ended its session on purpose: its held leases went with it (not lost).
+        Lost ones stay until the program ends them, so that it still learns of the loss."""
+        with self._lease_lock:
+            self._held = {
+                lease_id: lease for lease_id, lease in self._held.items() if lease_id in self._lost
+            }
 
     def _end_at_exit(self) -> None:
         """The exit hook: end the session (its leases go with it) and wait for its thread, so
@@ -386,10 +506,47 @@ class Client:
 
     # ---- calls ----
 
+    def on_lease_lost(self, callback: LostCallback) -> LostCallback:
+        """Call `callback(lease, error)` (a `LeaseLost`) for each lease lost from now on: its
+        session ended without this process ending it, so the assigner released it and may have
+        given its GPUs to another process. It runs on the session thread as soon as the loss is
+        seen (within milliseconds of an assigner's death; on resuming from a stop that outlasted
+        the assigner's keepalive): keep it short. Returns `callback` (usable as a decorator)."""
+        self._lost_callbacks.append(callback)
+        return callback
+
+    def remove_lease_lost_callback(self, callback: LostCallback) -> None:
+        self._lost_callbacks.remove(callback)
+
     @property
     def held(self) -> list[Lease]:
-        """Leases this client holds, oldest first."""
-        return list(self._held.values())
+        """Leases this client holds, oldest first (lost ones are not: see `lost`)."""
+        with self._lease_lock:
+            return [lease for lease_id, lease in self._held.items() if lease_id not in self._lost]
+
+    @property
+    def lost(self) -> list[Lease]:
+        """Leases lost while held (their session ended) that the program has not ended yet."""
+        with self._lease_lock:
+            return [lease for lease_id, lease in self._held.items() if lease_id in self._lost]
+
+    def latest_lease(self) -> Lease | None:
+        """The most recently granted lease not yet ended, lost or not (what `on_device_end()`
+        ends when it is given none)."""
+        with self._lease_lock:
+            return next(reversed(self._held.values()), None)
+
+    def check_lease(self, lease: Lease | str) -> None:
+        """At a safe point: raise `LeaseLost` if `lease` was lost (the lease stays to be ended),
+        `LeaseNotHeld` if it is not this process's; return if it is still held."""
+        lease_id = lease if isinstance(lease, str) else lease.lease_id
+        with self._lease_lock:
+            error = self._lost.get(lease_id)
+            known = lease_id in self._held
+        if error is not None:
+            raise error
+        if not known:
+            raise LeaseNotHeld(f"lease {lease_id!r} is not held by this process")
 
     def yield_requested(self, lease: Lease | str) -> bool:
         """Whether the assigner asked for this lease back (poll it at a safe point)."""
@@ -421,37 +578,63 @@ class Client:
                     f"this process is bound to GPU(s) {bound} (its swapped state lives there); "
                     f"it cannot ask for {required}"
                 )
-        session_id = self.session_id
-        assert self._stub is not None
-        tag = next(self._tags)
-        request = pb.AllocRequest(
-            session_id=session_id,
-            session_key=self._session_key,
-            gpu_count=gpus,
-            memory_bytes=memory,
-            priority=priority,
-            label=label,
-            request_tag=tag,
-            required_gpu_indices=required,
-        )
-        with self._calls_lock:
-            self._in_flight.add(tag)
-        reply: pb.AllocReply | None = None
-        gave_up = "cancelled"
-        try:
-            reply = self._stub.Allocate(request, timeout=timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
-                gave_up = "deadline"
-                raise TimeoutError(
-                    f"no GPU granted within {timeout:g}s by the assigner at {self.target}; "
-                    "the request was withdrawn"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        first_failure: str | None = None  # of the call made on a session that ended
+        while True:
+            try:
+                session_id, session_key, stub, generation, ended = self._current_session()
+            except AssignerError as exc:
+                if first_failure is None:
+                    raise
+                # No new session either: say also how the call on the old one failed.
+                raise type(exc)(
+                    f"{exc} (before that, on the session that ended: {first_failure})", exc.code
                 ) from None
-            raise self._rpc_error(exc, "allocate") from None
-        finally:
-            self._call_ended(tag, reply, gave_up)
+            tag = next(self._tags)
+            request = pb.AllocRequest(
+                session_id=session_id,
+                session_key=session_key,
+                gpu_count=gpus,
+                memory_bytes=memory,
+                priority=priority,
+                label=label,
+                request_tag=tag,
+                required_gpu_indices=required,
+            )
+            with self._calls_lock:
+                self._in_flight.add(tag)
+            reply: pb.AllocReply | None = None
+            gave_up = "cancelled"
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                reply = stub.Allocate(request, timeout=left, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+                    gave_up = "deadline"
+                    raise TimeoutError(
+                        f"no GPU granted within {timeout:g}s by the assigner at {self.target}; "
+                        "the request was withdrawn"
+                    ) from None
+                # The session broke just before or during the call (the stream had not said so
+                # yet): nothing was granted under it. Once more, on a new session.
+                if first_failure is None and self._ended_under(exc, generation, ended):
+                    first_failure = f"allocate: {exc.details()}"
+                    continue
+                raise self._rpc_error(exc, "allocate") from None
+            finally:
+                self._call_ended(tag, reply, gave_up)
+            break
         lease = Lease.from_reply(reply, label)
-        self._held[lease.lease_id] = lease
+        with self._lease_lock:
+            gone = self._generation != generation or self._session_error is not None
+            if not gone:
+                self._held[lease.lease_id] = lease
+        if gone:  # granted, but the session ended before this call returned: never usable
+            raise _lost_error(
+                lease,
+                self._session_error
+                or SessionLost(f"the session with the assigner at {self.target} ended"),
+            )
         try:
             for listener in list(self._listeners):
                 listener.on_granted(self, lease)
@@ -459,6 +642,44 @@ class Client:
             self._release(lease, notify=False)
             raise
         return lease
+
+    def _current_session(
+        self,
+    ) -> tuple[str, str, pb_grpc.AssignerStub, int, threading.Event]:
+        """(id, key, stub, generation, ended event) of the open session, opening one if
+        needed."""
+        with self._lock:
+            if self._session_id is None or self._session_error is not None:
+                self._open_session()
+            assert self._session_id is not None and self._stub is not None
+            return (
+                self._session_id,
+                self._session_key,
+                self._stub,
+                self._generation,
+                self._session_ended,
+            )
+
+    def _ended_under(
+        self, exc: grpc.RpcError, generation: int, ended: threading.Event, release: bool = False
+    ) -> bool:
+        """Whether the session a failed call was made under has ended. The call and the stream
+        share one connection and fail together, in either order, so for a failure that may
+        mean it (the connection broke; an assigner that does not know the session, e.g. a new
+        one on the same socket, seen by a process resumed after SIGSTOP), wait up to
+        SESSION_END_WAIT for the stream's own verdict."""
+        if self._generation != generation:
+            return True
+        code = exc.code() if hasattr(exc, "code") else None
+        if code not in _LOSS_CODES:
+            return False
+        if code == grpc.StatusCode.FAILED_PRECONDITION and not release:
+            # An Allocate's: most often a request that can never be granted (no waiting for
+            # those); "unknown session" only if the assigner lost the session.
+            details = (exc.details() if hasattr(exc, "details") else "") or ""
+            if not details.startswith("unknown session"):
+                return ended.is_set()
+        return ended.wait(SESSION_END_WAIT) or self._generation != generation
 
     def _bound_gpus(self) -> list[int]:
         """The GPUs a listener binds this process to ([] when none does)."""
@@ -511,9 +732,19 @@ class Client:
     def release(self, lease: Lease | str) -> None:
         """Give a lease back. Listeners' before_release runs first; if one raises (e.g. the swap
         engine could not offload), the lease stays held (the data is still on its GPUs) and the
-        error propagates: call release() again later, or end the session."""
+        error propagates: call release() again later, or end the session.
+
+        A lease that was lost (its session ended under it: `on_lease_lost`) is not released
+        "normally": this raises `LeaseLost` (and forgets the lease), without running
+        before_release (its GPUs may be another process's by now)."""
         lease_id = lease if isinstance(lease, str) else lease.lease_id
-        held = self._held.get(lease_id)
+        with self._lease_lock:
+            held = self._held.get(lease_id)
+            error = self._lost.pop(lease_id, None)
+            if error is not None:
+                del self._held[lease_id]
+        if error is not None:
+            raise error
         if held is None:
             raise LeaseNotHeld(f"lease {lease_id!r} is not held by this process")
         self._release(held, notify=True)
@@ -522,23 +753,48 @@ class Client:
         if notify:
             for listener in list(self._listeners):
                 listener.before_release(self, lease)  # raises: nothing given back
-        self._held.pop(lease.lease_id, None)
-        self._yield_requests.discard(lease.lease_id)
-        if self._session_error is None and self._stub is not None:
-            try:
-                self._stub.Release(
-                    pb.ReleaseRequest(
-                        session_id=self._session_id,
-                        session_key=self._session_key,
-                        lease_id=lease.lease_id,
-                    ),
-                    timeout=self.release_timeout,
-                    metadata=self._metadata,
-                )
-            except grpc.RpcError as exc:
-                # A session that ended took its leases with it: nothing left to give back.
-                if self._session_error is None:
-                    raise self._rpc_error(exc, "release") from None
+        with self._lease_lock:
+            self._held.pop(lease.lease_id, None)
+            error = self._lost.pop(lease.lease_id, None)  # lost while the listeners ran
+            self._yield_requests.discard(lease.lease_id)
+            stub, session_id, key = self._stub, self._session_id, self._session_key
+            generation, ended = self._generation, self._session_ended
+        if error is not None:
+            raise error
+        if stub is None or session_id is None:
+            return  # the exit hook ended the session on purpose: the lease went with it
+        try:
+            stub.Release(
+                pb.ReleaseRequest(session_id=session_id, session_key=key, lease_id=lease.lease_id),
+                timeout=self.release_timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            lost = self._lost_in_release(lease, exc, generation, ended)
+            if lost is not None:
+                raise lost from None
+            raise self._rpc_error(exc, "release") from None
+
+    def _lost_in_release(
+        self, lease: Lease, exc: grpc.RpcError, generation: int, ended: threading.Event
+    ) -> LeaseLost | None:
+        """A Release call failed: the LeaseLost to raise if the lease is gone (its session ended
+        around the call, or the assigner no longer knows it), else None."""
+        code = exc.code() if hasattr(exc, "code") else None
+        if code not in _LOSS_CODES:
+            return None
+        if self._ended_under(exc, generation, ended, release=True):
+            return _lost_error(
+                lease,
+                self._session_error
+                or SessionLost(f"the session with the assigner at {self.target} ended", code),
+            )
+        if code == grpc.StatusCode.NOT_FOUND:
+            details = exc.details() if hasattr(exc, "details") else ""
+            return _lost_error(
+                lease, SessionLost(f"the assigner at {self.target} no longer has it ({details})")
+            )
+        return None
 
     def report_usage(self, lease: Lease | str, resident_bytes: int) -> None:
         """Tell the assigner how much device memory a lease really uses (gpu-sharing)."""
@@ -575,6 +831,19 @@ class Client:
         if not details:
             return session_error
         return SessionLost(f"{session_error} ({what}: {details})", session_error.code)
+
+
+def _lost_error(lease: Lease, cause: AssignerError) -> LeaseLost:
+    """The LeaseLost for `lease`, lost because of `cause` (the end of its session)."""
+    gpus = ",".join(str(index) for index in lease.gpu_indices) or "?"
+    return LeaseLost(
+        f"lease {lease.lease_id} on GPU {gpus} was lost ({cause}): its GPUs may already be "
+        "another process's and must not be used any more",
+        cause.code,
+        lease_id=lease.lease_id,
+        lease=lease,
+        reason=str(cause),
+    )
 
 
 def unix_socket_path(target: str) -> str | None:

@@ -26,6 +26,13 @@ left of the group when the child ends is killed before the lease goes back, and 
 stdin the child stays in the terminal's foreground group (so an interactive program can read
 it), the terminal delivers Ctrl-C to both processes, and SIGINT is therefore not forwarded a
 second time; there, only the direct child is acb-run's to signal and kill.
+
+A lost lease stops the command: if the lease is lost while the command runs (the assigner died
+or restarted, or dropped this process as silent after a SIGSTOP), its GPUs may already be
+another process's, so the client's session thread kills the command's process group (the child
+alone with a terminal) with SIGKILL at once, and `run_gated` raises `GateLeaseLost`: acb-run
+says so in one line and exits with `ExitCode.LEASE_LOST` (70), not the command's own status.
+A loss after the command ended only makes the release fail (logged; the command's status stands).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -44,9 +52,11 @@ from typing import TYPE_CHECKING
 
 from acb_slurm import _deathwrap as deathwrap
 from acb_slurm import env
+from acb_slurm.exitcodes import ExitCode
 
-if TYPE_CHECKING:  # imported by run_gated: `run_child` (acb-run --auto) needs no gRPC client
-    from acb_slurm.client.session import Client
+if TYPE_CHECKING:  # the client (gRPC) is imported by run_gated, when it is needed
+    from acb_slurm.client.errors import LeaseLost
+    from acb_slurm.client.session import Client, Lease
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +71,62 @@ FORWARDED_SIGNALS = (
 
 class GateError(RuntimeError):
     """The command could not be started under a lease; the message says why."""
+
+
+class GateLeaseLost(GateError):
+    """The lease was lost while the command ran; its process group was killed."""
+
+    exit_code = ExitCode.LEASE_LOST
+
+
+class _LossWatch:
+    """Kills the command when the lease is lost (the callback runs on the session thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.lease_id: str | None = None
+        self.error: LeaseLost | None = None
+        self.killed = False  # the command was running when the loss came, and was killed
+        self._child: tuple[int, bool] | None = None  # (pid, leads its own group)
+        self._early: dict[str, LeaseLost] = {}  # losses told before `granted` named the lease
+
+    def lost(self, lease: Lease, error: LeaseLost) -> None:
+        with self._lock:
+            if self.lease_id is None:  # allocate() has not returned yet: maybe ours
+                self._early[lease.lease_id] = error
+                return
+            if lease.lease_id != self.lease_id:
+                return  # another lease of a shared client
+            self.error = error
+            self._kill()
+
+    def granted(self, lease_id: str) -> None:
+        with self._lock:
+            self.lease_id = lease_id
+            self.error = self._early.pop(lease_id, None)
+            self._early.clear()
+
+    def started(self, pid: int, group: bool) -> None:
+        with self._lock:
+            self._child = (pid, group)
+            if self.error is not None:  # lost before the command could even start
+                self._kill()
+
+    def ended(self) -> None:
+        """The child was reaped: its pid is no longer ours to signal."""
+        with self._lock:
+            self._child = None
+
+    def _kill(self) -> None:
+        if self._child is None:
+            return
+        pid, group = self._child
+        self.killed = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if group:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -81,7 +147,8 @@ def exit_code(returncode: int) -> int:
 
 
 def run_gated(spec: GateSpec, client: Client | None = None) -> int:
-    """Run `spec.command` under a lease and return its exit code."""
+    """Run `spec.command` under a lease and return its exit code. `GateLeaseLost` if the lease
+    is lost while the command runs (the command's process group was killed)."""
     if not spec.command:
         raise GateError("no command to run: put it after `--`, e.g. acb-run --gate -- python x.py")
     own_client = client is None
@@ -89,6 +156,8 @@ def run_gated(spec: GateSpec, client: Client | None = None) -> int:
         from acb_slurm.client.session import Client
 
         client = Client()
+    watch = _LossWatch()
+    client.on_lease_lost(watch.lost)  # before the grant: no loss goes unseen
     try:
         lease = client.allocate(
             gpus=spec.gpus,
@@ -97,15 +166,26 @@ def run_gated(spec: GateSpec, client: Client | None = None) -> int:
             label=spec.label or os.path.basename(spec.command[0]),
             timeout=spec.timeout,
         )
+        watch.granted(lease.lease_id)
         try:
             child_env = dict(os.environ)
             child_env["CUDA_VISIBLE_DEVICES"] = lease.cuda_visible_devices
             child_env[env.LEASE_ID] = lease.lease_id
-            code = run_child(spec.command, child_env)
+            code = run_child(spec.command, child_env, watch)
         except BaseException:
             with contextlib.suppress(Exception):
                 client.release(lease)
             raise
+        if watch.killed:
+            with contextlib.suppress(Exception):
+                client.release(lease)  # forgets it (LeaseLost): nothing to give back
+            reason = watch.error.reason if watch.error is not None else "?"
+            gpus = ",".join(lease.device_ids)
+            raise GateLeaseLost(
+                f"lease {lease.lease_id} (GPU {gpus}) was lost while the command ran ({reason}); "
+                "the command was killed (SIGKILL to its process group) rather than run on GPUs "
+                "another process may hold now"
+            )
         try:
             client.release(lease)
         except Exception as exc:  # the child's result matters more; the session end frees it
@@ -117,6 +197,7 @@ def run_gated(spec: GateSpec, client: Client | None = None) -> int:
             )
         return code
     finally:
+        client.remove_lease_lost_callback(watch.lost)
         if own_client:
             client.close()
 
@@ -128,8 +209,11 @@ def _stdin_is_terminal() -> bool:
         return False
 
 
-def run_child(command: Sequence[str], child_env: dict[str, str]) -> int:
-    """Spawn, forward signals, wait; the previous signal handlers come back afterwards."""
+def run_child(
+    command: Sequence[str], child_env: dict[str, str], watch: _LossWatch | None = None
+) -> int:
+    """Spawn, forward signals, wait; the previous signal handlers come back afterwards. `watch`
+    is told the child (to kill it if the lease is lost) and when it has been reaped."""
     interactive = _stdin_is_terminal()
     if shutil.which(command[0], path=child_env.get("PATH")) is None and not os.path.isfile(
         command[0]
@@ -144,6 +228,8 @@ def run_child(command: Sequence[str], child_env: dict[str, str]) -> int:
             )
         except OSError as exc:
             raise GateError(f"cannot start {command[0]!r}: {exc.strerror or exc}") from None
+        if watch is not None:
+            watch.started(child.pid, group=not interactive)
 
         guard = None if interactive else deathwrap.guard(child.pid)
 
@@ -164,9 +250,12 @@ def run_child(command: Sequence[str], child_env: dict[str, str]) -> int:
     try:
         while True:
             try:
-                return exit_code(child.wait())
+                returncode = child.wait()
             except KeyboardInterrupt:  # pragma: no cover - SIGINT is forwarded, not raised
                 continue
+            if watch is not None:
+                watch.ended()
+            return exit_code(returncode)
     finally:
         if guard is not None:  # nothing of the command outlives it (the lease goes back next)
             deathwrap.stop_guard(guard, child.pid)

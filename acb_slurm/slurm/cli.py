@@ -260,10 +260,15 @@ def prologue(
     \b
     In the batch script, before the workers:
         eval "$(acb-sbatch prologue --policy simple)"
-        srun --overlap -n1 "$ACB_RUN_DIR/node-env" acb-run --gate -- python work.py
+        acb_worker fold-0 --gate -- python work.py &     # one worker, in the background
+        acb_worker fold --per-gpu 4 -- python work.py &  # 4 per GPU of every node
+        wait                                             # waits for the workers only
     It starts one assigner per node, waits for them, exports ACB_ASSIGNER, ACB_TOKEN_FILE,
-    ACB_RUN_DIR and ACB_JOB_ID, and stops the assigners when the script exits.
-    `$ACB_RUN_DIR/node-env CMD` points ACB_ASSIGNER at the node CMD runs on.
+    ACB_RUN_DIR and ACB_JOB_ID, defines acb_worker (NAME [--gate|--auto|--client]
+    [--node NODE|--per-node N|--per-gpu N] [acb-run options] -- CMD: the srun step under
+    acb-run), and stops the assigners when the script exits, after the script's own EXIT trap.
+    The assigners are not jobs of the script's shell; `$ACB_RUN_DIR/node-env CMD` points
+    ACB_ASSIGNER at the node CMD runs on.
     """
     with _edge():
         options = PrologueOptions(

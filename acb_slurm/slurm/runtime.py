@@ -4,6 +4,8 @@ Layout of a run directory (made 0700 by the prologue):
 
     <run dir>/token              the job's token (0600)
     <run dir>/assigners.json     the inter-node config (0600): every node's address, port, socket
+    <run dir>/tls/               the job's TLS material (0700; ca.pem, cert.pem, key.pem 0600):
+                                 TCP to the assigners is mutual TLS (`acb_slurm.tls`)
     <run dir>/<node>/            per node (0700): assigner.sock, ready.json, events.jsonl,
                                  assigner.log
     <run dir>/job.sh, job.yaml   what `acb-sbatch submit` submitted
@@ -76,20 +78,25 @@ def _split_hostport(tcp: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _health_check(target: str, token: str | None, timeout: float) -> str | None:
+def _health_check(
+    target: str, token: str | None, timeout: float, tls_dir: str | None = None
+) -> str | None:
     """None when the assigner at `target` answers SERVING, else what went wrong."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from acb_slurm import tls
     from acb_slurm.env import TOKEN_METADATA_KEY
 
     metadata = [(TOKEN_METADATA_KEY, token)] if token else None
     try:
-        with grpc.insecure_channel(target) as channel:
+        with tls.channel(target, tls_dir=tls_dir) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout, metadata=metadata)
     except grpc.RpcError as exc:
         return f"{exc.code().name}: {exc.details()}"
+    except tls.TlsError as exc:
+        return str(exc)
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         return f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
     return None
@@ -125,9 +132,12 @@ def await_assigners(
         time.sleep(0.1)
     missing = [n for n in nodes if n not in ready]
     problems = []
+    from acb_slurm import tls
+
+    tls_dir = tls.run_dir_tls(run)
     for node, data in ready.items():
         left = max(1.0, deadline - time.monotonic())
-        why = _health_check(data["tcp"], token, timeout=min(left, 10.0))
+        why = _health_check(data["tcp"], token, timeout=min(left, 10.0), tls_dir=tls_dir)
         if why:
             problems.append(f"  {node}: ready file written but the health check failed: {why}")
     for node in missing:
@@ -252,6 +262,7 @@ def query_status(config: dict[str, Any], timeout: float = 5.0) -> list[tuple[str
     """Ask every node's assigner for Status: [(node, StatusReply or error text)]."""
     import grpc
 
+    from acb_slurm import tls
     from acb_slurm._proto.acb.v1 import assigner_pb2, assigner_pb2_grpc
     from acb_slurm.env import TOKEN_METADATA_KEY
 
@@ -263,6 +274,7 @@ def query_status(config: dict[str, Any], timeout: float = 5.0) -> list[tuple[str
         except OSError as exc:
             raise JobStateError(f"cannot read the job's token {token_file}: {exc}") from None
     metadata = [(TOKEN_METADATA_KEY, token)] if token else None
+    tls_dir = tls.run_dir_tls(config.get("run_dir"))  # <run dir>/tls, else ACB_TLS_DIR
     answers: list[tuple[str, Any]] = []
     for node in config.get("nodes", []):
         targets = [node["tcp"]]
@@ -271,7 +283,7 @@ def query_status(config: dict[str, Any], timeout: float = 5.0) -> list[tuple[str
         answer: Any = "unreachable"
         for target in targets:
             try:
-                with grpc.insecure_channel(target) as channel:
+                with tls.channel(target, tls_dir=tls_dir) as channel:
                     stub = assigner_pb2_grpc.AssignerStub(channel)
                     answer = stub.Status(
                         assigner_pb2.StatusRequest(), timeout=timeout, metadata=metadata
@@ -279,6 +291,8 @@ def query_status(config: dict[str, Any], timeout: float = 5.0) -> list[tuple[str
                     break
             except grpc.RpcError as exc:
                 answer = f"{target}: {exc.code().name}: {exc.details()}"
+            except tls.TlsError as exc:
+                answer = f"{target}: {exc}"
         answers.append((node["name"], answer))
     return answers
 

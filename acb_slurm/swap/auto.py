@@ -40,6 +40,15 @@ one. While a CUDA graph's private pool exists the engine refuses to offload (see
 the lease is kept, the refusal said once, and the watchdog retries with exponential backoff;
 ``ACB_SWAP_ALLOW_GRAPHS=1`` opts in for programs that re-capture after every swap.
 
+A lost lease (the assigner died or restarted, or dropped this process as silent after a
+SIGSTOP; the lessor calls `lease_lost`, from the client's session thread, at once): while the
+program holds the device its data lives on a GPU that may already be another process's, and
+cannot be saved safely, so the process says so in one line on stderr and exits at once with
+`ExitCode.LEASE_LOST` (70, ``os._exit``: no exit handler runs). A swap-out in progress is let
+finish (the state reaches host memory, and the release finds the lease already gone); if it
+fails, the program is stopped the same way. With the state in host memory nothing is lost: the
+next device call asks for a new lease (an error from that call if the assigner is gone).
+
 Exit: `shutdown()` (run by the launcher after every exit handler of the program) only stops the
 watchdog; the hooks stay, so exit handlers, finalizers and module teardown find their tensors.
 
@@ -73,6 +82,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from acb_slurm import env
+from acb_slurm.exitcodes import ExitCode
 from acb_slurm.swap.backend import DEFAULT_BACKEND, SwapBackend, create_backend
 from acb_slurm.swap.engine import SwapError, SwapState, SwapWarning, _inner_tensors
 from acb_slurm.units import format_size
@@ -201,6 +211,12 @@ _compiling = torch.compiler.is_compiling
 _INTERNAL = frozenset(["grpc", "acb_slurm"])
 
 
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
 def _names_device(value: Any, device_type: str) -> bool:
     """A device argument (``torch.device``, ``"cuda:0"``) naming `device_type`."""
     if isinstance(value, torch.device):
@@ -272,6 +288,7 @@ class AutoSwap:
         self.stats = AutoStats()
         self.phase = Phase.AWAY
         self._lease: Lease | None = None
+        self._lost: set[str] = set()  # lease ids the lessor said were lost (`lease_lost`)
         self._pinned: tuple[str, ...] | None = None  # CUDA: the devices this process is bound to
         self._slow = True  # fast-path flag: not resident, or a yield is pending
         self._yield_for: str | None = None  # lease id a YieldRequest named
@@ -495,6 +512,51 @@ class AutoSwap:
         self._slow = True
         self._wake.set()
 
+    def lease_lost(self, lease_id: str, reason: str = "") -> None:
+        """Called from the client's thread when a lease is lost (its session ended: the
+        assigner died or restarted, or dropped this process). Holding it, the program stops at
+        once (`_stop_on_lost_lease`): its data is on a GPU another process may hold now. A
+        swap-out in progress or a grant being taken into use decide on their own thread (they
+        check `_lost` after their step). With the state in host memory, nothing to do: the next
+        device call asks for a new lease."""
+        if self._passthrough or self._off:
+            return
+        self._lost.add(lease_id)  # first: the swap path checks it after changing `phase`
+        lease = self._lease
+        if lease is None or lease.lease_id != lease_id:
+            log.warning(
+                "lease %s was lost while the program's state was in host memory (%s); the next "
+                "device call asks for a new one",
+                lease_id,
+                reason or "its session ended",
+            )
+            return
+        if self._exiting:
+            log.warning("lease %s was lost after the program ended (%s)", lease_id, reason)
+            return
+        if self.phase in (Phase.RELEASING, Phase.ACQUIRING):
+            return  # that step, on its own thread, sees `_lost` when it ends
+        self._stop_on_lost_lease(lease_id, reason)
+
+    def _stop_on_lost_lease(self, lease_id: str, reason: str) -> None:
+        """The lease the program holds the device under is gone: stop the process now (one
+        line on stderr, exit `ExitCode.LEASE_LOST`). Its device data cannot be saved safely,
+        and running on would use a GPU that may be another process's."""
+        code = int(ExitCode.LEASE_LOST)
+        message = (
+            f"acb-run --auto: lease {lease_id} was lost while the program held the GPU "
+            f"({reason or 'its session ended'}); stopping the program (exit {code}) rather than "
+            "run on a GPU that may be another process's\n"
+        )
+        with contextlib.suppress(OSError):
+            os.write(2, message.encode("utf-8", "replace"))
+        # What the program printed so far, best effort: another thread may hold a stream's lock.
+        flusher = threading.Thread(target=_flush_std_streams, daemon=True)
+        flusher._acb_internal = True  # type: ignore[attr-defined]
+        flusher.start()
+        flusher.join(1.0)
+        os._exit(code)
+
     def swap_out(self, reason: str = "manual") -> None:
         """Offload and release now, once no device call is in flight in any thread (it waits
         for them; never call it from inside one)."""
@@ -527,7 +589,7 @@ class AutoSwap:
             if self._lease is not None and self._lease.lease_id == self._yield_for:
                 self._leave("yield")
             self._yield_for = None
-        if self._lease is None:
+        while self._lease is None:
             self.phase = Phase.ACQUIRING
             start = time.perf_counter()
             lease = self.lessor.acquire()
@@ -535,6 +597,11 @@ class AutoSwap:
             self.stats.acquires += 1
             self._bind(lease)
             self._lease = lease
+            if lease.lease_id in self._lost:  # lost before it was used: ask again
+                log.warning("lease %s was lost as it was granted; asking again", lease.lease_id)
+                self._lease = None
+                with contextlib.suppress(Exception):
+                    self.lessor.release(lease)  # forgets it: nothing to give back
         onloaded: int | None = None
         if self.engine.state is SwapState.OFFLOADED:
             stats = self.engine.onload()  # on failure the lease stays held and the error surfaces
@@ -544,6 +611,7 @@ class AutoSwap:
             log.info("%s", stats)
         self.phase = Phase.HOLDING
         self._slow = self._yield_for is not None
+        self._check_lost()
         if self.device.type == "cuda":
             self._report(force=True)  # memory_reserved(): no walk
         elif onloaded is not None:
@@ -588,9 +656,17 @@ class AutoSwap:
             log.info("%s (%s)", stats, reason)
         self._release(yielded=reason == "yield")
 
+    def _check_lost(self) -> None:
+        """After `phase` became HOLDING: if the lease was lost meanwhile (`lease_lost` left it
+        to this thread), stop the program."""
+        lease = self._lease
+        if lease is not None and lease.lease_id in self._lost and not self._exiting:
+            self._stop_on_lost_lease(lease.lease_id, "its session ended")
+
     def _refuse(self, why: str) -> None:
         """A swap-out cannot be done safely now: keep the lease, back off, say so once."""
         self.phase = Phase.HOLDING
+        self._check_lost()  # the lease was lost during the failed swap-out
         self.stats.failed_swaps += 1
         self._retry_s = min(max(self._retry_s * 2, self.idle_s / 4), MAX_RETRY_S)
         self._say_once(

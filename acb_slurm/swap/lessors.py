@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from acb_slurm.swap.auto import AutoSwap, Lease
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
-    from acb_slurm.client import Client
+    from acb_slurm.client import Client, LeaseLost
     from acb_slurm.client import Lease as ClientLease
 
 
@@ -38,12 +41,16 @@ class ClientLessor:
         self.pinned: tuple[int, ...] | None = None
 
     def attach(self, auto: AutoSwap) -> None:
-        """Route the session's YieldRequests to `auto` (a safe point will honour them)."""
+        """Route the session's YieldRequests to `auto` (a safe point will honour them), and
+        its lost leases (`AutoSwap.lease_lost`: holding, the program stops)."""
         from acb_slurm.client import LeaseListener
 
         class _Yields(LeaseListener):
             def on_yield_request(self, client: Client, lease_id: str, reason: str) -> None:
                 auto.request_yield(lease_id, reason)
+
+            def on_lease_lost(self, client: Client, lease: ClientLease, error: LeaseLost) -> None:
+                auto.lease_lost(lease.lease_id, error.reason)
 
         self.client.add_listener(_Yields())
 
@@ -62,8 +69,17 @@ class ClientLessor:
         return Lease(granted.lease_id, granted.device_ids)
 
     def release(self, lease: Lease, *, yielded: bool = False) -> None:
+        """Give `lease` back. One that was lost meanwhile (its session ended) is only
+        forgotten: nothing is left to give back, and automatic mode releases only after the
+        state reached host memory."""
+        from acb_slurm.client import LeaseLost
+
         held = self._held.pop(lease.lease_id, None)
-        self.client.release(held or lease.lease_id)
+        try:
+            self.client.release(held or lease.lease_id)
+        except LeaseLost as exc:
+            log.warning("lease %s was lost before its release (%s)", lease.lease_id, exc.reason)
+            return
         if yielded:
             self.client.yield_done(lease.lease_id)
 

@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from acb_slurm import tls
 from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
 from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
 from acb_slurm.assigner.testing import AssignerProcess, assigner_command
@@ -311,12 +313,19 @@ def test_gpu_affinity_grants_two_gpus_and_gives_a_client_its_last_gpus_back(
 
 
 def test_executor_joins_the_controller_and_reports_its_state(
-    start_assigner: StartAssigner,
+    start_assigner: StartAssigner, tmp_path: Path
 ) -> None:
-    controller = start_assigner(gpus=1, tcp="127.0.0.1:0", token="job-token")
-    assert controller.tcp
+    material = tls.init(tmp_path / "tls")  # the job's TLS material: the link is mutual TLS
+    controller = start_assigner(
+        gpus=1, tcp="127.0.0.1:0", token="job-token", tls_dir=material.directory
+    )
+    assert controller.tcp and controller.ready["tls"]
     executor = start_assigner(
-        gpus=2, tcp="127.0.0.1:0", token="job-token", controller=controller.tcp
+        gpus=2,
+        tcp="127.0.0.1:0",
+        token="job-token",
+        controller=controller.tcp,
+        tls_dir=material.directory,
     )
     with (
         Client(target=controller.target, token="job-token") as on_controller,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from acb_slurm import tls
 from acb_slurm.assigner.cli import app, build_config
 from acb_slurm.assigner.errors import AssignerStartError
 from acb_slurm.assigner.eventlog import EventLog
@@ -94,6 +95,13 @@ def config(tmp_path: Path, **flags: object) -> object:
         ({"token_file": "/nonexistent/token"}, "cannot read --token-file"),
         ({"time_slice": -1.0}, "--time-slice wants seconds >= 0"),
         ({"time_slice": float("nan")}, "--time-slice wants seconds >= 0"),
+        ({"tcp": "127.0.0.1:0"}, "--tcp needs --tls-dir DIR"),
+        ({"controller": "node1:5000"}, "--controller needs --tls-dir DIR"),
+        ({"tcp": "127.0.0.1:0", "tls_dir": "/nonexistent/tls"}, "--tls-dir: cannot use"),
+        (
+            {"tcp": "127.0.0.1:0", "tls_dir": "/tmp", "insecure_tcp": True},
+            "--tls-dir and --insecure-tcp contradict",
+        ),
     ],
 )
 def test_bad_flags_are_refused_with_what_to_do(
@@ -108,8 +116,14 @@ def test_flags_become_a_config(tmp_path: Path) -> None:
     token.write_text("abc\n")
     token.chmod(0o600)  # a token file others can read is refused
     built = config(
-        tmp_path, token_file=str(token), tcp="127.0.0.1:0", policy="gpu-sharing", time_slice=2.5
+        tmp_path,
+        token_file=str(token),
+        tcp="127.0.0.1:0",
+        policy="gpu-sharing",
+        time_slice=2.5,
+        tls_dir=str(tls.init(tmp_path / "tls").directory),
     )
+    assert built.tls.key.startswith(b"-----BEGIN PRIVATE KEY")  # type: ignore[attr-defined]
     assert built.token == "abc"  # type: ignore[attr-defined]
     assert built.time_slice == 2.5  # type: ignore[attr-defined]
     assert len(built.gpus) == 2  # type: ignore[attr-defined]
@@ -130,6 +144,8 @@ def test_help_lists_the_documented_flags() -> None:
         "--ready-file",
         "--controller",
         "--time-slice",
+        "--tls-dir",
+        "--insecure-tcp",
     ):
         assert flag in result.output
 

@@ -82,7 +82,7 @@ def test_prologue_prints_shell_for_eval() -> None:
     assert "acb_assigner_args=(--policy simple --virtual-gpus 2 --gpu-memory 8589934592)" in (
         result.output
     )
-    assert "trap acb_stop_assigners EXIT" in result.output
+    assert "trap 'acb_on_exit \"$@\"' EXIT" in result.output
 
 
 def test_schema_is_valid_json_schema() -> None:

@@ -290,8 +290,10 @@ def test_an_assigner_that_cannot_start_fails_the_job_clearly(
     for tool in ("acb-sbatch", "acb-run"):
         (bin_dir / tool).symlink_to(BIN / tool)
     broken = bin_dir / "acb-assigner"
+    # It still makes the job's TLS material (`tls-init`), then fails to start.
     broken.write_text(
-        "#!/bin/bash\necho 'acb-assigner: cannot open the GPU inventory' >&2\nexit 3\n"
+        f'#!/bin/bash\nif [[ $1 == tls-init ]]; then exec {BIN}/acb-assigner "$@"; fi\n'
+        "echo 'acb-assigner: cannot open the GPU inventory' >&2\nexit 3\n"
     )
     broken.chmod(0o755)
     job = gate_job("acb-broken", tmp_path / "rec")

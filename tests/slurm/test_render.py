@@ -243,7 +243,7 @@ def test_template_errors_are_clear(tmp_path: Path) -> None:
 def _srun_lines(script: str) -> list[str]:
     """Each srun command, its continuation lines joined."""
     joined = script.replace("\\\n", " ")
-    command = re.compile(r"\s*(\S+=\S+\s+)*srun ")
+    command = re.compile(r'\s*(\S+=\S+\s+)*(srun|"\$acb_srun") ')
     return [line.strip() for line in joined.splitlines() if command.match(line)]
 
 
@@ -291,9 +291,11 @@ def _run_prologue_part(
     fake.mkdir(exist_ok=True)
     (fake / "scontrol").write_text('#!/bin/bash\necho "$NODE"\n')
     (fake / "srun").write_text("#!/bin/bash\nexit 1\n")
-    for tool in ("scontrol", "srun"):
+    (fake / "acb-assigner").write_text('#!/bin/bash\n[[ $1 == tls-init ]] && mkdir -p "$2"\n')
+    for tool in ("scontrol", "srun", "acb-assigner"):
         (fake / tool).chmod(0o755)
     head = script.split("# The first node's assigner is the controller")[0]
+    head = head.replace(f"export ACB_BIN={BIN}\n", f"export ACB_BIN={fake}\n")
     head += 'echo "SOCKETS=$ACB_SOCKET_DIR"\ntrap - EXIT\n'
     full_env = {"PATH": f"{fake}:/usr/bin:/bin", "SLURM_JOB_ID": "77",
                 "SLURM_JOB_NODELIST": "x", **env}  # fmt: skip
@@ -334,7 +336,7 @@ def test_prologue_checks_the_whole_socket_path(tmp_path: Path) -> None:
 def test_prologue_exports_bin_on_path() -> None:
     script = render_prologue(PrologueOptions(bin_dir=BIN))
     assert f'export ACB_BIN={BIN}\nexport PATH="$ACB_BIN:$PATH"\n' in script
-    assert "sets traps on EXIT" in script
+    assert "Traps: EXIT runs the script's own EXIT handler" in script
 
 
 def test_assigner_task_brackets_ipv6_and_drops_stale_ready_file() -> None:

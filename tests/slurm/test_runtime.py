@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from acb_slurm import tls
 from acb_slurm.slurm import runtime
 from acb_slurm.slurm.errors import JobStateError
 
@@ -25,6 +26,7 @@ def run_dir(tmp_path: Path) -> Path:
     folder.mkdir(mode=0o700)
     (folder / "token").write_text(secrets.token_hex(16))
     (folder / "token").chmod(0o600)  # the assigner refuses a token others can read
+    tls.init(folder / tls.RUN_DIR_NAME)  # as the prologue does: TCP between nodes is TLS
     return folder
 
 
@@ -49,6 +51,8 @@ def start_assigner(run_dir: Path, node: str, *extra: str) -> subprocess.Popen[by
             str(folder / "ready.json"),
             "--token-file",
             str(run_dir / "token"),
+            "--tls-dir",
+            str(run_dir / tls.RUN_DIR_NAME),
             *extra,
         ],
         stdout=log,
@@ -92,6 +96,15 @@ def test_await_write_config_and_status(run_dir: Path, assigners: list) -> None:
     assert "gpu 0 [0] 8.0GiB: free" in text
     assert "gpu 1 [1] 8.0GiB: free" in text
     assert "waiting: nobody" in text
+
+    # From another node (no socket to use): over TCP, with the run dir's TLS material.
+    remote = {**config, "nodes": [{**config["nodes"][0], "socket": ""}]}
+    (_, reply), *_ = runtime.query_status(remote)
+    assert not isinstance(reply, str), reply
+    assert reply.self.address == entry.tcp
+    (run_dir / tls.RUN_DIR_NAME).rename(run_dir / "elsewhere")
+    (_, refused), *_ = runtime.query_status(remote)
+    assert isinstance(refused, str) and "over TCP without TLS" in refused
 
 
 def test_status_with_a_wrong_token_says_so(run_dir: Path, assigners: list) -> None:
