@@ -18,7 +18,7 @@ from acb_slurm import env
 from acb_slurm.campaign.errors import CampaignError
 from acb_slurm.campaign.items import read_items
 from acb_slurm.campaign.progress import format_duration, format_snapshot, snapshot
-from acb_slurm.campaign.spec import CampaignSpec, load_spec
+from acb_slurm.campaign.spec import CampaignSpec, json_schema, load_spec
 from acb_slurm.campaign.store import ResultsStore
 from acb_slurm.units import format_size
 
@@ -37,6 +37,7 @@ Examples:
     acb-campaign worker campaign.yaml         # one worker (a job.yaml runs many, mode: client)
     acb-campaign status campaign.yaml         # done / failed / running, rate, ETA
     acb-campaign reset-failed campaign.yaml   # let the next workers retry failed items
+    acb-campaign schema > campaign.schema.json   # JSON Schema of campaign files for editors
 See examples/alphafold2/.
 """
 
@@ -196,6 +197,15 @@ def check(campaign: CampaignArg = None) -> None:
             memory = format_size(stage.memory_bytes) if stage.memory_bytes else "whole GPU"
             what += f" ({stage.mode.value}, {stage.gpus} GPU, memory {memory})"
         typer.echo(f"  stage {stage.name} [{what}]: {list(stage.command)}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema (draft 2020-12) of campaign files, for editors and CI checks.
+
+    Example: acb-campaign schema > campaign.schema.json
+    """
+    typer.echo(json.dumps(json_schema(), indent=2))
 
 
 def main() -> None:

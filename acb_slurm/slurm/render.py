@@ -18,14 +18,14 @@ from typing import Any
 
 import jinja2
 
-from acb_slurm import env
+from acb_slurm import defaults, env
 from acb_slurm.slurm.errors import RenderError
 from acb_slurm.slurm.spec import JobSpec, WorkerGroup, command_argv
 from acb_slurm.units import parse_size
 
 #: Environment variable naming a directory searched for templates before the project's.
 TEMPLATE_DIR_ENV = env.TEMPLATE_DIR
-DEFAULT_GPU_MEMORY = "80GiB"
+DEFAULT_GPU_MEMORY = defaults.VIRTUAL_GPU_MEMORY
 
 
 def project_template_dirs() -> list[Path]:
@@ -91,12 +91,12 @@ def make_environment(template_dir: str | os.PathLike[str] | None = None) -> jinj
 class PrologueOptions:
     """What the prologue needs to know: the broker's settings and where tools live."""
 
-    policy: str = "simple"
+    policy: str = defaults.POLICY
     virtual_gpus: int | None = None
     gpu_memory: int | None = None
     assigner_gpus: int | None = None
     gpu_type: str | None = None
-    startup_timeout: int = 60
+    startup_timeout: int = defaults.STARTUP_TIMEOUT_S
     time_slice: int = 0
     run_root: str | None = None
     campaign: str | None = None
@@ -153,7 +153,7 @@ def _worker_context(spec: JobSpec, group: WorkerGroup, bin_dir: str) -> dict[str
         "name": group.name,
         "count": spec.workers_per_node(group),
         "mode": group.mode,
-        "env": list(group.env),
+        "env": list(group.env.items()),
         "workdir": group.workdir,
         "launcher": launcher,
         "argv": command_argv(group.command),

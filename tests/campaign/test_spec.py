@@ -199,3 +199,115 @@ def test_substitution_keeps_each_argument_whole() -> None:
     assert substitute("{{literal}} {item}", values) == "{literal} p1"
     with pytest.raises(KeyError):
         substitute("{nope}", values)
+
+
+def test_every_problem_is_reported_at_once_sorted_by_line(tmp_path: Path) -> None:
+    text = (
+        GOOD.replace("retries: 3", "retrys: 3")
+        .replace("device: gpu", "device: gpux")
+        .replace("memory: 16GiB", "memory: 30")
+        .replace('"{outdir}/pred"', '"{outdri}/pred"')
+        + "heartbeat: 5s\n"
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    error = info.value
+    assert [(p.line, p.field) for p in error.problems] == [
+        (4, "retrys"),
+        (11, "stages[1] (predict).device"),
+        (13, "stages[1] (predict).memory"),
+        (16, "stages[1] (predict).command"),
+        (17, "heartbeat"),
+    ], str(error)
+    # the error itself is the first problem; its message has one line per problem
+    assert (error.line, error.field) == (4, "retrys")
+    lines = str(error).splitlines()
+    assert len(lines) == 5 and all(line.startswith(f"{path}:") for line in lines), lines
+    assert "duplicate key, given twice (first on line 5)" in lines[-1]
+
+
+def test_an_unknown_key_gets_a_close_match_and_the_valid_keys(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, GOOD.replace("    mode: gate", "    mdoe: gate")))
+    message = info.value.message
+    assert message.startswith("unknown key 'mdoe' (did you mean 'mode'?); valid keys: name ("), (
+        message
+    )
+    # each valid key with what it means and its default, written once on the model
+    assert "gpus (gpu stages: number of GPUs; default 1)" in message, message
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("CUDA_VISIBLE_DEVICES", "set by acb-slurm for each worker"),
+        ("ACB_CAMPAIGN_ITEM", "set by acb-slurm for each worker"),
+        ("ACB_ASSIGNER", "set by acb-slurm for each worker"),
+        ("ACB_LEASE_ID", "set by acb-slurm for each worker"),
+        ("BAD-NAME", "not an environment variable name"),
+    ],
+)
+def test_stage_env_names_are_checked_against_the_reserved_ones(
+    tmp_path: Path, name: str, why: str
+) -> None:
+    text = GOOD.replace('TAG: "{item}"', f'TAG: "{{item}}", "{name}": x')
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text))
+    error = info.value
+    assert (error.line, error.field) == (15, f"stages[1] (predict).env.{name}"), str(error)
+    assert why in error.message, error.message
+    assert len(error.problems) == 1, str(error)
+
+
+def test_stage_env_takes_tuning_and_bash_variables(tmp_path: Path) -> None:
+    # Stage commands are not run by bash: its variables may be set (BASH_ENV is a real use).
+    text = GOOD.replace('TAG: "{item}"', 'TAG: "{item}", ACB_IDLE_MS: 50, BASH_ENV: /x')
+    stage = load_spec(write(tmp_path, text)).stages[1]
+    assert stage.env["ACB_IDLE_MS"] == "50" and stage.env["BASH_ENV"] == "/x"
+
+
+def test_defaults_fill_what_the_file_leaves_out(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "items: items.fasta\nresults: out\nstages:\n  - {name: a, command: [x]}\n"
+        "  - {name: b, device: gpu, command: [y]}\n",
+    )
+    spec = load_spec(path)
+    assert spec.name == "campaign"  # the file's name
+    assert (spec.retries, spec.heartbeat_s, spec.stale_after_s, spec.progress_interval_s) == (
+        2,
+        30.0,
+        600.0,
+        60.0,
+    )
+    cpu, gpu = spec.stages
+    assert (cpu.nice, gpu.nice) == (10, 0)
+    assert (gpu.mode, gpu.gpus, gpu.memory_bytes, gpu.priority, gpu.timeout_s) == (
+        GpuMode.GATE,
+        1,
+        0,
+        0,
+        None,
+    )
+
+
+def test_yaml_tags_are_refused_in_campaign_files_too(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("results: out", "results: !!python/name:os.system out"))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert (info.value.line, info.value.field) == (3, "results")
+    assert "YAML tag '!!python/name:os.system' is not allowed" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"), [("1:30", 90.0), ("1:30:00", 5400.0), ("90", 90.0)]
+)
+def test_durations_with_colons_keep_their_meaning(
+    tmp_path: Path, written: str, seconds: float
+) -> None:
+    # YAML 1.1 reads 1:30 as the base-60 number 90; the reader keeps it as text, and a duration
+    # reads it the same way, quoted or not.
+    for text in (written, f'"{written}"'):
+        spec = load_spec(write(tmp_path, GOOD.replace("timeout: 1h", f"timeout: {text}")))
+        assert spec.stages[1].timeout_s == seconds, text

@@ -13,9 +13,9 @@ import jsonschema
 import pytest
 import yaml
 
+from acb_slurm import defaults
 from acb_slurm.slurm.errors import SpecError
 from acb_slurm.slurm.spec import (
-    FALLBACK_POLICIES,
     Broker,
     JobSpec,
     check_value,
@@ -93,7 +93,7 @@ def test_full_spec_is_typed() -> None:
     assert spec.allocation.mem == "64G"
     assert spec.allocation.time == "1-12:00:00"
     assert spec.broker.worker_memory == 20 * 1024**3
-    assert spec.workers[0].env == (("OMP_NUM_THREADS", "4"), ("TAG", "x"))
+    assert spec.workers[0].env == {"OMP_NUM_THREADS": "4", "TAG": "x"}
     assert spec.gpus_per_node == 2
     assert spec.workers_per_node(spec.workers[0]) == 8
 
@@ -845,6 +845,82 @@ def test_all_problems_are_reported_at_once() -> None:
     ]
 
 
+def test_problems_of_every_kind_come_at_once_sorted_by_line() -> None:
+    # A duplicate key (found while reading the YAML), type and range errors in two sections,
+    # unknown keys with a close match, and a bad entry of a list: one run reports them all.
+    found = problems_of(
+        """\
+        broker:
+          policy: simpel
+          startup_timeout: 0
+        allocation:
+          nodez: 2
+          extra: [--qos=high, --nodes=2]
+          gpus_per_node: many
+        workers:
+          - command: [x]
+            env: {CUDA_VISIBLE_DEVICES: "0", "A B": x}
+        broker:
+          policy: simple
+        """
+    )
+    assert [p.split(": ")[0:2] for p in found] == [
+        ["job.yaml:2", "broker.policy"],
+        ["job.yaml:3", "broker.startup_timeout"],
+        ["job.yaml:5", "allocation.nodez"],
+        ["job.yaml:6", "allocation.extra[1]"],
+        ["job.yaml:7", "allocation.gpus_per_node"],
+        ["job.yaml:10", "workers[0].env.A B"],
+        ["job.yaml:10", "workers[0].env.CUDA_VISIBLE_DEVICES"],
+        ["job.yaml:11", "broker"],
+    ], found
+    assert "did you mean 'simple'?" in found[0]
+    assert "must be at least 1, got 0 (a whole number from 1 to 3600)" in found[1]
+    assert "unknown key (did you mean 'nodes'?)" in found[2]
+    assert "duplicate key" in found[-1] and "line 1" in found[-1]
+
+
+def test_the_error_message_has_one_problem_per_line() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(
+            "allocation: {nodes: 0, cpus_per_task: 0}\nworkers: [{command: [x]}]\n", "j.yaml"
+        )
+    assert str(info.value).splitlines() == [
+        "j.yaml:1: allocation.cpus_per_task: must be at least 1, got 0",
+        "j.yaml:1: allocation.nodes: must be at least 1, got 0",
+    ]
+
+
+def test_a_section_left_empty_takes_its_defaults() -> None:
+    spec = parse_spec("allocation:\nbroker:\nworkers: [{command: [x], mode: client}]\n")
+    assert spec.allocation.nodes == 1
+    assert spec.broker.policy == defaults.POLICY
+    assert spec.broker.startup_timeout == defaults.STARTUP_TIMEOUT_S
+
+
+def test_defaults_are_written_once() -> None:
+    # The schema's defaults are the models', which are acb_slurm.defaults'.
+    broker = json_schema()["$defs"]["Broker"]["properties"]
+    assert broker["policy"]["default"] == defaults.POLICY
+    assert broker["startup_timeout"]["default"] == defaults.STARTUP_TIMEOUT_S
+    assert defaults.VIRTUAL_GPU_MEMORY in broker["gpu_memory"]["description"]
+    assert defaults.RUN_ROOT in broker["run_root"]["description"]
+    from acb_slurm.slurm.render import PrologueOptions
+
+    options = PrologueOptions()
+    assert (options.policy, options.startup_timeout) == (
+        defaults.POLICY,
+        defaults.STARTUP_TIMEOUT_S,
+    )
+    assert options.context()["gpu_memory"] == parse_written_size(defaults.VIRTUAL_GPU_MEMORY)
+
+
+def test_spec_objects_are_frozen() -> None:
+    spec = parse_spec(MINIMAL)
+    with pytest.raises(ValueError, match="frozen"):
+        spec.allocation.nodes = 3  # type: ignore[misc]
+
+
 def test_unknown_section_is_named_and_the_missing_one_too() -> None:
     found = problems_of("worker:\n  - command: [x]\n")
     assert found[0].startswith("job.yaml:1: worker: unknown key (did you mean 'workers'?)")
@@ -912,7 +988,11 @@ def test_slurm_time_refuses(text: str) -> None:
 
 
 def test_policies_come_from_the_scheduler_registry() -> None:
-    assert sorted(known_policies()) == sorted(FALLBACK_POLICIES)
+    from acb_slurm.scheduler import available_policies
+
+    assert known_policies() == list(available_policies())
+    assert defaults.POLICY in known_policies()
+    assert json_schema()["$defs"]["Broker"]["properties"]["policy"]["enum"] == known_policies()
 
 
 # ---- the JSON Schema is derived from the same fields ----------------------------------------
@@ -931,7 +1011,18 @@ def test_schema_is_draft_2020_12() -> None:
     assert set(schema["properties"]) == {"workers", "allocation", "broker", "campaign"}
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+JOB_FILES = sorted(
+    [*EXAMPLES.glob("*.yaml"), *EXAMPLES.parent.glob("*/job*.yaml")],
+    key=lambda p: (p.parent.name, p.name),
+)
+
+
+def test_every_example_job_file_is_found() -> None:
+    names = {f"{p.parent.name}/{p.name}" for p in JOB_FILES}
+    assert {"slurm/gate-virtual.yaml", "demo/job.yaml", "alphafold2/job.yaml"} <= names, names
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_examples_pass_both_validation_and_schema(path: Path) -> None:
     load_spec(path)
     document = yaml.safe_load(path.read_text(encoding="utf-8"))
