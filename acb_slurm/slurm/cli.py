@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from acb_slurm import defaults
 from acb_slurm.slurm import runtime
 from acb_slurm.slurm.commands import cancel_job
 from acb_slurm.slurm.errors import AcbSlurmError
@@ -104,7 +105,7 @@ def _expand_log_path(pattern: str, job_id: str, name: str, cwd: Path) -> Path:
 
 
 def _run_root(spec: JobSpec, cwd: Path) -> Path:
-    root = Path(spec.broker.run_root or "acb-runs")
+    root = Path(spec.broker.run_root or defaults.RUN_ROOT)
     return root if root.is_absolute() else cwd / root
 
 
@@ -227,7 +228,7 @@ def render(
 def prologue(
     policy: Annotated[
         str, typer.Option(help=f"Scheduling policy ({', '.join(known_policies())}).")
-    ] = "simple",
+    ] = defaults.POLICY,
     virtual_gpus: Annotated[
         int | None, typer.Option(help="Pretend each node has N GPUs (machines without GPUs).")
     ] = None,
@@ -240,7 +241,7 @@ def prologue(
     ] = None,
     startup_timeout: Annotated[
         int, typer.Option(help="Seconds to wait for every node's assigner.")
-    ] = 60,
+    ] = defaults.STARTUP_TIMEOUT_S,
     time_slice: Annotated[
         int,
         typer.Option(help="Ask a holder to yield after this many seconds while others wait."),
@@ -411,14 +412,14 @@ def schema() -> None:
 def await_assigners(
     nodes: Annotated[list[str], typer.Argument(help="Node names, the controller first.")],
     run_dir: Annotated[str, typer.Option(help="The job's run dir.")],
-    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 60.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = defaults.STARTUP_TIMEOUT_S,
     watch_pid: Annotated[
         int | None, typer.Option(help="Give up early when this process (the srun) exits.")
     ] = None,
     write_config: Annotated[
         str | None, typer.Option(help="Write the inter-node config here.")
     ] = None,
-    policy: Annotated[str, typer.Option(help="Recorded in the config.")] = "simple",
+    policy: Annotated[str, typer.Option(help="Recorded in the config.")] = defaults.POLICY,
 ) -> None:
     """Used by the prologue: wait for the nodes' assigners; print the controller's HOST:PORT."""
     with _edge():

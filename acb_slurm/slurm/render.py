@@ -114,7 +114,7 @@ class PrologueOptions:
             "gres_prefix": f"gpu:{self.gpu_type}:" if self.gpu_type else "gpu:",
             "startup_timeout": self.startup_timeout,
             "time_slice": self.time_slice,
-            "run_root": self.run_root,
+            "run_root": self.run_root or defaults.RUN_ROOT,
             "campaign": self.campaign,
         }
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from acb_slurm import defaults
 from acb_slurm.slurm.errors import JobStateError, SlurmError
 
 CONFIG_NAME = "assigners.json"
@@ -228,7 +229,7 @@ def find_run_dir(job_id: str, explicit: str | None = None) -> Path:
             f"{job_id!r} is not a Slurm job id (1234, or 1234_5 for an array task); "
             "pass --run-dir to name the run dir"
         )
-    local = Path.cwd() / "acb-runs" / job_id
+    local = Path.cwd() / defaults.RUN_ROOT / job_id
     if local.is_dir():
         return local
     from acb_slurm.slurm.commands import show_job
@@ -250,8 +251,8 @@ def find_run_dir(job_id: str, explicit: str | None = None) -> Path:
     workdir = record.get("WorkDir")
     for name in names:
         for base in (Path.cwd(), Path(workdir) if workdir else None):
-            if base is not None and (base / "acb-runs" / name).is_dir():
-                return base / "acb-runs" / name
+            if base is not None and (base / defaults.RUN_ROOT / name).is_dir():
+                return base / defaults.RUN_ROOT / name
     raise JobStateError(
         f"no run directory found for job {job_id} (looked in ./acb-runs/{names[0]} and the job's "
         "WorkDir); pass --run-dir if broker.run_root was set"
