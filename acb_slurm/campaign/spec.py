@@ -13,7 +13,7 @@ import enum
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeAlias
 
 from pydantic import (
     AfterValidator,
@@ -26,16 +26,18 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
+from pydantic.config import JsonDict
 
 from acb_slurm.campaign.errors import SpecError
 from acb_slurm.specfile import model as specmodel
 from acb_slurm.specfile.fields import (
+    Rules,
     Text,
     byte_size,
     env_map,
     name_matching,
     non_empty,
-    whole,
+    whole_number,
 )
 from acb_slurm.specfile.model import SpecModel, describe
 from acb_slurm.specfile.problems import InvalidSpec, Problem, sorted_problems
@@ -146,8 +148,10 @@ def _argv(value: Any) -> Any:
     return tuple(value)
 
 
-Argument = Annotated[str, BeforeValidator(_argument), AfterValidator(_known_placeholders)]
-Command = Annotated[
+Argument: TypeAlias = Annotated[
+    str, BeforeValidator(_argument), AfterValidator(_known_placeholders)
+]
+Command: TypeAlias = Annotated[
     tuple[Argument, ...],
     BeforeValidator(_argv),
     WithJsonSchema({"type": "array", "minItems": 1, "items": {"type": ["string", "number"]}}),
@@ -173,7 +177,7 @@ def _duration(value: Any) -> float:
     return seconds
 
 
-Duration = Annotated[
+Duration: TypeAlias = Annotated[
     float,
     PlainValidator(_duration),
     WithJsonSchema(
@@ -195,8 +199,9 @@ def _text(value: Any) -> str:
     return value
 
 
-def _path_in_campaign_dir(*, must_exist: str = "") -> Any:
-    """A path, relative ones taken from the campaign file's directory; kept absolute."""
+def _path_in_campaign_dir(*, must_exist: str = "") -> Rules:
+    """For `Annotated[Path, ...]`: a path, relative ones taken from the campaign file's
+    directory; kept absolute."""
 
     def check(value: Any, info: ValidationInfo) -> Path:
         base = Path((info.context or {}).get("base_dir") or Path.cwd())
@@ -206,20 +211,28 @@ def _path_in_campaign_dir(*, must_exist: str = "") -> Any:
         return path.resolve()
 
     schema = {"type": "string", "minLength": 1, "pattern": r"\S"}
-    return Annotated[Path, PlainValidator(check), WithJsonSchema(schema)]
+    return Rules(PlainValidator(check), WithJsonSchema(schema))
 
 
-StageName = name_matching(
-    r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", "letters, digits, '.', '_' or '-', at most 64 characters"
-)
-StageEnv = env_map(bash=False, booleans=True, value_check=_known_placeholders)
-Items = _path_in_campaign_dir(must_exist="give a FASTA file or a directory")
-Results = _path_in_campaign_dir()
-GpuCount = whole(1, 64)
-Priority = whole(-1000, 1000)
-Nice = whole(0, 19)
-Retries = whole(0, MAX_RETRIES)
-GpuMemory = byte_size(zero="the whole GPU")
+StageName: TypeAlias = Annotated[
+    str,
+    name_matching(
+        r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}",
+        "letters, digits, '.', '_' or '-', at most 64 characters",
+    ),
+]
+StageEnv: TypeAlias = Annotated[
+    dict[str, str], env_map(bash=False, booleans=True, value_check=_known_placeholders)
+]
+Items: TypeAlias = Annotated[
+    Path, _path_in_campaign_dir(must_exist="give a FASTA file or a directory")
+]
+Results: TypeAlias = Annotated[Path, _path_in_campaign_dir()]
+GpuCount: TypeAlias = Annotated[int, whole_number(1, 64)]
+Priority: TypeAlias = Annotated[int, whole_number(-1000, 1000)]
+Nice: TypeAlias = Annotated[int, whole_number(0, 19)]
+Retries: TypeAlias = Annotated[int, whole_number(0, MAX_RETRIES)]
+GpuMemory: TypeAlias = Annotated[int, byte_size(zero="the whole GPU")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +283,12 @@ class Stage(SpecModel):
         return data
 
 
-Stages = non_empty(tuple[Stage, ...])
+Stages: TypeAlias = Annotated[tuple[Stage, ...], non_empty()]
+
+
+def _no_default(schema: JsonDict) -> None:
+    """A field's JSON Schema without its default (one computed when the file is read)."""
+    schema.pop("default", None)
 
 
 class CampaignSpec(SpecModel):
@@ -279,7 +297,7 @@ class CampaignSpec(SpecModel):
     name: Text = Field(
         "",
         description="campaign name shown in progress lines (default: the file name)",
-        json_schema_extra=lambda schema: schema.pop("default", None),  # type: ignore[arg-type]
+        json_schema_extra=_no_default,
     )
     items: Items = Field(
         description="a FASTA file or a directory of FASTA files (one sequence per item)"
@@ -359,9 +377,9 @@ def _cross_checks(spec: CampaignSpec) -> Iterator[tuple[Loc, str]]:
             )
         seen.setdefault(stage.name, i)
     if spec.stale_after_s < 2 * spec.heartbeat_s:
-        given = "stale_after" if "stale_after_s" in spec.model_fields_set else "heartbeat"
+        key = "stale_after" if "stale_after_s" in spec.model_fields_set else "heartbeat"
         yield (
-            (given,),
+            (key,),
             f"stale_after ({spec.stale_after_s:g}s) must be at least twice heartbeat "
             f"({spec.heartbeat_s:g}s), or live workers' claims would be taken over",
         )

@@ -15,7 +15,7 @@ import re
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import (
     AfterValidator,
@@ -41,7 +41,7 @@ from acb_slurm.specfile.fields import (
     name_matching,
     non_empty,
     reserved_env_name,
-    whole,
+    whole_number,
 )
 from acb_slurm.specfile.model import SpecModel, describe, unknown_choice
 from acb_slurm.specfile.problems import InvalidSpec, sorted_problems
@@ -166,8 +166,10 @@ def _all_of(*patterns: dict[str, Any]) -> WithJsonSchema:
 _SBATCH_JSON = {"pattern": _SBATCH_SAFE_JSON}
 _PER_JOB_JSON = {"not": {"pattern": _PER_JOB_DIR.pattern}}
 
-SbatchText = Annotated[str, NOT_BLANK, AfterValidator(_sbatch_line), _all_of(_SBATCH_JSON)]
-JobName = Annotated[
+SbatchText: TypeAlias = Annotated[
+    str, NOT_BLANK, AfterValidator(_sbatch_line), _all_of(_SBATCH_JSON)
+]
+JobName: TypeAlias = Annotated[
     str,
     NOT_BLANK,
     AfterValidator(_sbatch_line),
@@ -175,7 +177,7 @@ JobName = Annotated[
     _all_of(_SBATCH_JSON, {"pattern": "^[^/]*$"}, {"not": {"pattern": r"^\s*\.\.?\s*$"}}),
 ]
 #: --output/--error: #SBATCH-safe, per-job %-patterns only in the file name; ~ expanded.
-LogPath = Annotated[
+LogPath: TypeAlias = Annotated[
     str,
     NOT_BLANK,
     AfterValidator(_sbatch_line),
@@ -184,7 +186,7 @@ LogPath = Annotated[
     _all_of(_SBATCH_JSON, _PER_JOB_JSON),
 ]
 #: A directory: no control characters; ~ expanded.
-DirPath = Annotated[
+DirPath: TypeAlias = Annotated[
     str,
     NOT_BLANK,
     AfterValidator(_no_control),
@@ -203,7 +205,7 @@ def _existing_file(value: str, info: ValidationInfo) -> str:
     return str(resolved.resolve())
 
 
-ExistingFile = Annotated[
+ExistingFile: TypeAlias = Annotated[
     str,
     NOT_BLANK,
     AfterValidator(_existing_file),
@@ -259,7 +261,7 @@ def _slurm_time(value: Any) -> str:
 
 
 _TIME_JSON = "|".join(p.pattern[1:-1] for p, _ in _TIME_FORMS)
-SlurmTime = Annotated[
+SlurmTime: TypeAlias = Annotated[
     str,
     PlainValidator(_slurm_time),
     WithJsonSchema(
@@ -297,7 +299,7 @@ def _slurm_mem(value: Any) -> str:
     return str(value).strip().upper()
 
 
-SlurmMem = Annotated[
+SlurmMem: TypeAlias = Annotated[
     str,
     PlainValidator(_slurm_mem),
     WithJsonSchema(
@@ -425,7 +427,7 @@ def _managed_flags_json_pattern() -> str:
     return rf"^(?:-[{shorts}]|--(?:{longs})(?:[=\s]|$))"
 
 
-SbatchFlag = Annotated[
+SbatchFlag: TypeAlias = Annotated[
     str,
     AfterValidator(_sbatch_flag),
     WithJsonSchema(
@@ -475,7 +477,7 @@ def _command(value: Any) -> str | tuple[str, ...]:
     return argv
 
 
-Command = Annotated[
+Command: TypeAlias = Annotated[
     str | tuple[str, ...],
     PlainValidator(_command),
     WithJsonSchema(
@@ -515,21 +517,23 @@ class _PolicyNames:
         return {"type": "string", "enum": known_policies()}
 
 
-PolicyName = Annotated[str, AfterValidator(_policy), _PolicyNames()]
+PolicyName: TypeAlias = Annotated[str, AfterValidator(_policy), _PolicyNames()]
 
 
 # ---------------------------------------------------------------------------------------------
 # The sections
 
-Positive = whole(1)
-NonNegative = whole(0)
-GpuType = name_matching(r"[A-Za-z0-9][A-Za-z0-9._-]*", "letters, digits, '.', '_', '-'")
-ByteSize = byte_size()
-StartupTimeout = whole(1, 3600)
-TimeSlice = whole(0, 86400)
-WorkersPerNode = whole(1, MAX_WORKERS_PER_NODE)
-WorkersPerGpu = whole(1, MAX_WORKERS_PER_GPU)
-WorkerEnv = env_map(bash=True, booleans=False)
+Positive: TypeAlias = Annotated[int, whole_number(1)]
+NonNegative: TypeAlias = Annotated[int, whole_number(0)]
+GpuType: TypeAlias = Annotated[
+    str, name_matching(r"[A-Za-z0-9][A-Za-z0-9._-]*", "letters, digits, '.', '_', '-'")
+]
+ByteSize: TypeAlias = Annotated[int, byte_size()]
+StartupTimeout: TypeAlias = Annotated[int, whole_number(1, 3600)]
+TimeSlice: TypeAlias = Annotated[int, whole_number(0, 86400)]
+WorkersPerNode: TypeAlias = Annotated[int, whole_number(1, MAX_WORKERS_PER_NODE)]
+WorkersPerGpu: TypeAlias = Annotated[int, whole_number(1, MAX_WORKERS_PER_GPU)]
+WorkerEnv: TypeAlias = Annotated[dict[str, str], env_map(bash=True, booleans=False)]
 
 
 class Allocation(SpecModel):
@@ -630,7 +634,7 @@ class WorkerGroup(SpecModel):
     workdir: DirPath | None = Field(None, description="working directory (default: the submit dir)")
 
 
-Workers = non_empty(tuple[WorkerGroup, ...])
+Workers: TypeAlias = Annotated[tuple[WorkerGroup, ...], non_empty()]
 
 
 class JobSpec(SpecModel):

@@ -1,23 +1,52 @@
 """Field types the spec files share: whole numbers, text, names, byte sizes, environment variables.
 
-Each is an `Annotated` type: pydantic's strict type, a validator whose ValueError says what to
-write, and the JSON Schema that describes the same rule.
+Each rule is `Annotated` metadata on pydantic's strict type: a validator whose ValueError says
+what to write, and the JSON Schema that describes the same rule. The factories return that
+metadata (a `Rules`), so a spec module declares its field types as real type aliases that type
+checkers understand, e.g. `Positive: TypeAlias = Annotated[int, whole_number(1)]`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Annotated, Any
+import types
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, TypeAlias
 
-from pydantic import AfterValidator, BeforeValidator, Field, PlainValidator, WithJsonSchema
+from annotated_types import GroupedMetadata
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    GetCoreSchemaHandler,
+    PlainValidator,
+    WithJsonSchema,
+)
+from pydantic_core import CoreSchema
 
 from acb_slurm.specfile.model import describe
 from acb_slurm.units import MIN_BARE_SIZE, parse_size, parse_written_size
 
 
-def whole(minimum: int, maximum: int | None = None) -> Any:
-    """A whole number from `minimum` (to `maximum`); booleans are not numbers here."""
+class Rules(GroupedMetadata):
+    """Several pieces of `Annotated` metadata given as one (pydantic unpacks them in order):
+    `Annotated[int, Rules(a, b)]` validates like `Annotated[int, a, b]`."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, *items: Any) -> None:
+        self._items = items
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._items)
+
+    def __repr__(self) -> str:
+        return f"Rules{self._items!r}"
+
+
+def whole_number(minimum: int, maximum: int | None = None) -> Rules:
+    """For `Annotated[int, ...]`: a whole number from `minimum` (to `maximum`); booleans are not
+    numbers here."""
     span = f" (a whole number from {minimum} to {maximum})" if maximum is not None else ""
 
     def check(value: int) -> int:
@@ -30,7 +59,13 @@ def whole(minimum: int, maximum: int | None = None) -> Any:
     schema: dict[str, Any] = {"type": "integer", "minimum": minimum}
     if maximum is not None:
         schema["maximum"] = maximum
-    return Annotated[int, AfterValidator(check), WithJsonSchema(schema)]
+    return Rules(AfterValidator(check), WithJsonSchema(schema))
+
+
+def whole(minimum: int, maximum: int | None = None) -> Any:
+    """The type `Annotated[int, whole_number(minimum, maximum)]`, for annotations built at run
+    time (a type checker cannot read a call as a type: declare aliases with `whole_number`)."""
+    return Annotated[int, whole_number(minimum, maximum)]
 
 
 def _not_blank(value: str) -> str:
@@ -43,13 +78,14 @@ def _not_blank(value: str) -> str:
 
 #: Text with something in it (not only spaces) and no NUL character.
 NOT_BLANK = AfterValidator(_not_blank)
-Text = Annotated[
+Text: TypeAlias = Annotated[
     str, NOT_BLANK, WithJsonSchema({"type": "string", "minLength": 1, "pattern": r"\S"})
 ]
 
 
-def name_matching(pattern: str, allowed: str) -> Any:
-    """Text whose whole value matches the regex `pattern`; `allowed` says what it allows."""
+def name_matching(pattern: str, allowed: str) -> Rules:
+    """For `Annotated[str, ...]`: text whose whole value matches the regex `pattern`; `allowed`
+    says what it allows."""
 
     def check(value: str) -> str:
         if not re.fullmatch(pattern, value):
@@ -57,7 +93,7 @@ def name_matching(pattern: str, allowed: str) -> Any:
         return value
 
     schema = {"type": "string", "minLength": 1, "pattern": f"^(?:{pattern})$"}
-    return Annotated[str, NOT_BLANK, AfterValidator(check), WithJsonSchema(schema)]
+    return Rules(NOT_BLANK, AfterValidator(check), WithJsonSchema(schema))
 
 
 def _at_least_one(items: Any) -> Any:
@@ -66,11 +102,9 @@ def _at_least_one(items: Any) -> Any:
     return items
 
 
-def non_empty(list_type: Any) -> Any:
-    """A list type (tuple[X, ...]) that needs at least one entry."""
-    return Annotated[
-        list_type, AfterValidator(_at_least_one), Field(json_schema_extra={"minItems": 1})
-    ]
+def non_empty() -> Rules:
+    """For `Annotated[tuple[X, ...], ...]`: a list that needs at least one entry."""
+    return Rules(AfterValidator(_at_least_one), Field(json_schema_extra={"minItems": 1}))
 
 
 # -- byte sizes ------------------------------------------------------------------------------
@@ -89,10 +123,10 @@ _SIZE_SCHEMA: list[dict[str, Any]] = [
 ]
 
 
-def byte_size(*, zero: str = "") -> Any:
-    """A byte size as people write it (80GiB, 512MiB, 16G), kept as bytes (units.py's rules: a
-    number below 1 MiB without a unit is a missing unit). Zero is refused unless `zero` says what
-    it means."""
+def byte_size(*, zero: str = "") -> Rules:
+    """For `Annotated[int, ...]`: a byte size as people write it (80GiB, 512MiB, 16G), kept as
+    bytes (units.py's rules: a number below 1 MiB without a unit is a missing unit). Zero is
+    refused unless `zero` says what it means."""
 
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, str | int):
@@ -106,7 +140,7 @@ def byte_size(*, zero: str = "") -> Any:
 
     forms = [*_SIZE_SCHEMA, {"const": 0}, {"type": "string", "pattern": r"^\s*0+\s*$"}]
     schema = {"anyOf": forms if zero else _SIZE_SCHEMA}
-    return Annotated[int, PlainValidator(check), WithJsonSchema(schema)]
+    return Rules(PlainValidator(check), WithJsonSchema(schema))
 
 
 # -- environment variables --------------------------------------------------------------------
@@ -169,9 +203,28 @@ def _env_value(*, booleans: bool) -> Callable[[Any], Any]:
     return check
 
 
-def env_map(*, bash: bool, booleans: bool, value_check: Callable[[str], str] | None = None) -> Any:
-    """Environment variables NAME: value; numbers are kept as text, `booleans` as true/false.
-    `bash`: the values are assigned by a bash script (its special variables are refused)."""
+class _NamesAndValues:
+    """Metadata for `dict[str, str]`: the same mapping with its keys validated as `name` and its
+    values as `value` (both `Annotated[str, ...]` built at run time)."""
+
+    __slots__ = ("name", "value")
+
+    def __init__(self, name: Any, value: Any) -> None:
+        self.name = name
+        self.value = value
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return handler.generate_schema(types.GenericAlias(dict, (self.name, self.value)))
+
+
+def env_map(
+    *, bash: bool, booleans: bool, value_check: Callable[[str], str] | None = None
+) -> Rules:
+    """For `Annotated[dict[str, str], ...]`: environment variables NAME: value; numbers are kept
+    as text, `booleans` as true/false. `bash`: the values are assigned by a bash script (its
+    special variables are refused)."""
     reserved: list[dict[str, Any]] = [{"enum": sorted(MANAGED_ENV)}, {"pattern": "^ACB_CAMPAIGN"}]
     if bash:
         reserved += [{"enum": sorted(BASH_SPECIAL)}, {"pattern": "^BASH_"}]
@@ -185,5 +238,5 @@ def env_map(*, bash: bool, booleans: bool, value_check: Callable[[str], str] | N
     if value_check is not None:
         checks.append(AfterValidator(value_check))
     name = Annotated[str, AfterValidator(_env_name(bash=bash))]
-    value = Annotated[str, *checks]
-    return Annotated[dict[name, value], WithJsonSchema(schema)]  # type: ignore[valid-type]
+    value = Annotated[str, Rules(*checks)]
+    return Rules(_NamesAndValues(name, value), WithJsonSchema(schema))

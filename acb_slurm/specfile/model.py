@@ -276,9 +276,9 @@ def check_field(
     """Validate one value as field `name` of `model`, the rules of the file applied to, e.g., a
     command-line option: the value and the problems, each named `label` (the option)."""
     field = model.model_fields[name]
-    annotation = (
-        Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
-    )
+    annotation: Any = field.annotation
+    if field.metadata:
+        annotation = Annotated[annotation, *field.metadata]
     adapter: TypeAdapter[Any] = TypeAdapter(annotation, config=ConfigDict(strict=True))
     try:
         return adapter.validate_python(value, context={"base_dir": base_dir or Path.cwd()}), []
