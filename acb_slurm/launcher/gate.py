@@ -15,9 +15,11 @@ KILL`` (util-linux) starts faster (about 1.5 ms against 15 ms measured) but cann
 race of this process dying before the prctl, and is not on every machine; 15 ms per command is
 nothing next to the grant.
 
-Signals that arrive while the child is being started are blocked (``pthread_sigmask``) until
-the forwarding handlers are installed, then delivered to the child: none is lost, none kills
-this process with the child left behind.
+The forwarding handlers are installed before the child is started; a signal that arrives
+before the child exists is kept and delivered to it once it does: none is lost, none kills this
+process with the child left behind. (A ``pthread_sigmask`` on the main thread would not do: the
+signal is then delivered to one of gRPC's threads, where the default action of SIGTERM ends
+the process.)
 
 Without a terminal (batch jobs) the child leads its own process group, which acb-run owns
 whole: every forwarded signal goes to the group (a script's children get it too, once), what is
@@ -220,7 +222,30 @@ def run_child(
     ):
         raise GateError(f"cannot start {command[0]!r}: command not found")
     wrapped = deathwrap.command(command, name="acb-run")
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    child: subprocess.Popen[bytes] | None = None
+    early: list[int] = []  # signals that came before the child: delivered once it exists
+
+    def deliver(signum: int, sent_to_us_only: bool) -> None:
+        assert child is not None
+        if not interactive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signum)  # the child's own children too
+            return
+        if signum == signal.SIGINT and not sent_to_us_only:
+            return  # the terminal sent it to the child too
+        if child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        # Python runs this in the main thread, between two bytecodes of whatever it does.
+        if child is None:
+            early.append(signum)
+        else:
+            deliver(signum, sent_to_us_only=False)
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    guard = None
     try:
         try:
             child = subprocess.Popen(
@@ -230,24 +255,9 @@ def run_child(
             raise GateError(f"cannot start {command[0]!r}: {exc.strerror or exc}") from None
         if watch is not None:
             watch.started(child.pid, group=not interactive)
-
         guard = None if interactive else deathwrap.guard(child.pid)
-
-        def forward(signum: int, frame: FrameType | None) -> None:
-            if interactive and signum == signal.SIGINT:
-                return  # the terminal sent it to the child too
-            if interactive:
-                if child.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        child.send_signal(signum)
-                return
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.pid, signum)  # the child's own children too
-
-        previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # pending signals are forwarded now
-    try:
+        while early:  # sent before the child was there: it has not had them
+            deliver(early.pop(0), sent_to_us_only=True)
         while True:
             try:
                 returncode = child.wait()
@@ -257,8 +267,8 @@ def run_child(
                 watch.ended()
             return exit_code(returncode)
     finally:
-        if guard is not None:  # nothing of the command outlives it (the lease goes back next)
-            deathwrap.stop_guard(guard, child.pid)
+        if guard is not None and child is not None:  # nothing of the command outlives it
+            deathwrap.stop_guard(guard, child.pid)  # (the lease goes back next)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         sys.stdout.flush()
