@@ -22,6 +22,7 @@ from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
 from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
 from acb_slurm.assigner import limits
 from acb_slurm.assigner.leases import LeaseBook
+from acb_slurm.assigner.server import node_status_message
 from acb_slurm.env import TOKEN_METADATA_KEY
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,10 @@ class ExecutorLink:
             delay = min(delay * 2, RETRY_MAX_S)
 
     async def _messages(self) -> AsyncIterator[pb.ExecutorMessage]:
-        yield pb.ExecutorMessage(join=self.book.node_status())
+        yield pb.ExecutorMessage(join=node_status_message(self.book.node_status()))
         while True:
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), REFRESH_S)
             await asyncio.sleep(DEBOUNCE_S)
-            yield pb.ExecutorMessage(state=self.book.node_status())
+            yield pb.ExecutorMessage(state=node_status_message(self.book.node_status()))

@@ -6,6 +6,11 @@ notifying session streams, writing the event log) and keeps what the core does n
 clients are, when things happened, labels, counters. Everything runs on the daemon's event loop,
 so nothing here needs a lock; no method awaits.
 
+The book speaks in its own terms, not the wire's: it refuses with `BookError` subclasses, a grant
+resolves to a `LeaseGrant`, a session's stream is fed `LeaseGrant` and `YieldRequested` items and
+`node_status()` returns `NodeStatus` dataclasses. `acb_slurm.assigner.server` turns them into gRPC
+status codes and protobuf messages, in one place; this module imports neither grpc nor protobuf.
+
 Identities are unguessable and bound to the stream that made them: a session has a public id
 (`s-` and 128 random bits, in logs) and a secret key (256 random bits, told only on its own stream),
 and `submit` and `release` act for a session only when given both; a lease (`l-` and 128 random
@@ -21,13 +26,10 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-import grpc
-
-from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
 from acb_slurm.assigner import limits
 from acb_slurm.assigner.eventlog import EventLog
 from acb_slurm.assigner.limits import echo
@@ -44,14 +46,17 @@ if TYPE_CHECKING:
     from acb_slurm.scheduler import Scheduler
 
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def _flushes_log(method: F) -> F:
+def _flushes_log(
+    method: Callable[Concatenate[LeaseBook, P], R],
+) -> Callable[Concatenate[LeaseBook, P], R]:
     """Write the events a book operation logged before its caller answers the client."""
 
     @functools.wraps(method)
-    def wrapper(self: LeaseBook, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: LeaseBook, /, *args: P.args, **kwargs: P.kwargs) -> R:
         log = self.log
         log.batching += 1
         try:
@@ -61,7 +66,7 @@ def _flushes_log(method: F) -> F:
             if not log.batching:
                 log.flush()
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 class LeaseState(StrEnum):
@@ -73,14 +78,92 @@ class LeaseState(StrEnum):
     WITHDRAWN = "withdrawn"
 
 
-class BookError(Exception):
-    """A client action the book refuses; `code` is the gRPC status the daemon answers with."""
+# ---- errors ------------------------------------------------------------------------------------
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+
+class BookError(Exception):
+    """A client action the book refuses; the subclass says why, `message` says it to the client
+    (cut to `limits.MAX_MESSAGE`). The daemon maps each subclass to a gRPC status
+    (`acb_slurm.assigner.server.STATUS_OF`)."""
+
+    def __init__(self, message: str) -> None:
         message = limits.clip(message)
         super().__init__(message)
-        self.code = code
         self.message = message
+
+
+class BadRequest(BookError):
+    """The call itself is malformed: a field out of its bound, a malformed pin, a zero GPU
+    count, a stream that does not start with `register`. Sent again unchanged, it fails again."""
+
+
+class RequestImpossible(BookError):
+    """The request is well formed but this node can never grant it (more GPUs or memory than it
+    has, a pinned GPU it lacks): the scheduler core's `Infeasible`."""
+
+
+class UnknownSession(BookError):
+    """The call names no open session (never opened, or its stream already ended)."""
+
+
+class NotSessionOwner(BookError):
+    """The call names a session but not with its key: the caller did not open that session."""
+
+
+class UnknownLease(BookError):
+    """The lease is not held by the caller's session (already released, or never its)."""
+
+
+class LeaseNotGranted(BookError):
+    """The lease is still waiting: it can be withdrawn (cancel its Allocate), not released."""
+
+
+class Withdrawn(BookError):
+    """A waiting request was withdrawn before it was granted (its session ended, its caller
+    gave up)."""
+
+
+class ShuttingDown(BookError):
+    """The assigner is stopping: no new calls, and every waiter is answered with this."""
+
+
+# ---- what the book hands out -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """Who a session's client says it is (its `register` message)."""
+
+    client_id: str = ""
+    job_id: str = ""
+    worker: str = ""
+    pid: int = 0
+    hostname: str = ""
+
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    """What a granted Allocate call answers with (and the session's grant notice repeats)."""
+
+    lease_id: str
+    gpu_indices: tuple[int, ...]
+    device_ids: tuple[str, ...]  # what to put in CUDA_VISIBLE_DEVICES, same order
+    memory_bytes: int  # per GPU, promised to this lease
+    node: str
+    waited_seconds: float
+    request_tag: str  # the Allocate call's
+
+
+@dataclass(frozen=True)
+class YieldRequested:
+    """The holder of `lease_id` is asked to give it back at its next safe point."""
+
+    lease_id: str
+    reason: str
+
+
+#: What a session's stream is fed: grant notices, yield requests, and None when it must end.
+SessionEvent = LeaseGrant | YieldRequested | None
 
 
 def new_id(prefix: str) -> str:
@@ -93,12 +176,12 @@ class ClientSession:
     """One client process, alive exactly as long as its Session stream."""
 
     session_id: str
-    identity: pb.ClientIdentity
+    identity: ClientIdentity
     opened_at: float
     #: The secret that proves a call comes from this session's own client (never logged).
     key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
-    outbox: asyncio.Queue[pb.ServerMessage | None] = field(default_factory=asyncio.Queue)
-    leases: dict[str, Lease] = field(default_factory=dict)  # waiting and granted, by id
+    outbox: asyncio.Queue[SessionEvent] = field(default_factory=asyncio.Queue)
+    leases: dict[str, LeaseRecord] = field(default_factory=dict)  # waiting and granted, by id
 
     def who(self) -> dict[str, Any]:
         """The fields naming this client on every event-log line. `client` is the session id:
@@ -118,8 +201,8 @@ class ClientSession:
 
 
 @dataclass(eq=False)
-class Lease:
-    """One Allocate request and, once granted, the GPUs it holds."""
+class LeaseRecord:
+    """The book's record of one Allocate request and, once granted, the GPUs it holds."""
 
     lease_id: str
     session: ClientSession
@@ -128,7 +211,7 @@ class Lease:
     priority: int
     label: str
     requested_at: float
-    future: asyncio.Future[pb.AllocReply]
+    future: asyncio.Future[LeaseGrant]
     state: LeaseState = LeaseState.WAITING
     granted_at: float = 0.0
     gpu_indices: tuple[int, ...] = ()
@@ -136,7 +219,7 @@ class Lease:
     yield_requested: bool = False  # asked once to give the lease back (time slice)
     request_tag: str = ""  # the client's tag of its Allocate call, echoed in the grant
     required_gpus: tuple[int, ...] = ()  # the only GPUs it may get (empty: any)
-    notify: bool = True  # send a GrantNotice on the session stream when granted
+    notify: bool = True  # send a grant notice on the session stream when granted
 
 
 @dataclass
@@ -150,6 +233,61 @@ class Counters:
     sessions: int = 0
 
 
+# ---- status ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    """One GPU of the inventory: its memory, what is promised on it, and its holders."""
+
+    index: int
+    device_id: str
+    uuid: str
+    name: str
+    memory_bytes: int
+    promised_bytes: int
+    lease_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LeaseStatus:
+    """A granted lease."""
+
+    lease_id: str
+    client: ClientIdentity
+    gpu_indices: tuple[int, ...]
+    memory_bytes: int
+    held_seconds: float
+    label: str
+
+
+@dataclass(frozen=True)
+class WaiterStatus:
+    """A waiting request, in service order."""
+
+    client: ClientIdentity
+    gpu_count: int
+    memory_bytes: int
+    priority: int
+    waiting_seconds: float
+    label: str
+    required_gpu_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """Inventory, holders, queue and counters of one assigner (Status, the executor's report)."""
+
+    node: str
+    address: str
+    policy: str
+    gpus: tuple[GpuStatus, ...]
+    leases: tuple[LeaseStatus, ...]
+    queue: tuple[WaiterStatus, ...]
+    counters: Counters
+    uptime_seconds: float
+
+
 class LeaseBook:
     """Sessions, leases and counters of one assigner, driving its scheduler core."""
 
@@ -161,7 +299,10 @@ class LeaseBook:
         address: str = "",
         clock: Callable[[], float] = time.monotonic,
         time_slice: float = 0.0,
+        error_code: Callable[[BookError], str] = lambda error: type(error).__name__,
     ) -> None:
+        """`error_code` names a refusal on the event log's `error` lines (the daemon passes the
+        name of the gRPC status it answers with)."""
         self.scheduler = scheduler
         self.node = node
         self.address = address
@@ -169,9 +310,10 @@ class LeaseBook:
         self.clock = clock
         self.started_at = clock()
         self.sessions: dict[str, ClientSession] = {}
-        self.leases: dict[str, Lease] = {}
+        self.leases: dict[str, LeaseRecord] = {}
         self.counters = Counters()
         self.closed = False
+        self.error_code = error_code
         #: Seconds a lease may be held while others wait before its holder is asked to yield
         #: (0 = never ask). Its timer runs on the event loop: `clock` must be the loop's time.
         self.time_slice = time_slice
@@ -182,14 +324,14 @@ class LeaseBook:
     # ---- sessions ----
 
     @_flushes_log
-    def open_session(self, identity: pb.ClientIdentity) -> ClientSession:
+    def open_session(self, identity: ClientIdentity) -> ClientSession:
         """Register a client; its leases live until `close_session`. The session's `key` goes
         to this client only: `submit` and `release` need it."""
         self._check_open()
         try:
             limits.check_identity(identity)
         except limits.OutOfBounds as exc:
-            raise self._refuse(grpc.StatusCode.INVALID_ARGUMENT, f"register: {exc}") from None
+            raise self._refuse(BadRequest(f"register: {exc}")) from None
         session = ClientSession(new_id("s"), identity, self.clock())
         self.sessions[session.session_id] = session
         self.counters.sessions += 1
@@ -221,12 +363,12 @@ class LeaseBook:
                 self._log_release(lease, reason)
                 released.append(lease_id)
             else:
-                self._fail_waiting(lease, reason, "the client's session ended")
+                self._fail_waiting(lease, reason, Withdrawn("the client's session ended"))
         # Leases the core did not list (should not happen) are dropped here all the same.
         for lease in list(session.leases.values()):
             self.leases.pop(lease.lease_id, None)
             if lease.state is LeaseState.WAITING:
-                self._fail_waiting(lease, reason, "the client's session ended")
+                self._fail_waiting(lease, reason, Withdrawn("the client's session ended"))
         session.leases.clear()
         self.counters.disconnects += 1
         self.log.emit("disconnect", **session.who(), leases=released)
@@ -247,18 +389,22 @@ class LeaseBook:
         required_gpus: Iterable[int] = (),
         notify: bool = True,
         session_key: str = "",
-    ) -> Lease:
-        """Queue a request; its `future` resolves with the AllocReply once granted.
+    ) -> LeaseRecord:
+        """Queue a request; its `future` resolves with its `LeaseGrant` once granted (or fails
+        with `Withdrawn` or `ShuttingDown`).
 
         `session_key` must be the session's own (`ClientSession.key`): a lease always belongs to
         the session of the stream that asked for it. `required_gpus` pins it to exactly those
         inventory indices (a process whose device state lives on its first grant's GPUs); the
-        core refuses a malformed or impossible pin. `notify=False`: no GrantNotice on the
+        core refuses a malformed or impossible pin. `notify=False`: no grant notice on the
         session stream when it is granted (the Allocate call has no deadline, so its reply
-        cannot arrive too late)."""
+        cannot arrive too late).
+
+        Refuses with `ShuttingDown`, `UnknownSession`, `NotSessionOwner`, `BadRequest` (a
+        malformed request) or `RequestImpossible` (one this node can never grant)."""
         self._check_open()
         session = self._session(session_id, session_key)
-        lease = Lease(
+        lease = LeaseRecord(
             lease_id=new_id("l"),
             session=session,
             gpu_count=gpu_count,
@@ -287,12 +433,8 @@ class LeaseBook:
         except (InvalidRequest, Infeasible) as exc:
             del self.leases[lease.lease_id]
             del session.leases[lease.lease_id]
-            code = (
-                grpc.StatusCode.INVALID_ARGUMENT
-                if isinstance(exc, InvalidRequest)
-                else grpc.StatusCode.FAILED_PRECONDITION
-            )
-            raise self._error(session, code, str(exc)) from exc
+            kind = BadRequest if isinstance(exc, InvalidRequest) else RequestImpossible
+            raise self._error(session, kind(str(exc))) from exc
         self.counters.requests += 1
         self.log.emit(
             "request",
@@ -322,7 +464,7 @@ class LeaseBook:
         self.leases.pop(lease_id)
         lease.session.leases.pop(lease_id, None)
         grants = self.scheduler.withdraw(lease_id)
-        self._fail_waiting(lease, reason, f"the request was withdrawn ({reason})")
+        self._fail_waiting(lease, reason, Withdrawn(f"the request was withdrawn ({reason})"))
         self._commit(grants)
         self._changed()
 
@@ -334,7 +476,8 @@ class LeaseBook:
         that holds it can (`session_key` proves the caller opened that session).
 
         Reason `deadline` or `cancelled`: the caller gave up on its Allocate just as it was
-        granted; a lease already released on that account is then not an error.
+        granted; a lease already released on that account is then not an error. Refuses with
+        `ShuttingDown`, `UnknownSession`, `NotSessionOwner`, `UnknownLease` or `LeaseNotGranted`.
         """
         self._check_open()
         session = self._session(session_id, session_key)
@@ -344,15 +487,18 @@ class LeaseBook:
         if lease is None:
             raise self._error(
                 session,
-                grpc.StatusCode.NOT_FOUND,
-                f"lease {echo(lease_id)} is not held by this session (already released, or never "
-                "granted to it)",
+                UnknownLease(
+                    f"lease {echo(lease_id)} is not held by this session (already released, or "
+                    "never granted to it)"
+                ),
             )
         if lease.state is not LeaseState.GRANTED:
             raise self._error(
                 session,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"lease {echo(lease_id)} is still waiting; cancel its Allocate call to withdraw it",
+                LeaseNotGranted(
+                    f"lease {echo(lease_id)} is still waiting; cancel its Allocate call to "
+                    "withdraw it"
+                ),
             )
         grants = self.scheduler.release(lease_id)
         del self.leases[lease_id]
@@ -392,18 +538,16 @@ class LeaseBook:
         lease.yield_requested = True
         self.counters.yields += 1
         self.log.emit("yield", **lease.session.who(), lease=lease_id, reason=reason)
-        lease.session.outbox.put_nowait(
-            pb.ServerMessage(yield_request=pb.YieldRequest(lease_id=lease_id, reason=reason))
-        )
+        lease.session.outbox.put_nowait(YieldRequested(lease_id, reason))
         return True
 
     @_flushes_log
-    def record_error(self, session_id: str, code: grpc.StatusCode, message: str) -> None:
+    def record_error(self, session_id: str, error: BookError) -> None:
         """Count and log an error answered outside the book (e.g. a bad first stream message)."""
         session = self.sessions.get(session_id)
         self.counters.errors += 1
         who = session.who() if session else {"client": session_id[: limits.MAX_ID], "worker": ""}
-        self.log.emit("error", **who, code=code.name, message=limits.clip(message))
+        self.log.emit("error", **who, code=self.error_code(error), message=error.message)
 
     @_flushes_log
     def shutdown(self) -> None:
@@ -418,9 +562,7 @@ class LeaseBook:
             if lease.state is LeaseState.GRANTED:
                 self._log_release(lease, "shutdown")
             else:
-                self._fail_waiting(
-                    lease, "shutdown", "the assigner is shutting down", grpc.StatusCode.UNAVAILABLE
-                )
+                self._fail_waiting(lease, "shutdown", ShuttingDown("the assigner is shutting down"))
         self.leases.clear()
         for session in self.sessions.values():
             session.leases.clear()
@@ -428,28 +570,28 @@ class LeaseBook:
 
     # ---- status ----
 
-    def node_status(self) -> pb.NodeStatus:
+    def node_status(self) -> NodeStatus:
         """Inventory, holders, queue and counters, as Status and the executor report them."""
         now = self.clock()
-        holders: dict[int, list[Lease]] = {}
+        holders: dict[int, list[LeaseRecord]] = {}
         granted = [lease for lease in self.leases.values() if lease.state is LeaseState.GRANTED]
         for lease in granted:
             for index in lease.gpu_indices:
                 holders.setdefault(index, []).append(lease)
-        gpus = [
-            pb.GpuStatus(
+        gpus = tuple(
+            GpuStatus(
                 index=gpu.index,
                 device_id=gpu.device_id,
                 uuid=gpu.uuid,
                 name=gpu.name,
                 memory_bytes=gpu.memory_bytes,
                 promised_bytes=self.scheduler.promised_bytes(gpu.index),
-                lease_ids=[lease.lease_id for lease in holders.get(gpu.index, [])],
+                lease_ids=tuple(lease.lease_id for lease in holders.get(gpu.index, [])),
             )
             for gpu in self.scheduler.gpus
-        ]
-        leases = [
-            pb.LeaseStatus(
+        )
+        leases = tuple(
+            LeaseStatus(
                 lease_id=lease.lease_id,
                 client=lease.session.identity,
                 gpu_indices=lease.gpu_indices,
@@ -458,14 +600,14 @@ class LeaseBook:
                 label=lease.label,
             )
             for lease in granted
-        ]
+        )
         queue = []
         for request in self.scheduler.queue:
             waiting = self.leases.get(request.request_id)
             if waiting is None:
                 continue
             queue.append(
-                pb.WaiterStatus(
+                WaiterStatus(
                     client=waiting.session.identity,
                     gpu_count=waiting.gpu_count,
                     memory_bytes=waiting.memory_bytes,
@@ -475,26 +617,16 @@ class LeaseBook:
                     required_gpu_indices=waiting.required_gpus,
                 )
             )
-        c = self.counters
-        status = pb.NodeStatus(
+        return NodeStatus(
             node=self.node,
             address=self.address,
             policy=_policy_name(self.scheduler),
             gpus=gpus,
             leases=leases,
-            queue=queue,
-            counters=pb.Counters(
-                requests=c.requests,
-                grants=c.grants,
-                releases=c.releases,
-                yields=c.yields,
-                disconnects=c.disconnects,
-                errors=c.errors,
-                sessions=c.sessions,
-            ),
+            queue=tuple(queue),
+            counters=replace(self.counters),
             uptime_seconds=now - self.started_at,
         )
-        return limits.fit_node_status(status)
 
     # ---- internals ----
 
@@ -509,10 +641,10 @@ class LeaseBook:
             lease.granted_at = now
             lease.gpu_indices = tuple(grant.gpu_indices)
             lease.granted_memory = grant.memory_bytes
-            reply = pb.AllocReply(
+            granted = LeaseGrant(
                 lease_id=lease.lease_id,
                 gpu_indices=lease.gpu_indices,
-                device_ids=[gpus[i].device_id for i in lease.gpu_indices],
+                device_ids=tuple(gpus[i].device_id for i in lease.gpu_indices),
                 memory_bytes=grant.memory_bytes,
                 node=self.node,
                 waited_seconds=now - lease.requested_at,
@@ -524,22 +656,22 @@ class LeaseBook:
                 **lease.session.who(),
                 lease=lease.lease_id,
                 gpus=list(lease.gpu_indices),
-                device_ids=list(reply.device_ids),
+                device_ids=list(granted.device_ids),
                 memory_bytes=grant.memory_bytes,
-                waited=reply.waited_seconds,
+                waited=granted.waited_seconds,
             )
             if not lease.future.done():
-                lease.future.set_result(reply)
+                lease.future.set_result(granted)
             if lease.notify:
                 # The notice goes out a loop turn later, behind the Allocate reply it duplicates,
                 # unless the lease is gone by then (its caller gave up, its session ended).
-                asyncio.get_running_loop().call_soon(self._notify_grant, lease, reply)
+                asyncio.get_running_loop().call_soon(self._notify_grant, lease, granted)
 
-    def _notify_grant(self, lease: Lease, reply: pb.AllocReply) -> None:
+    def _notify_grant(self, lease: LeaseRecord, granted: LeaseGrant) -> None:
         if lease.state is LeaseState.GRANTED and self.leases.get(lease.lease_id) is lease:
-            lease.session.outbox.put_nowait(pb.ServerMessage(grant=pb.GrantNotice(lease=reply)))
+            lease.session.outbox.put_nowait(granted)
 
-    def _log_release(self, lease: Lease, reason: str) -> None:
+    def _log_release(self, lease: LeaseRecord, reason: str) -> None:
         lease.state = LeaseState.RELEASED
         self.counters.releases += 1
         self.log.emit(
@@ -551,13 +683,7 @@ class LeaseBook:
             reason=reason,
         )
 
-    def _fail_waiting(
-        self,
-        lease: Lease,
-        reason: str,
-        message: str,
-        code: grpc.StatusCode = grpc.StatusCode.CANCELLED,
-    ) -> None:
+    def _fail_waiting(self, lease: LeaseRecord, reason: str, error: BookError) -> None:
         lease.state = LeaseState.WITHDRAWN
         who = lease.session.who()
         self.log.emit(
@@ -568,7 +694,7 @@ class LeaseBook:
             reason=reason,
         )
         if not lease.future.done():
-            lease.future.set_exception(BookError(code, message))
+            lease.future.set_exception(error)
             # Nobody may be awaiting it any more (the caller is gone); mark it retrieved.
             lease.future.exception()
 
@@ -576,63 +702,63 @@ class LeaseBook:
         """The session a call names, if the call proves it is that session's own client."""
         session = self.sessions.get(session_id)
         if session is None:
+            error = UnknownSession(
+                f"unknown session {echo(session_id)}: open a Session stream and use the "
+                "session_id and session_key its Registered message carries (sessions end when "
+                "their stream does)"
+            )
             self.counters.errors += 1
             self.log.emit(
                 "error",
                 client=session_id[: limits.MAX_ID],
                 worker="",
-                code=grpc.StatusCode.FAILED_PRECONDITION.name,
+                code=self.error_code(error),
                 message="unknown session",
             )
-            raise BookError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"unknown session {echo(session_id)}: open a Session stream and use the "
-                "session_id and session_key its Registered message carries (sessions end when "
-                "their stream does)",
-            )
-        if not hmac.compare_digest(
-            session_key.encode("utf-8", "surrogatepass"), session.key.encode("ascii")
-        ):
+            raise error
+        if not _proves(session, session_key):
             # Logged as from no known session: the caller is not the one it names.
             raise self._refuse(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"session {session_id} is not the caller's: a call acts only for the session its "
-                "own Session stream opened (send that stream's session_id and session_key)",
+                NotSessionOwner(
+                    f"session {session_id} is not the caller's: a call acts only for the session "
+                    "its own Session stream opened (send that stream's session_id and session_key)"
+                )
             )
         return session
 
-    def _refuse(self, code: grpc.StatusCode, message: str) -> BookError:
+    def _refuse(self, error: BookError) -> BookError:
         """Count and log a refusal of a call that proves no session is its caller's."""
         self.counters.errors += 1
-        message = limits.clip(message)
-        self.log.emit("error", client="", worker="", code=code.name, message=message)
-        return BookError(code, message)
+        self.log.emit(
+            "error", client="", worker="", code=self.error_code(error), message=error.message
+        )
+        return error
 
-    def _error(self, session: ClientSession, code: grpc.StatusCode, message: str) -> BookError:
+    def _error(self, session: ClientSession, error: BookError) -> BookError:
+        """Count and log a refusal of a call of `session`."""
         self.counters.errors += 1
         who = session.who()
-        message = limits.clip(message)
         self.log.emit(
-            "error", client=who["client"], worker=who["worker"], code=code.name, message=message
+            "error",
+            client=who["client"],
+            worker=who["worker"],
+            code=self.error_code(error),
+            message=error.message,
         )
-        return BookError(code, message)
+        return error
 
     @_flushes_log
-    def refuse(
-        self, code: grpc.StatusCode, message: str, session_id: str = "", session_key: str = ""
-    ) -> BookError:
+    def refuse(self, error: BookError, session_id: str = "", session_key: str = "") -> BookError:
         """A call refused before the book acted (a field out of bounds): counted, logged (under
         the caller's session when the call proves it is that session's), returned to raise."""
         session = self.sessions.get(session_id) if len(session_id) <= limits.MAX_ID else None
-        if session is None or not hmac.compare_digest(
-            session_key.encode("utf-8", "surrogatepass"), session.key.encode("ascii")
-        ):
-            return self._refuse(code, message)
-        return self._error(session, code, message)
+        if session is None or not _proves(session, session_key):
+            return self._refuse(error)
+        return self._error(session, error)
 
     def _check_open(self) -> None:
         if self.closed:
-            raise BookError(grpc.StatusCode.UNAVAILABLE, "the assigner is shutting down")
+            raise ShuttingDown("the assigner is shutting down")
 
     def _changed(self) -> None:
         self._check_time_slice()
@@ -675,6 +801,13 @@ class LeaseBook:
                 return None
             wanted.update(request.required_gpus)
         return wanted
+
+
+def _proves(session: ClientSession, session_key: str) -> bool:
+    """Whether `session_key` is `session`'s own (compared in constant time: it is a secret)."""
+    return hmac.compare_digest(
+        session_key.encode("utf-8", "surrogatepass"), session.key.encode("ascii")
+    )
 
 
 def _policy_name(scheduler: Scheduler) -> str:

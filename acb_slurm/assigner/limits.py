@@ -12,9 +12,10 @@ docs/ARCHITECTURE.md lists these bounds; change them here and there.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
+if TYPE_CHECKING:  # the lease book checks identities too, and imports no protobuf
+    from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
 
 #: Session ids, session keys and lease ids (the assigner's own are 34 and 43 characters).
 MAX_ID = 64
@@ -77,7 +78,20 @@ def check_fields(message: Any, bounds: dict[str, int], prefix: str = "") -> None
         check_text(prefix + field, getattr(message, field), bound)
 
 
-def check_identity(identity: pb.ClientIdentity) -> None:
+class Identity(Protocol):
+    """A client's identity as the wire (`pb.ClientIdentity`) or the lease book carries it."""
+
+    @property
+    def client_id(self) -> str: ...
+    @property
+    def job_id(self) -> str: ...
+    @property
+    def worker(self) -> str: ...
+    @property
+    def hostname(self) -> str: ...
+
+
+def check_identity(identity: Identity) -> None:
     check_fields(identity, IDENTITY_FIELDS)
 
 

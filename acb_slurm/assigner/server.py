@@ -1,5 +1,9 @@
 """The gRPC face of the assigner: thin servicers over a `LeaseBook`, the token check, health.
 
+The lease book speaks in domain terms; this module is where they meet the wire: `STATUS_OF` maps
+each of its refusals to a gRPC status (the refusal's message is the details), and the functions
+under "Domain ↔ protobuf" turn identities, grants, stream events and node status into messages.
+
 `create_server(...)` builds a grpc.aio server bound to a Unix socket (and optionally TCP) and
 returns it with the TCP port actually bound; `serve(config)` runs one daemon until SIGTERM or
 SIGINT, then releases everything (logged with reason `shutdown`), writes `stop` and returns.
@@ -30,13 +34,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from acb_slurm import tls as job_tls
 from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
 from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
-from acb_slurm.assigner import limits
+from acb_slurm.assigner import leases, limits
 from acb_slurm.assigner.errors import AssignerStartError
 from acb_slurm.assigner.eventlog import EventLog, create_private
 from acb_slurm.assigner.inventory import describe
@@ -68,6 +71,133 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 ASSIGNER_SERVICE = "acb.v1.Assigner"
 #: Reasons a client may give in a ReleaseRequest (logged on the `release` event).
 RELEASE_REASONS = ("release", "deadline", "cancelled")
+
+#: The gRPC status each refusal of the lease book is answered with; its message is the details.
+#: The event log's `error` lines name the same status (`LeaseBook(error_code=...)`).
+STATUS_OF: dict[type[BookError], grpc.StatusCode] = {
+    leases.BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    leases.RequestImpossible: grpc.StatusCode.FAILED_PRECONDITION,
+    leases.UnknownSession: grpc.StatusCode.FAILED_PRECONDITION,
+    leases.NotSessionOwner: grpc.StatusCode.PERMISSION_DENIED,
+    leases.UnknownLease: grpc.StatusCode.NOT_FOUND,
+    leases.LeaseNotGranted: grpc.StatusCode.FAILED_PRECONDITION,
+    leases.Withdrawn: grpc.StatusCode.CANCELLED,
+    leases.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_of(error: BookError) -> grpc.StatusCode:
+    """The gRPC status a refusal of the lease book is answered with (INTERNAL if unmapped)."""
+    for kind in type(error).__mro__:
+        code = STATUS_OF.get(kind)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def status_name(error: BookError) -> str:
+    """The event log's `code` of a refusal: the name of the gRPC status it is answered with."""
+    return str(status_of(error).name)
+
+
+# ---- Domain ↔ protobuf ------------------------------------------------------------------------
+
+
+def identity_from_message(message: pb.ClientIdentity) -> leases.ClientIdentity:
+    return leases.ClientIdentity(
+        client_id=message.client_id,
+        job_id=message.job_id,
+        worker=message.worker,
+        pid=message.pid,
+        hostname=message.hostname,
+    )
+
+
+def identity_message(identity: leases.ClientIdentity) -> pb.ClientIdentity:
+    return pb.ClientIdentity(
+        client_id=identity.client_id,
+        job_id=identity.job_id,
+        worker=identity.worker,
+        pid=identity.pid,
+        hostname=identity.hostname,
+    )
+
+
+def alloc_reply(grant: leases.LeaseGrant) -> pb.AllocReply:
+    return pb.AllocReply(
+        lease_id=grant.lease_id,
+        gpu_indices=grant.gpu_indices,
+        device_ids=grant.device_ids,
+        memory_bytes=grant.memory_bytes,
+        node=grant.node,
+        waited_seconds=grant.waited_seconds,
+        request_tag=grant.request_tag,
+    )
+
+
+def server_message(event: leases.LeaseGrant | leases.YieldRequested) -> pb.ServerMessage:
+    """What a session's stream says for an item of its outbox."""
+    if isinstance(event, leases.YieldRequested):
+        return pb.ServerMessage(
+            yield_request=pb.YieldRequest(lease_id=event.lease_id, reason=event.reason)
+        )
+    return pb.ServerMessage(grant=pb.GrantNotice(lease=alloc_reply(event)))
+
+
+def node_status_message(status: leases.NodeStatus) -> pb.NodeStatus:
+    """A node's status on the wire, trimmed under `limits.STATUS_MAX_BYTES`."""
+    counters = status.counters
+    message = pb.NodeStatus(
+        node=status.node,
+        address=status.address,
+        policy=status.policy,
+        gpus=[
+            pb.GpuStatus(
+                index=gpu.index,
+                device_id=gpu.device_id,
+                uuid=gpu.uuid,
+                name=gpu.name,
+                memory_bytes=gpu.memory_bytes,
+                promised_bytes=gpu.promised_bytes,
+                lease_ids=gpu.lease_ids,
+            )
+            for gpu in status.gpus
+        ],
+        leases=[
+            pb.LeaseStatus(
+                lease_id=lease.lease_id,
+                client=identity_message(lease.client),
+                gpu_indices=lease.gpu_indices,
+                memory_bytes=lease.memory_bytes,
+                held_seconds=lease.held_seconds,
+                label=lease.label,
+            )
+            for lease in status.leases
+        ],
+        queue=[
+            pb.WaiterStatus(
+                client=identity_message(waiter.client),
+                gpu_count=waiter.gpu_count,
+                memory_bytes=waiter.memory_bytes,
+                priority=waiter.priority,
+                waiting_seconds=waiter.waiting_seconds,
+                label=waiter.label,
+                required_gpu_indices=waiter.required_gpu_indices,
+            )
+            for waiter in status.queue
+        ],
+        counters=pb.Counters(
+            requests=counters.requests,
+            grants=counters.grants,
+            releases=counters.releases,
+            yields=counters.yields,
+            disconnects=counters.disconnects,
+            errors=counters.errors,
+            sessions=counters.sessions,
+        ),
+        uptime_seconds=status.uptime_seconds,
+    )
+    return limits.fit_node_status(message)
 
 
 @dataclass
@@ -132,14 +262,15 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: BookError) -> None:
-    await context.abort(error.code, error.message)
+    """End the call with the gRPC status of `error` (`STATUS_OF`) and its message."""
+    await context.abort(status_of(error), error.message)
 
 
 def _out_of_bounds(book: LeaseBook, exc: limits.OutOfBounds, what: str, request: Any) -> BookError:
     """The refusal of a call whose field is longer than its bound (counted and logged)."""
     session_id = getattr(request, "session_id", "")
     session_key = getattr(request, "session_key", "")
-    return book.refuse(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {exc}", session_id, session_key)
+    return book.refuse(leases.BadRequest(f"{what}: {exc}"), session_id, session_key)
 
 
 class AssignerServicer(pb_grpc.AssignerServicer):
@@ -157,12 +288,12 @@ class AssignerServicer(pb_grpc.AssignerServicer):
         book = self.book
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("kind") != "register":
-            refusal = "the first message of a Session stream must be `register`"
-            book.record_error("", grpc.StatusCode.INVALID_ARGUMENT, refusal)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+            refusal = leases.BadRequest("the first message of a Session stream must be `register`")
+            book.record_error("", refusal)
+            await _abort(context, refusal)
             return
         try:
-            session = book.open_session(first.register)
+            session = book.open_session(identity_from_message(first.register))
         except BookError as exc:
             await _abort(context, exc)
             return
@@ -177,10 +308,10 @@ class AssignerServicer(pb_grpc.AssignerServicer):
                 )
             )
             while True:
-                message = await session.outbox.get()
-                if message is None:
+                event = await session.outbox.get()
+                if event is None:
                     break
-                yield message
+                yield server_message(event)
         finally:
             reader.cancel()
             book.close_session(session.session_id)
@@ -233,9 +364,9 @@ class AssignerServicer(pb_grpc.AssignerServicer):
             await _abort(context, exc)
             raise  # unreachable: abort raises
         if lease.future.done():
-            return lease.future.result()
+            return alloc_reply(lease.future.result())
         try:
-            return await lease.future
+            return alloc_reply(await lease.future)
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             reason = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
@@ -255,9 +386,11 @@ class AssignerServicer(pb_grpc.AssignerServicer):
         reason = request.reason or "release"
         if reason not in RELEASE_REASONS:
             known = ", ".join(RELEASE_REASONS)
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown release reason {limits.echo(request.reason)}; known reasons: {known}",
+            await _abort(
+                context,
+                leases.BadRequest(
+                    f"unknown release reason {limits.echo(request.reason)}; known reasons: {known}"
+                ),
             )
         try:
             self.book.release(request.session_id, request.lease_id, reason, request.session_key)
@@ -315,7 +448,7 @@ def create_server(
     role: Callable[[], pb.StatusReply] | None = None,
     tls: job_tls.Material | None = None,
     insecure_tcp: bool = False,
-) -> tuple[grpc.aio.Server, HealthServicer, int | None]:
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int | None]:
     """The daemon's server, bound but not started: (server, health servicer, bound TCP port).
 
     The TCP listener is TLS with `tls` (clients must show a certificate of the job's CA);
@@ -330,12 +463,12 @@ def create_server(
     controller = controller or ControllerServicer()
 
     def standalone() -> pb.StatusReply:
-        return pb.StatusReply(self=book.node_status(), role="standalone")
+        return pb.StatusReply(self=node_status_message(book.node_status()), role="standalone")
 
     pb_grpc.add_AssignerServicer_to_server(AssignerServicer(book, role or standalone), server)
     pb_grpc.add_ControllerServicer_to_server(controller, server)
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_servicer = health.aio.HealthServicer()  # the asyncio one: public as `health.aio`
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _check_socket_directory(os.path.dirname(os.path.abspath(socket_path)))
     _clear_socket_path(socket_path)
     try:
@@ -356,7 +489,7 @@ def create_server(
             raise AssignerStartError(
                 f"cannot listen on TCP {tcp}: {exc} (is the port in use? use port 0 for any)"
             ) from exc
-    return server, health, port
+    return server, health_servicer, port
 
 
 def _check_socket_directory(directory: str) -> None:
@@ -477,12 +610,13 @@ async def serve(
         address=address,
         clock=asyncio.get_running_loop().time,
         time_slice=config.time_slice,
+        error_code=status_name,
     )
     controller = ControllerServicer()
     link: ExecutorLink | None = None
 
     def role() -> pb.StatusReply:
-        reply = pb.StatusReply(self=book.node_status())
+        reply = pb.StatusReply(self=node_status_message(book.node_status()))
         if link is not None:
             reply.role = "executor"
         elif controller.ever_joined:
@@ -492,7 +626,7 @@ async def serve(
             reply.role = "standalone"
         return reply
 
-    server, health, port = create_server(
+    server, health_servicer, port = create_server(
         book,
         config.socket_path,
         config.tcp,
@@ -520,8 +654,8 @@ async def serve(
     if config.controller:
         link = ExecutorLink(book, config.controller, config.token, config.tls)
         link.start()
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health.set(ASSIGNER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(health.OVERALL_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(ASSIGNER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     ready = {
         "pid": os.getpid(),
         "socket": os.path.abspath(config.socket_path),
@@ -541,7 +675,7 @@ async def serve(
         stopped_by.append("error")
         raise AssignerStartError(f"cannot write --ready-file {config.ready_file}: {exc}") from None
     finally:
-        await health.enter_graceful_shutdown()
+        await health_servicer.enter_graceful_shutdown()
         if link is not None:
             await link.stop()
         book.shutdown()
