@@ -87,11 +87,11 @@ from acb_slurm.swap.engine import SwapError, SwapState, SwapWarning
 from acb_slurm.swap.intercept import TorchHooks, mark_internal
 from acb_slurm.swap.leasestate import (
     DeviceLessor,
-    Lease,
     LeaseState,
     LostVerdict,
     Phase,
     Pin,
+    SwapLease,
 )
 from acb_slurm.swap.watchdog import MAX_RETRY_S, Watchdog, next_backoff
 from acb_slurm.units import format_size
@@ -105,8 +105,8 @@ __all__ = [
     "AutoStats",
     "AutoSwap",
     "DeviceLessor",
-    "Lease",
     "Phase",
+    "SwapLease",
 ]
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class AutoSwap:
         return self._state.phase
 
     @property
-    def _lease(self) -> Lease | None:
+    def _lease(self) -> SwapLease | None:
         return self._state.lease
 
     @property
@@ -512,7 +512,7 @@ class AutoSwap:
             if abandon is not None:
                 abandon()
 
-    def _bind(self, lease: Lease) -> None:
+    def _bind(self, lease: SwapLease) -> None:
         """CUDA: bind the process to the first grant's GPUs; later grants are pinned to them (the
         lessor sends `required_gpus`), so a mismatch is a bug."""
         if self.device.type != "cuda":

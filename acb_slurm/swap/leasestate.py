@@ -38,7 +38,7 @@ from typing import Protocol
 
 
 @dataclass(frozen=True)
-class Lease:
+class SwapLease:
     """What a grant gives automatic mode: its id and the devices to use."""
 
     lease_id: str
@@ -48,15 +48,15 @@ class Lease:
 class DeviceLessor(Protocol):
     """The client seam automatic mode needs: acquire/release one lease and report usage."""
 
-    def acquire(self) -> Lease:
+    def acquire(self) -> SwapLease:
         """Block until a lease is granted."""
         ...
 
-    def release(self, lease: Lease, *, yielded: bool = False) -> None:
+    def release(self, lease: SwapLease, *, yielded: bool = False) -> None:
         """Give `lease` back; `yielded` when it answers a YieldRequest (sends YieldDone)."""
         ...
 
-    def report_usage(self, lease: Lease, resident_bytes: int) -> None:
+    def report_usage(self, lease: SwapLease, resident_bytes: int) -> None:
         """Tell the assigner how many device bytes this process holds under `lease`."""
         ...
 
@@ -102,7 +102,7 @@ class LeaseState:
 
     def __init__(self) -> None:
         self.phase = Phase.AWAY
-        self.lease: Lease | None = None
+        self.lease: SwapLease | None = None
         #: Lease ids the client said were lost (kept: a grant already lost is dropped at once).
         self.lost: set[str] = set()
         #: The lease id a YieldRequest named, until a safe point honours (or drops) it.
@@ -127,7 +127,7 @@ class LeaseState:
         self._expect("acquiring", Phase.AWAY, Phase.ACQUIRING, lease=False)
         self.phase = Phase.ACQUIRING
 
-    def granted(self, lease: Lease) -> bool:
+    def granted(self, lease: SwapLease) -> bool:
         """The lessor granted `lease`. False when it was already lost: it is not held (forget
         it and ask again)."""
         self._expect("granted", Phase.ACQUIRING, lease=False)
@@ -153,7 +153,7 @@ class LeaseState:
         self._expect("refused", Phase.RELEASING, lease=True)
         self.phase = Phase.HOLDING
 
-    def released(self) -> Lease:
+    def released(self) -> SwapLease:
         """The state is in host memory: the lease goes back (returned, to give to the lessor)."""
         self._expect("released", Phase.RELEASING, lease=True)
         lease, self.lease = self.lease, None
@@ -161,7 +161,7 @@ class LeaseState:
         assert lease is not None
         return lease
 
-    def forget(self) -> Lease | None:
+    def forget(self) -> SwapLease | None:
         """Drop the lease without giving it back (its session ends with the process, or it is
         a forked child's copy); returns what was held."""
         lease, self.lease = self.lease, None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from acb_slurm.swap.auto import AutoSwap, Lease
+from acb_slurm.swap.auto import AutoSwap, SwapLease
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class ClientLessor:
 
         self.client.add_listener(_Yields())
 
-    def acquire(self) -> Lease:
+    def acquire(self) -> SwapLease:
         pinned = self.pinned
         granted = self.client.allocate(
             gpus=self.gpus if pinned is None else len(pinned),
@@ -66,9 +66,9 @@ class ClientLessor:
         if pinned is None:
             self.pinned = granted.gpu_indices
         self._held[granted.lease_id] = granted
-        return Lease(granted.lease_id, granted.device_ids)
+        return SwapLease(granted.lease_id, granted.device_ids)
 
-    def release(self, lease: Lease, *, yielded: bool = False) -> None:
+    def release(self, lease: SwapLease, *, yielded: bool = False) -> None:
         """Give `lease` back. One that was lost meanwhile (its session ended) is only
         forgotten: nothing is left to give back, and automatic mode releases only after the
         state reached host memory."""
@@ -83,7 +83,7 @@ class ClientLessor:
         if yielded:
             self.client.yield_done(lease.lease_id)
 
-    def report_usage(self, lease: Lease, resident_bytes: int) -> None:
+    def report_usage(self, lease: SwapLease, resident_bytes: int) -> None:
         self.client.report_usage(lease.lease_id, resident_bytes)
 
     def abandon(self) -> None:
@@ -106,16 +106,16 @@ class LocalLessor:
         self.usage: list[int] = []
         self._next = 0
 
-    def acquire(self) -> Lease:
+    def acquire(self) -> SwapLease:
         self._next += 1
         self.acquired += 1
-        return Lease(f"local-{self._next}", self.device_ids)
+        return SwapLease(f"local-{self._next}", self.device_ids)
 
-    def release(self, lease: Lease, *, yielded: bool = False) -> None:
+    def release(self, lease: SwapLease, *, yielded: bool = False) -> None:
         self.released += 1
         self.yielded += int(yielded)
 
-    def report_usage(self, lease: Lease, resident_bytes: int) -> None:
+    def report_usage(self, lease: SwapLease, resident_bytes: int) -> None:
         self.usage.append(resident_bytes)
 
     def abandon(self) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from acb_slurm.swap.auto import AutoSwap, Lease, Phase
+from acb_slurm.swap.auto import AutoSwap, Phase, SwapLease
 from acb_slurm.swap.engine import SwapEngine, SwapError, SwapState, SwapStats
 from acb_slurm.swap.lessors import LocalLessor
 
@@ -86,7 +86,7 @@ class ThreadRecordingLessor(LocalLessor):
         super().__init__()
         self.released_by: list[str] = []
 
-    def release(self, lease: Lease, *, yielded: bool = False) -> None:
+    def release(self, lease: SwapLease, *, yielded: bool = False) -> None:
         self.released_by.append(threading.current_thread().name)
         super().release(lease, yielded=yielded)
 

@@ -11,7 +11,7 @@ import torch
 
 from acb_slurm.assigner.testing import AssignerProcess
 from acb_slurm.client import Client, InvalidGpuRequest, on_device, set_default_client
-from acb_slurm.swap.auto import AutoSwap, Lease, Phase
+from acb_slurm.swap.auto import AutoSwap, Phase, SwapLease
 from acb_slurm.swap.engine import SwapEngine, SwapError, SwapState, SwapStats
 from acb_slurm.swap.lessors import ClientLessor
 from acb_slurm.swap.manual import SwapOnRelease, enable_swap
@@ -82,8 +82,8 @@ class StaleLessor(ClientLessor):
     """Releases under a lease id the assigner does not know: the real client raises, and the
     lease really granted stays held by the assigner (what a release lost in transit leaves)."""
 
-    def release(self, lease: Lease, *, yielded: bool = False) -> None:
-        super().release(Lease(lease.lease_id + "-stale", lease.device_ids), yielded=yielded)
+    def release(self, lease: SwapLease, *, yielded: bool = False) -> None:
+        super().release(SwapLease(lease.lease_id + "-stale", lease.device_ids), yielded=yielded)
 
 
 def test_a_failed_release_ends_the_session_so_the_lease_is_not_leaked(
@@ -226,7 +226,7 @@ def test_the_auto_mode_lessor_pins_later_requests_to_its_first_grant(
     assigner = start_assigner(gpus=2, gpu_memory="1GiB")
     client = Client(target=assigner.target, token=None, worker="auto-pinned")
     lessor = ClientLessor(client, label="auto-test")
-    held: list[Lease] = []
+    held: list[SwapLease] = []
 
     def acquire() -> tuple[int, ...]:
         held.append(lessor.acquire())

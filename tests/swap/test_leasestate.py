@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 
 from acb_slurm.swap.leasestate import (
-    Lease,
     LeaseState,
     LostVerdict,
     Phase,
     Pin,
+    SwapLease,
     TransitionError,
 )
 from acb_slurm.swap.watchdog import MAX_RETRY_S, next_backoff
 
-A, B = Lease("a", ("0",)), Lease("b", ("1",))
+A, B = SwapLease("a", ("0",)), SwapLease("b", ("1",))
 
 #: The states the machine can be in: (phase, lease held). ACQUIRING with a lease is a grant
 #: whose onload has not finished (or failed).
