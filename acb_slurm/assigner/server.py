@@ -30,7 +30,7 @@ import signal
 import socket
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import grpc
@@ -103,36 +103,24 @@ def status_name(error: BookError) -> str:
 # ---- Domain ↔ protobuf ------------------------------------------------------------------------
 
 
+def _message(kind: type[Any], value: Any, **nested: Any) -> Any:
+    """The protobuf message `kind` made from dataclass `value`, whose fields have the message's
+    names (`nested`: fields given already converted)."""
+    return kind(**{**{f.name: getattr(value, f.name) for f in fields(value)}, **nested})
+
+
 def identity_from_message(message: pb.ClientIdentity) -> leases.ClientIdentity:
     return leases.ClientIdentity(
-        client_id=message.client_id,
-        job_id=message.job_id,
-        worker=message.worker,
-        pid=message.pid,
-        hostname=message.hostname,
+        **{f.name: getattr(message, f.name) for f in fields(leases.ClientIdentity)}
     )
 
 
 def identity_message(identity: leases.ClientIdentity) -> pb.ClientIdentity:
-    return pb.ClientIdentity(
-        client_id=identity.client_id,
-        job_id=identity.job_id,
-        worker=identity.worker,
-        pid=identity.pid,
-        hostname=identity.hostname,
-    )
+    return _message(pb.ClientIdentity, identity)
 
 
 def alloc_reply(grant: leases.LeaseGrant) -> pb.AllocReply:
-    return pb.AllocReply(
-        lease_id=grant.lease_id,
-        gpu_indices=grant.gpu_indices,
-        device_ids=grant.device_ids,
-        memory_bytes=grant.memory_bytes,
-        node=grant.node,
-        waited_seconds=grant.waited_seconds,
-        request_tag=grant.request_tag,
-    )
+    return _message(pb.AllocReply, grant)
 
 
 def server_message(event: leases.LeaseGrant | leases.YieldRequested) -> pb.ServerMessage:
@@ -146,56 +134,19 @@ def server_message(event: leases.LeaseGrant | leases.YieldRequested) -> pb.Serve
 
 def node_status_message(status: leases.NodeStatus) -> pb.NodeStatus:
     """A node's status on the wire, trimmed under `limits.STATUS_MAX_BYTES`."""
-    counters = status.counters
-    message = pb.NodeStatus(
-        node=status.node,
-        address=status.address,
-        policy=status.policy,
-        gpus=[
-            pb.GpuStatus(
-                index=gpu.index,
-                device_id=gpu.device_id,
-                uuid=gpu.uuid,
-                name=gpu.name,
-                memory_bytes=gpu.memory_bytes,
-                promised_bytes=gpu.promised_bytes,
-                lease_ids=gpu.lease_ids,
-            )
-            for gpu in status.gpus
-        ],
+    message = _message(
+        pb.NodeStatus,
+        status,
+        gpus=[_message(pb.GpuStatus, gpu) for gpu in status.gpus],
         leases=[
-            pb.LeaseStatus(
-                lease_id=lease.lease_id,
-                client=identity_message(lease.client),
-                gpu_indices=lease.gpu_indices,
-                memory_bytes=lease.memory_bytes,
-                held_seconds=lease.held_seconds,
-                label=lease.label,
-            )
+            _message(pb.LeaseStatus, lease, client=identity_message(lease.client))
             for lease in status.leases
         ],
         queue=[
-            pb.WaiterStatus(
-                client=identity_message(waiter.client),
-                gpu_count=waiter.gpu_count,
-                memory_bytes=waiter.memory_bytes,
-                priority=waiter.priority,
-                waiting_seconds=waiter.waiting_seconds,
-                label=waiter.label,
-                required_gpu_indices=waiter.required_gpu_indices,
-            )
+            _message(pb.WaiterStatus, waiter, client=identity_message(waiter.client))
             for waiter in status.queue
         ],
-        counters=pb.Counters(
-            requests=counters.requests,
-            grants=counters.grants,
-            releases=counters.releases,
-            yields=counters.yields,
-            disconnects=counters.disconnects,
-            errors=counters.errors,
-            sessions=counters.sessions,
-        ),
-        uptime_seconds=status.uptime_seconds,
+        counters=_message(pb.Counters, status.counters),
     )
     return limits.fit_node_status(message)
 
