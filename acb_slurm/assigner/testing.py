@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +199,21 @@ class AssignerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.terminate()
+
+
+def events_of(events: list[dict[str, Any]], kind: str, **match: Any) -> list[dict[str, Any]]:
+    """The events of `kind` (an `AssignerProcess.events()` list) whose fields equal `match`."""
+    return [
+        e for e in events if e["event"] == kind and all(e.get(k) == v for k, v in match.items())
+    ]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something true (returned), or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

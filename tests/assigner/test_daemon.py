@@ -19,7 +19,8 @@ import pytest
 from acb_slurm import tls
 from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
 from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
-from acb_slurm.assigner.testing import AssignerProcess, assigner_command
+from acb_slurm.assigner.testing import AssignerProcess, assigner_command, wait_for
+from acb_slurm.assigner.testing import events_of as of
 from acb_slurm.client import Client, GrantImpossible, InvalidGpuRequest, Unauthenticated
 from acb_slurm.scheduler.replay import replay
 from acb_slurm.units import parse_size
@@ -60,22 +61,6 @@ def spawn(code: str, assigner: AssignerProcess, *args: str, worker: str) -> subp
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def of(events: list[dict[str, Any]], kind: str, **match: Any) -> list[dict[str, Any]]:
-    return [
-        e for e in events if e["event"] == kind and all(e.get(k) == v for k, v in match.items())
-    ]
 
 
 def test_six_workers_contending_for_two_gpus_never_share_one(

@@ -21,7 +21,8 @@ import pytest
 
 from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
 from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
-from acb_slurm.assigner.testing import AssignerProcess, assigner_command
+from acb_slurm.assigner.testing import AssignerProcess, assigner_command, wait_for
+from acb_slurm.assigner.testing import events_of as of
 from acb_slurm.client import Client
 from acb_slurm.scheduler.replay import replay
 
@@ -31,22 +32,6 @@ StartAssigner = Callable[..., AssignerProcess]
 
 #: gRPC's default limit on a received message: a default `status()` fails beyond it.
 GRPC_DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
-
-
-def of(events: list[dict[str, Any]], kind: str, **match: Any) -> list[dict[str, Any]]:
-    return [
-        e for e in events if e["event"] == kind and all(e.get(k) == v for k, v in match.items())
-    ]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def run_assigner(*args: str) -> subprocess.CompletedProcess[str]:

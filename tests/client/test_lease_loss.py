@@ -12,12 +12,12 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
 from acb_slurm import env
-from acb_slurm.assigner.testing import AssignerProcess
+from acb_slurm.assigner.testing import AssignerProcess, wait_for
+from acb_slurm.assigner.testing import events_of as of
 from acb_slurm.client import (
     Client,
     Lease,
@@ -72,22 +72,6 @@ ALLOCATOR = textwrap.dedent(
     on_device_end(lease)
     """
 )
-
-
-def of(events: list[dict[str, Any]], kind: str, **match: Any) -> list[dict[str, Any]]:
-    return [
-        e for e in events if e["event"] == kind and all(e.get(k) == v for k, v in match.items())
-    ]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Holder:

@@ -11,11 +11,11 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from acb_slurm.assigner.testing import AssignerProcess
+from acb_slurm.assigner.testing import AssignerProcess, wait_for
+from acb_slurm.assigner.testing import events_of as of
 from acb_slurm.exitcodes import ExitCode
 
 StartAssigner = Callable[..., AssignerProcess]
@@ -72,22 +72,6 @@ def start(
     first = proc.stdout.readline().strip()
     assert first == "phase1", first + (proc.stderr.read() if proc.poll() is not None else "")
     return proc
-
-
-def of(events: list[dict[str, Any]], kind: str, **match: Any) -> list[dict[str, Any]]:
-    return [
-        e for e in events if e["event"] == kind and all(e.get(k) == v for k, v in match.items())
-    ]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_a_program_holding_the_device_stops_when_its_assigner_dies(
