@@ -1,19 +1,28 @@
 #!/usr/bin/env python3
-"""Campaign throughput: static (one worker per GPU) vs shared (N workers per GPU, each policy).
+"""Campaign throughput: static (one worker per GPU) vs shared (N workers per GPU, each policy),
+on one or more GPU counts.
 
 The same campaign (the AF2-shaped synthetic workload of examples/alphafold2/synthetic.py) runs
 once per configuration with real `acb-campaign worker` processes and a real `acb-assigner`
-(virtual GPUs). Printed per run: items/hour over the makespan and at steady state (completions
-after the first one), GPU busy fraction (from the event log), the analytical bound
-min(GPUs / GPU-stage time, cores / CPU seconds per item), and throughput as a fraction of it.
+(virtual GPUs). Printed per run: items/hour over the makespan and at steady state, GPU busy
+(leased, per GPU-second) and GPU computing, the work-conserving bound and throughput as a
+fraction of it.
 
-On a machine without a GPU the GPU stage holds the virtual GPU for its modelled duration without
-computing (`synthetic.py predict --hold`), so it does not steal the cores the CPU stages need;
-the CPU stage computes for `--compute-fraction` of its modelled time (real alignment work) and
-waits for the rest (modelled database reads).
+Without a GPU the GPU stage runs on the emulated GPU (`synthetic.py predict --hold`): its
+modelled work is shared with every other process computing on the same virtual GPU (processor
+sharing: k holders each progress at 1/k speed), so sharing a GPU is never free; it waits instead
+of computing, so it does not take the cores the CPU stages need. The CPU stage computes for
+`--compute-fraction` of its modelled time (real alignment work) and waits for the rest.
 
-    .venv/bin/python benchmarks/campaign_bench.py [--items 32] [--workers-per-gpu 8] [--gpus 1]
-        [--slurm]   # each configuration as an acb-sbatch job on the local Slurm
+The bound is work-conserving: min(GPUs / modelled GPU work per item, cores / CPU seconds per
+item). A GPU serves at most one second of modelled work per second however it is shared, so no
+configuration can exceed it; time a lease is held without computing (the stage process starting
+and exiting) is what an exclusive lease costs over it. Steady throughput is measured over the
+GPU window (first GPU-stage start to last GPU-stage end: every item's GPU work lies inside it),
+which cannot overstate a GPU-bound run.
+
+    .venv/bin/python benchmarks/campaign_bench.py [--items 32] [--workers-per-gpu 8] [--gpus 1 2]
+        [--memory 30GiB] [--slurm]   # --slurm: each configuration as an acb-sbatch job
 """
 
 from __future__ import annotations
@@ -55,9 +64,13 @@ class RunResult:
     makespan_s: float
     items_per_hour: float
     steady_items_per_hour: float
+    gpu_window_s: float
     busy_fraction: float
+    computing_fraction: float
+    gpus_used: int
+    max_sharers: int
     gpu_stage_s: float
-    gpu_stage_modelled_s: float
+    gpu_work_s: float
     cpu_stage_s: float
     cpu_stage_modelled_s: float
     cpu_seconds_per_item: float
@@ -67,9 +80,12 @@ class RunResult:
     bound_items_per_hour: float
     bound_by: str
     fraction_of_bound: float
-    modelled_gpu_bound_items_per_hour: float
-    fraction_of_modelled_gpu_bound: float
+    makespan_fraction_of_bound: float
+    load_average: float
     event_log: str
+    startup: str = ""
+    startup_s: float = 0.0
+    compilations: int = 0
 
 
 def write_items(path: Path, count: int, seed: int, lengths: tuple[int, int]) -> None:
@@ -80,7 +96,17 @@ def write_items(path: Path, count: int, seed: int, lengths: tuple[int, int]) -> 
             fh.write(f">bench{i:03d} synthetic AF2-shaped item\n{seq}\n")
 
 
-def write_campaign(directory: Path, scale: str, compute_fraction: float, memory: str) -> Path:
+def write_campaign(
+    directory: Path, scale: str, compute_fraction: float, memory: str, startup: str = ""
+) -> Path:
+    """`startup`: "" (none), "per-item" (`predict --startup`: every GPU-stage process pays the
+    modelled start-up of a real one) or "cache" (the same with a persistent compilation cache,
+    fresh for this run)."""
+    # The workload as it was when the bench started (a copy beside the runs): edits of the
+    # example during a run do not change what the run measures.
+    synthetic = directory.parent / "synthetic.py"
+    if not synthetic.exists():
+        shutil.copyfile(SYNTHETIC, synthetic)
     spec = {
         "name": directory.name,
         "items": "../items.fasta",
@@ -92,7 +118,7 @@ def write_campaign(directory: Path, scale: str, compute_fraction: float, memory:
                 "name": "msa",
                 "device": "cpu",
                 "command": [
-                    "{python}", str(SYNTHETIC), "msa", "{fasta}", "{outdir}",
+                    "{python}", str(synthetic), "msa", "{fasta}", "{outdir}",
                     "--scale", scale, "--compute-fraction", str(compute_fraction),
                 ],
             },
@@ -104,8 +130,11 @@ def write_campaign(directory: Path, scale: str, compute_fraction: float, memory:
                 "command": [
                     # -S: the hold mode needs only the standard library; a shorter start-up
                     # while the lease is held (it is a larger share of a scaled-down stage).
-                    "{python}", "-S", str(SYNTHETIC), "predict", "{outdir}", "--hold",
+                    "{python}", "-S", str(synthetic), "predict", "{outdir}", "--hold",
                     "--scale", scale,
+                    *(["--startup"] if startup else []),
+                    *(["--compile-cache", str(directory / "compile-cache")]
+                      if startup == "cache" else []),
                 ],
             },
         ],
@@ -192,45 +221,63 @@ def run_slurm(
 
 
 def run_config(
-    root: Path, name: str, policy: str, gpus: int, workers: int, args: argparse.Namespace
+    root: Path,
+    name: str,
+    policy: str,
+    gpus: int,
+    workers: int,
+    args: argparse.Namespace,
+    startup: str = "",
 ) -> RunResult:
     directory = root / name
     if directory.exists():
         shutil.rmtree(directory)
-    campaign = write_campaign(directory, args.scale, args.compute_fraction, args.memory)
+    campaign = write_campaign(directory, args.scale, args.compute_fraction, args.memory, startup)
     where = "local Slurm job" if args.slurm else "local processes"
     print(
         f"[{name}] {workers} worker(s) on {gpus} GPU(s), policy {policy}, {where} ...", flush=True
     )
+    load_before = os.getloadavg()[0]
     if args.slurm:
         event_log = run_slurm(directory, campaign, name, policy, gpus, workers // gpus)
     else:
         event_log = run_local(directory, campaign, name, policy, gpus, workers)
+    load = (load_before + os.getloadavg()[0]) / 2
     store = ResultsStore(directory / "results")
     done = store.done_records()
     ends = sorted(d["finished"] for d in done.values())
     # From the first item's start to the last item's end (the same for local and Slurm runs:
     # it leaves out job queueing and start-up).
     makespan = ends[-1] - min(d["started"] for d in done.values())
-    steady = (len(ends) - 1) / (ends[-1] - ends[0]) * 3600 if len(ends) > 1 else 0.0
 
     def stage(key: str, field: str) -> list[float]:
         return [float(d["stages"][key][field]) for d in done.values()]
 
-    modelled_gpu, modelled_cpu = [], []
+    gpu_starts = stage("predict", "started")
+    gpu_ends = [a + b for a, b in zip(gpu_starts, stage("predict", "wall_s"), strict=True)]
+    gpu_window = max(gpu_ends) - min(gpu_starts)
+    steady = len(done) / gpu_window * 3600
+
+    work, modelled_cpu, sharers, startups, compiled = [], [], [], [], 0
     for item_id in done:
         out = store.outdir(item_id)
-        modelled_gpu.append(json.loads((out / "predict.json").read_text())["modelled_s"])
+        predict = json.loads((out / "predict.json").read_text())
+        work.append(predict["modelled_s"])
+        startups.append(float(predict.get("startup_s", 0.0)))
+        compiled += predict.get("compile") == "compiled"
+        sharers.append(int(predict.get("max_sharers", 1)))
         modelled_cpu.append(json.loads((out / "msa.json").read_text())["modelled_s"])
-    gpu_stage = statistics.mean(stage("predict", "wall_s"))
+    gpu_work = statistics.mean(work)
     cpu_seconds = statistics.mean(
         a + b for a, b in zip(stage("msa", "cpu_s"), stage("predict", "cpu_s"), strict=True)
     )
     cores = os.cpu_count() or 1
-    gpu_bound = gpus / gpu_stage * 3600
+    gpu_bound = gpus / gpu_work * 3600
     cpu_bound = cores / cpu_seconds * 3600
     bound, bound_by = min((gpu_bound, "GPU"), (cpu_bound, "CPU"))
-    summary = summarize(build_run([event_log], name))
+    run = build_run([event_log], name)
+    summary = summarize(run)
+    used = {g for h in run.holdings for g in h.gpus}
     result = RunResult(
         name=name,
         policy=policy,
@@ -240,9 +287,13 @@ def run_config(
         makespan_s=makespan,
         items_per_hour=len(done) / makespan * 3600,
         steady_items_per_hour=steady,
+        gpu_window_s=gpu_window,
         busy_fraction=summary.busy_fraction,
-        gpu_stage_s=gpu_stage,
-        gpu_stage_modelled_s=statistics.mean(modelled_gpu),
+        computing_fraction=sum(work) / (gpus * gpu_window),
+        gpus_used=len(used),
+        max_sharers=max(sharers),
+        gpu_stage_s=statistics.mean(stage("predict", "wall_s")),
+        gpu_work_s=gpu_work,
         cpu_stage_s=statistics.mean(stage("msa", "wall_s")),
         cpu_stage_modelled_s=statistics.mean(modelled_cpu),
         cpu_seconds_per_item=cpu_seconds,
@@ -254,53 +305,88 @@ def run_config(
         bound_items_per_hour=bound,
         bound_by=bound_by,
         fraction_of_bound=steady / bound,
-        modelled_gpu_bound_items_per_hour=gpus / statistics.mean(modelled_gpu) * 3600,
-        fraction_of_modelled_gpu_bound=steady / (gpus / statistics.mean(modelled_gpu) * 3600),
+        makespan_fraction_of_bound=len(done) / makespan * 3600 / bound,
+        load_average=load,
         event_log=str(event_log),
+        startup=startup,
+        startup_s=statistics.mean(startups),
+        compilations=compiled,
     )
     print(
         f"[{name}] {len(done)} items in {makespan:.1f}s: {result.items_per_hour:.0f}/h "
-        f"(steady {steady:.0f}/h), GPU busy {100 * summary.busy_fraction:.1f}%, "
-        f"bound {bound:.0f}/h ({bound_by}), {100 * result.fraction_of_bound:.1f}% of it",
+        f"(steady {steady:.0f}/h), GPU busy {100 * summary.busy_fraction:.1f}%, computing "
+        f"{100 * result.computing_fraction:.1f}%, GPUs used {len(used)}/{gpus}, up to "
+        f"{result.max_sharers} per GPU; bound {bound:.0f}/h ({bound_by}), "
+        f"{100 * result.fraction_of_bound:.1f}% of it (load {load:.1f})",
         flush=True,
     )
     return result
 
 
-def markdown(results: list[RunResult], static: RunResult, args: argparse.Namespace) -> str:
+def markdown(results: list[RunResult]) -> str:
     lines = [
         "| run | policy | GPUs x workers | items/h (makespan) | items/h (steady) | vs static "
-        "(steady) | GPU busy | GPU stage (modelled) | bound (limit) | steady / bound | "
-        "steady / modelled-GPU bound | wait p50 / p99 |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "(steady) | GPU busy (leased) | GPU computing | GPUs used | holders per GPU (max) | "
+        "GPU stage wall (work) | bound (limit) | **steady / bound** | makespan / bound | "
+        "wait p50 / p99 |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+        "---: | ---: | ---: |",
     ]
+    if any(r.startup for r in results):
+        lines[0] += " start-up per item (compilations) |"
+        lines[1] += " ---: |"
+    statics = {r.gpus: r for r in results if r.name.startswith("static")}
     for r in results:
+        static = statics.get(r.gpus)
+        versus = f"{r.steady_items_per_hour / static.steady_items_per_hour:.2f}x" if static else "-"
         waits = f"{r.wait_p50_s:.2f}s / {r.wait_p99_s:.2f}s" if r.wait_p50_s is not None else "-"
         lines.append(
             f"| {r.name} | {r.policy} | {r.gpus} x {r.workers} | {r.items_per_hour:.0f} | "
-            f"{r.steady_items_per_hour:.0f} | "
-            f"{r.steady_items_per_hour / static.steady_items_per_hour:.2f}x | "
-            f"{100 * r.busy_fraction:.1f}% | "
-            f"{r.gpu_stage_s:.2f}s ({r.gpu_stage_modelled_s:.2f}s) | "
-            f"{r.bound_items_per_hour:.0f} ({r.bound_by}) | {100 * r.fraction_of_bound:.1f}% | "
-            f"{100 * r.fraction_of_modelled_gpu_bound:.1f}% | {waits} |"
+            f"{r.steady_items_per_hour:.0f} | {versus} | {100 * r.busy_fraction:.1f}% | "
+            f"{100 * r.computing_fraction:.1f}% | {r.gpus_used} of {r.gpus} | {r.max_sharers} | "
+            f"{r.gpu_stage_s:.2f}s ({r.gpu_work_s:.2f}s) | "
+            f"{r.bound_items_per_hour:.0f} ({r.bound_by}) | **{100 * r.fraction_of_bound:.1f}%** | "
+            f"{100 * r.makespan_fraction_of_bound:.1f}% | {waits} |"
+            + (f" {r.startup_s:.2f}s ({r.compilations}) |" if r.startup else "")
         )
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=32)
-    parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--items", type=int, default=32, help="items per shared run")
+    parser.add_argument(
+        "--items-per-gpu",
+        type=int,
+        help="items per shared run and GPU instead of --items: the drain at the end (the last "
+        "items on each GPU) then weighs the same on every GPU count",
+    )
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--workers-per-gpu", type=int, default=8)
-    parser.add_argument("--scale", default="1/300", help="time scale of the modelled durations")
+    parser.add_argument("--scale", default="1/100", help="time scale of the modelled durations")
     parser.add_argument("--compute-fraction", type=float, default=0.15)
     parser.add_argument("--lengths", type=int, nargs=2, default=(200, 320))
-    parser.add_argument("--memory", default="60GiB", help="GPU-stage memory estimate (of 80GiB)")
+    parser.add_argument(
+        "--memory",
+        default="30GiB",
+        help="GPU-stage memory estimate (of 80GiB): 30GiB lets gpu-sharing place two per GPU",
+    )
     parser.add_argument("--policies", nargs="+", default=["simple", "gpu-sharing", "gpu-affinity"])
+    parser.add_argument(
+        "--static-items",
+        type=int,
+        help="items of the static runs per GPU (default: as the shared runs); the static rate "
+        "is steady from the first item",
+    )
     parser.add_argument("--out", type=Path, default=Path("/tmp/acb-campaign-bench"))
     parser.add_argument(
         "--save-timeline", type=Path, help="also copy the static-vs-shared timeline PNG here"
+    )
+    parser.add_argument(
+        "--startup-study",
+        action="store_true",
+        help="instead of the table: every policy with the modelled start-up of a real GPU-stage "
+        "process paid per item, and with a persistent compilation cache, in the same run",
     )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
@@ -313,38 +399,53 @@ def main() -> int:
 
     root = args.out
     root.mkdir(parents=True, exist_ok=True)
-    write_items(root / "items.fasta", args.items, args.seed, tuple(args.lengths))
+    for stale in root.glob("g*/synthetic.py"):
+        stale.unlink()
+    count = f"{args.items_per_gpu} items per GPU" if args.items_per_gpu else f"{args.items} items"
     print(
-        f"campaign bench: {args.items} items, lengths {args.lengths[0]}-{args.lengths[1]}, "
-        f"scale {args.scale}, compute fraction {args.compute_fraction}, "
-        f"{os.cpu_count()} cores, {args.gpus} virtual GPU(s), "
+        f"campaign bench: {count}, lengths {args.lengths[0]}-{args.lengths[1]}, "
+        f"scale {args.scale}, compute fraction {args.compute_fraction}, memory {args.memory}, "
+        f"{os.cpu_count()} cores, {' and '.join(map(str, args.gpus))} virtual GPU(s), "
         f"{'local Slurm jobs' if args.slurm else 'local processes'}",
         flush=True,
     )
     t0 = time.time()
-    results = [run_config(root, "static", "simple", args.gpus, args.gpus, args)]
-    for policy in args.policies:
-        results.append(
-            run_config(
-                root, f"shared-{policy}", policy, args.gpus, args.gpus * args.workers_per_gpu, args
-            )
-        )
-    static = results[0]
-    table = markdown(results, static, args)
+    results: list[RunResult] = []
+    if args.startup_study:
+        return startup_study(root, args, t0)
+    for gpus in args.gpus:
+        items = args.items_per_gpu * gpus if args.items_per_gpu else args.items
+        static_items = args.static_items * gpus if args.static_items else items
+        directory = root / f"g{gpus}"
+        directory.mkdir(parents=True, exist_ok=True)
+        write_items(directory / "items.fasta", static_items, args.seed, tuple(args.lengths))
+        results.append(run_config(directory, f"static-{gpus}gpu", "simple", gpus, gpus, args))
+        write_items(directory / "items.fasta", items, args.seed, tuple(args.lengths))
+        for policy in args.policies:
+            name = f"shared-{policy}-{gpus}gpu"
+            workers = gpus * args.workers_per_gpu
+            results.append(run_config(directory, name, policy, gpus, workers, args))
+    table = markdown(results)
     print()
     print(table)
-    best = max(results[1:], key=lambda r: r.steady_items_per_hour)
-    print(
-        f"\nshared ({best.policy}) / static: "
-        f"{best.steady_items_per_hour / static.steady_items_per_hour:.2f}x steady, "
-        f"{best.items_per_hour / static.items_per_hour:.2f}x over the makespan; "
-        f"total bench time {time.time() - t0:.0f}s"
-    )
+    for gpus in args.gpus:
+        runs = [r for r in results if r.gpus == gpus]
+        static, shared = runs[0], runs[1:]
+        best = max(shared, key=lambda r: r.steady_items_per_hour)
+        print(
+            f"{gpus} GPU(s): shared ({best.policy}) / static: "
+            f"{best.steady_items_per_hour / static.steady_items_per_hour:.2f}x steady; shared "
+            f"rows {min(100 * r.fraction_of_bound for r in shared):.1f}-"
+            f"{max(100 * r.fraction_of_bound for r in shared):.1f}% of the bound"
+        )
+    print(f"total bench time {time.time() - t0:.0f}s")
+    last = [r for r in results if r.gpus == args.gpus[-1]]
+    sharing = next((r for r in last if r.policy == "gpu-sharing"), last[-1])
     paths = build_report(
-        [Path(static.event_log)],
+        [Path(last[0].event_log)],
         root / "report",
-        [Path(best.event_log)],
-        names=["static", best.name],
+        [Path(sharing.event_log)],
+        names=[last[0].name, sharing.name],
         title="Campaign benchmark: static vs shared",
     )
     (root / "results.json").write_text(
@@ -362,6 +463,40 @@ def main() -> int:
     if args.save_timeline:
         shutil.copyfile(paths.png, args.save_timeline)
     print(f"report: {paths.html}\ntimeline: {paths.png}\nresults: {root / 'results.json'}")
+    return 0
+
+
+def startup_study(root: Path, args: argparse.Namespace, t0: float) -> int:
+    """Per-item start-up against a persistent compilation cache, per policy, in one run."""
+    results = []
+    for gpus in args.gpus:
+        items = args.items_per_gpu * gpus if args.items_per_gpu else args.items
+        directory = root / f"startup-g{gpus}"
+        directory.mkdir(parents=True, exist_ok=True)
+        write_items(directory / "items.fasta", items, args.seed, tuple(args.lengths))
+        workers = gpus * args.workers_per_gpu
+        for policy in args.policies:
+            for variant in ("per-item", "cache"):
+                name = f"startup-{variant}-{policy}-{gpus}gpu"
+                results.append(
+                    run_config(directory, name, policy, gpus, workers, args, startup=variant)
+                )
+    table = markdown(results)
+    print()
+    print(table)
+    print(f"total bench time {time.time() - t0:.0f}s")
+    (root / "startup-results.json").write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "runs": [asdict(r) for r in results],
+                "table": table,
+            },
+            indent=1,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     return 0
 
 

@@ -60,14 +60,18 @@ thead th {{ background: #f0f0f0; }} tbody th {{ text-align: left; font-weight: n
 img {{ max-width: 100%; border: 1px solid #ddd; }}
 </style></head><body>
 <h1>{esc(title)}</h1>
-<p>One row per worker: coloured bars are GPU holdings (colour = GPU), grey hatched bars are waits
-for a GPU. Below: how many GPUs were busy over time.</p>
+<p>One row per worker: coloured bars are GPU holdings (colour = GPU), cross-hatched where the GPU
+had other holders at the same time; grey hatched bars are waits for a GPU. Below: how many GPUs
+were busy over time, and how many of them were shared by two or more holders.</p>
 <img alt="GPU timeline" src="data:image/png;base64,{image}">
 <h2>Summary</h2>
 <table><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table>
-<p>Busy fraction: time at least one lease held a GPU over GPUs x window (first request to last
-release). Waits: request to grant. Handoff: a GPU passing to another client; its gap is release to
-the next grant when that request was already waiting.</p>
+<p>GPU busy fraction, per GPU-second: the seconds in which at least one lease held a GPU, summed
+over GPUs, over GPUs x window (first request to last release). A GPU with two holders counts as
+one busy GPU: its holders share its compute. GPU time shared: the seconds in which two or more
+leases held a GPU, over the same; most holders: the most leases on one GPU at once. Waits:
+request to grant. Handoff: a GPU passing to another client; its gap is release to the next grant
+when that request was already waiting.</p>
 <h2>Sources</h2><ul>{sources}</ul>
 <p><small>generated {esc(time.strftime("%Y-%m-%d %H:%M:%S"))}</small></p>
 </body></html>

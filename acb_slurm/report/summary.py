@@ -2,7 +2,11 @@
 
 Definitions (the tests compute them by hand the same way):
 - window: first request (or grant) to last release of the run;
-- busy fraction: time at least one lease held a GPU, summed over GPUs, over (GPUs x window);
+- busy fraction, per GPU-second: the seconds in which at least one lease held a GPU, summed
+  over GPUs, over (GPUs x window). A GPU with two holders is one busy GPU, not two: holders of
+  one GPU share its compute, so leases held are not GPU time used;
+- shared fraction: the seconds in which two or more leases held a GPU, summed over GPUs, over
+  (GPUs x window); most holders: the most leases that held one GPU at once;
 - waits: request to grant of every granted request; p50/p99 interpolate linearly between ranks;
 - handoff: a grant on a GPU whose previous holder was another client; handoff gap: release to
   that next grant, counted only when the next request was already waiting at the release.
@@ -14,7 +18,7 @@ import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from acb_slurm.report.events import Holding, Run
@@ -61,6 +65,9 @@ class Summary:
     handoffs: int
     handoff_gap_p50_s: float | None
     mean_held_s: float | None
+    shared_fraction: float = 0.0
+    shared_by_gpu: dict[str, float] = field(default_factory=dict)
+    max_holders: int = 0
 
     def as_dict(self) -> dict[str, object]:
         """Plain data (summary.json)."""
@@ -74,6 +81,35 @@ def gpu_intervals(run: Run) -> dict[tuple[str, int], list[tuple[float, float]]]:
         for g in h.gpus:
             by_gpu[(h.node, g)].append((h.start, h.end))
     return {key: merge_intervals(by_gpu.get(key, [])) for key in run.gpu_keys}
+
+
+def holder_counts(run: Run) -> dict[tuple[str, int], list[tuple[float, float, int]]]:
+    """Per GPU of the run: (start, end, holders) of every span in which its number of holders
+    was constant and above zero, in time order."""
+    deltas: dict[tuple[str, int], dict[float, int]] = {key: {} for key in run.gpu_keys}
+    for h in run.holdings:
+        for g in h.gpus:
+            changes = deltas.setdefault((h.node, g), {})
+            changes[h.start] = changes.get(h.start, 0) + 1
+            changes[h.end] = changes.get(h.end, 0) - 1
+    spans: dict[tuple[str, int], list[tuple[float, float, int]]] = {}
+    for key, changes in deltas.items():
+        level, previous, out = 0, 0.0, []
+        for t in sorted(changes):
+            if level > 0 and t > previous:
+                out.append((previous, t, level))
+            level += changes[t]
+            previous = t
+        spans[key] = out
+    return spans
+
+
+def shared_intervals(run: Run) -> dict[tuple[str, int], list[tuple[float, float]]]:
+    """Per GPU: the intervals (merged) in which two or more leases held it."""
+    return {
+        key: merge_intervals([(s, e) for s, e, n in spans if n >= 2])
+        for key, spans in holder_counts(run).items()
+    }
 
 
 def _handoffs(run: Run) -> tuple[int, list[float]]:
@@ -109,6 +145,14 @@ def summarize(run: Run) -> Summary:
         busy_by_gpu[label] = busy / window if window > 0 else 0.0
     gpus = len(intervals)
     busy_fraction = total_busy / (gpus * window) if gpus and window > 0 else 0.0
+    shared_by_gpu: dict[str, float] = {}
+    total_shared = 0.0
+    for (node, index), spans in shared_intervals(run).items():
+        shared = sum(min(e, end) - max(s, start) for s, e in spans if e > start and s < end)
+        total_shared += shared
+        label = f"{node}:{index}" if node else str(index)
+        shared_by_gpu[label] = shared / window if window > 0 else 0.0
+    counts = [n for spans in holder_counts(run).values() for _, _, n in spans]
     granted = [w.waited for w in run.waits if w.outcome == "granted"]
     handoffs, gaps = _handoffs(run)
     held = [h.held for h in run.holdings]
@@ -128,6 +172,9 @@ def summarize(run: Run) -> Summary:
         handoffs=handoffs,
         handoff_gap_p50_s=percentile(gaps, 50),
         mean_held_s=sum(held) / len(held) if held else None,
+        shared_fraction=total_shared / (gpus * window) if gpus and window > 0 else 0.0,
+        shared_by_gpu=shared_by_gpu,
+        max_holders=max(counts, default=0),
     )
 
 
@@ -152,6 +199,11 @@ def utilisation_steps(run: Run) -> tuple[list[float], list[int]]:
     return _step_function(run, (span for spans in gpu_intervals(run).values() for span in spans))
 
 
+def sharing_steps(run: Run) -> tuple[list[float], list[int]]:
+    """(times, GPUs held by two or more leases) as a step function."""
+    return _step_function(run, (span for spans in shared_intervals(run).values() for span in spans))
+
+
 def lease_steps(run: Run) -> tuple[list[float], list[int]]:
     """(times, leases held) as a step function: above the busy-GPU count when leases share GPUs."""
     return _step_function(run, ((h.start, h.end) for h in run.holdings))
@@ -172,6 +224,8 @@ def format_table(summaries: Sequence[Summary]) -> list[tuple[str, list[str]]]:
         ("GPUs / workers", [f"{s.gpus} / {s.workers}" for s in summaries]),
         ("window", [secs(s.window_s) for s in summaries]),
         ("GPU busy fraction", [f"{100 * s.busy_fraction:.1f}%" for s in summaries]),
+        ("GPU time shared", [f"{100 * s.shared_fraction:.1f}%" for s in summaries]),
+        ("most holders of a GPU", [str(s.max_holders) for s in summaries]),
         ("grants", [str(s.grants) for s in summaries]),
         ("mean hold", [secs(s.mean_held_s) for s in summaries]),
         ("wait p50", [secs(s.wait_p50_s) for s in summaries]),

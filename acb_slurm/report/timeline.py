@@ -1,5 +1,6 @@
-"""The timeline picture: one row per worker with its GPU holdings (coloured by GPU) and waits
-(light, hatched), and the number of busy GPUs over time below; two runs side by side."""
+"""The timeline picture: one row per worker with its GPU holdings (coloured by GPU; cross-hatched
+while the GPU had other holders too) and waits (light, hatched), and below, over time, the busy
+GPUs (a GPU with two holders is one busy GPU) with the shared ones marked; two runs side by side."""
 
 from __future__ import annotations
 
@@ -14,10 +15,18 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 
 from acb_slurm.report.events import Run
-from acb_slurm.report.summary import Summary, lease_steps, utilisation_steps
+from acb_slurm.report.summary import (
+    Summary,
+    lease_steps,
+    shared_intervals,
+    sharing_steps,
+    utilisation_steps,
+)
 
 WAIT_COLOUR = "#d9d9d9"
 WAIT_EDGE = "#8c8c8c"
+SHARED_HATCH = "xxxx"
+SHARED_COLOUR = "#dd8452"
 
 
 def _gpu_colours(keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
@@ -65,6 +74,8 @@ def draw_timeline(runs: Sequence[Run], summaries: Sequence[Summary], path: Path)
                 hatch="////",
                 linewidth=0.3,
             )
+        shared = shared_intervals(run)
+        any_shared = any(shared.values())
         for holding in run.holdings:
             n = max(1, len(holding.gpus))
             for i, g in enumerate(holding.gpus or (0,)):
@@ -76,6 +87,21 @@ def draw_timeline(runs: Sequence[Run], summaries: Sequence[Summary], path: Path)
                     edgecolors="black",
                     linewidth=0.4,
                 )
+                # The part of the holding during which the GPU had other holders too.
+                together = [
+                    (max(s, holding.start) - t0, min(e, holding.end) - max(s, holding.start))
+                    for s, e in shared.get((holding.node, g), ())
+                    if s < holding.end and e > holding.start
+                ]
+                if together:
+                    top.broken_barh(
+                        together,
+                        (y, 0.8 / n),
+                        facecolors="none",
+                        edgecolors="white",
+                        hatch=SHARED_HATCH,
+                        linewidth=0,
+                    )
         top.set_yticks(range(len(workers)))
         top.set_yticklabels(workers, fontsize=8 if len(workers) < 24 else 6)
         top.set_ylim(len(workers) - 0.5, -0.5)
@@ -91,6 +117,15 @@ def draw_timeline(runs: Sequence[Run], summaries: Sequence[Summary], path: Path)
             Patch(facecolor=colours[k], edgecolor="black", label=_gpu_name(k, multi_node))
             for k in keys
         ]
+        if any_shared:
+            handles.append(
+                Patch(
+                    facecolor="#777777",
+                    edgecolor="white",
+                    hatch=SHARED_HATCH,
+                    label="GPU shared (2+ holders)",
+                )
+            )
         handles.append(
             Patch(facecolor=WAIT_COLOUR, edgecolor=WAIT_EDGE, hatch="////", label="waiting")
         )
@@ -102,6 +137,19 @@ def draw_timeline(runs: Sequence[Run], summaries: Sequence[Summary], path: Path)
             rel, counts, step="post", color="#4c72b0", alpha=0.55, linewidth=0, label="busy GPUs"
         )
         bottom.step(rel, counts, where="post", color="#2a4a80", linewidth=0.8)
+        if any_shared:
+            shared_times, shared_counts = sharing_steps(run)
+            bottom.fill_between(
+                [t - t0 for t in shared_times],
+                shared_counts,
+                step="post",
+                facecolor=SHARED_COLOUR,
+                edgecolor="white",
+                hatch=SHARED_HATCH,
+                alpha=0.8,
+                linewidth=0,
+                label="of them shared (2+ holders)",
+            )
         gpus = max(1, summary.gpus)
         lease_times, leases = lease_steps(run)
         top_y = max(gpus, *leases)
@@ -115,9 +163,10 @@ def draw_timeline(runs: Sequence[Run], summaries: Sequence[Summary], path: Path)
                 linewidth=0.9,
                 label="leases held",
             )
-            bottom.legend(loc="upper left", fontsize=7, framealpha=0.85)
             if col == 0:
                 bottom.set_ylabel("GPUs busy / leases")
+        if any_shared or max(leases) > max(counts):
+            bottom.legend(loc="upper left", fontsize=7, framealpha=0.85)
         bottom.set_ylim(0, top_y * 1.08)
         bottom.set_yticks(range(top_y + 1) if top_y <= 8 else [0, top_y // 2, top_y])
         bottom.axhline(gpus, color="grey", linestyle=":", linewidth=0.8)
@@ -129,7 +178,8 @@ def draw_timeline(runs: Sequence[Run], summaries: Sequence[Summary], path: Path)
         bottom.text(
             0.995,
             0.93,
-            f"busy {100 * summary.busy_fraction:.1f}% of {gpus} GPU x {summary.window_s:.0f}s",
+            f"busy {100 * summary.busy_fraction:.1f}% of {gpus} GPU x {summary.window_s:.0f}s"
+            + (f", shared {100 * summary.shared_fraction:.1f}%" if any_shared else ""),
             transform=bottom.transAxes,
             ha="right",
             va="top",

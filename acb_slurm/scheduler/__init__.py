@@ -10,6 +10,7 @@ from acb_slurm.scheduler.core import Scheduler
 from acb_slurm.scheduler.policies import (
     GpuAffinity,
     GpuSharing,
+    GpuSharingPack,
     Policy,
     PolicyView,
     Simple,
@@ -33,6 +34,7 @@ __all__ = [
     "Gpu",
     "GpuAffinity",
     "GpuSharing",
+    "GpuSharingPack",
     "Grant",
     "Infeasible",
     "InvalidRequest",

@@ -26,6 +26,7 @@ from acb_slurm.units import format_size
 __all__ = [
     "GpuAffinity",
     "GpuSharing",
+    "GpuSharingPack",
     "Policy",
     "PolicyView",
     "Simple",
@@ -170,14 +171,18 @@ def available_policies() -> list[str]:
 
 
 def get_policy(name: str) -> Policy:
-    """A fresh instance of the policy registered as `name`; `UnknownPolicy` lists the known ones."""
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        known = ", ".join(available_policies())
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UnknownPolicy(f"unknown policy {name!r}{hint}; known policies: {known}") from None
+    """A fresh instance of the policy registered as `name` (or of a variant, `name:option`);
+    `UnknownPolicy` lists the known ones."""
+    cls = _REGISTRY.get(name) or _VARIANTS.get(name)
+    if cls is not None:
+        return cls()
+    known = ", ".join(available_policies())
+    variants = ", ".join(sorted(_VARIANTS))
+    close = difflib.get_close_matches(str(name), [*_REGISTRY, *_VARIANTS], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UnknownPolicy(
+        f"unknown policy {name!r}{hint}; known policies: {known} (variants: {variants})"
+    )
 
 
 def _gpus(count: int) -> str:
@@ -223,11 +228,30 @@ class Simple(Policy):
 
 @register_policy
 class GpuSharing(Policy):
-    """Requests with a memory promise share a GPU while the promises fit; 0 bytes = exclusive."""
+    """Requests with a memory promise share a GPU while the promises fit; 0 bytes = exclusive.
+
+    Placement spreads before it packs: a shared request goes to GPUs nobody holds when enough
+    of them have its memory, and shares a held GPU only when too few are idle; among held GPUs
+    it takes those with the fewest holders. GPUs that compute share their SMs, so k holders of
+    one GPU each run at about 1/k speed: packing two predictions onto one GPU while another GPU
+    idles halves the throughput of both. Ties go to the GPU that leaves the least memory over
+    (best fit: the smallest idle GPU that fits, so larger GPUs stay whole for larger requests),
+    then to the lower index, which keeps the decision deterministic (the core must replay).
+    An exclusive request (0 bytes) takes the smallest empty GPUs.
+
+    Whole GPUs for exclusive and multi-GPU requests are not held back while one waits: such a
+    waiter is protected by the core's bypass bound (after `max_bypass` later grants it
+    reserves, and the GPUs drain for it). A node whose workload mixes whole-GPU requests with
+    small shared ones can ask for packing instead: policy `gpu-sharing:pack` (best fit only,
+    the placement of gpu-sharing before issue 12), which keeps idle GPUs whole as long as the
+    shared requests fit on held ones.
+    """
 
     name = "gpu-sharing"
-    description = "several requests share a GPU while their memory promises fit it"
+    description = "requests share a GPU while their memory promises fit; idle GPUs first"
     local_pins = True
+    #: True: best fit over all GPUs (pack); False: idle GPUs first, then the least shared.
+    pack: ClassVar[bool] = False
 
     def exclusive(self, request: Request) -> bool:
         return request.memory_bytes == 0
@@ -243,27 +267,39 @@ class GpuSharing(Policy):
     def place(self, request: Request, view: PolicyView) -> tuple[int, ...] | None:
         if request.required_gpus:
             return self.place_required(request, view)
-        # Best fit: put a shared request on the GPUs where it leaves the least memory over,
-        # so that the large holes stay whole for large (or exclusive) requests that come later;
-        # an exclusive request takes the smallest empty GPUs for the same reason. Ties go to
-        # the lower index, which keeps the decision deterministic (the core must replay).
         need = request.memory_bytes
-        candidates: list[tuple[int, int]] = []  # (memory left over after placing, index)
+        # (holders, memory left over after placing, index): spread, then best fit, then index;
+        # under `pack` the holder count is left out (0), so best fit alone decides.
+        candidates: list[tuple[int, int, int]] = []
         for gpu in view.gpus:
             holders = view.holders_of(gpu.index)
             if need == 0:
                 if not holders:
-                    candidates.append((gpu.memory_bytes, gpu.index))
+                    candidates.append((0, gpu.memory_bytes, gpu.index))
                 continue
             if view.is_exclusive(gpu.index):
                 continue
             room = gpu.memory_bytes - view.promised_bytes(gpu.index)
             if room >= need:
-                candidates.append((room - need, gpu.index))
+                sharing = 0 if self.pack else len(holders)
+                candidates.append((sharing, room - need, gpu.index))
         if len(candidates) < request.gpu_count:
             return None
         candidates.sort()
-        return tuple(sorted(index for _, index in candidates[: request.gpu_count]))
+        return tuple(sorted(index for _, _, index in candidates[: request.gpu_count]))
+
+
+class GpuSharingPack(GpuSharing):
+    """gpu-sharing that packs: best fit over all GPUs, held or idle (`gpu-sharing:pack`)."""
+
+    name = "gpu-sharing:pack"
+    description = "gpu-sharing that packs shared requests onto held GPUs to keep idle ones whole"
+    pack = True
+
+
+#: Variants of a registered policy, by `name:option`: known to `get_policy` (so to the assigner's
+#: `--policy` and to replay), not listed by `available_policies`.
+_VARIANTS: dict[str, type[Policy]] = {GpuSharingPack.name: GpuSharingPack}
 
 
 @register_policy

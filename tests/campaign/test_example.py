@@ -78,13 +78,15 @@ def test_the_cpu_stage_aligns_and_the_hold_stage_needs_a_lease(tmp_path: Path) -
     assert no_lease.returncode != 0 and "CUDA_VISIBLE_DEVICES is empty" in no_lease.stderr
 
     held = run("predict", str(out), "--hold", "--scale", "1/3000",
-               env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})  # fmt: skip
+               env={**os.environ, "CUDA_VISIBLE_DEVICES": "0",
+                    "ACB_SYNTHETIC_GPU_DIR": str(tmp_path / "gpus")})  # fmt: skip
     assert held.returncode == 0, held.stderr
     info = json.loads((out / "predict.json").read_text())
     exponent = math.log(1.1 / 0.6) / math.log(1.5)
     expected = 3 * 60 / 3000 * (len(SEQUENCE) / 256) ** exponent
     assert info["modelled_s"] == pytest.approx(expected, abs=1e-4)
-    assert info["wall_s"] >= info["modelled_s"]
+    assert info["wall_s"] >= info["compute_wall_s"] >= info["modelled_s"]
+    assert info["max_sharers"] == 1 and info["batch"] == 1 and "startup_s" not in info
     assert len((out / "ranked_0.pdb").read_text().splitlines()) == len(SEQUENCE) + 1
 
 

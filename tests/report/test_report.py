@@ -17,6 +17,7 @@ from acb_slurm.report.summary import (
     lease_steps,
     percentile,
     render_table,
+    sharing_steps,
     utilisation_steps,
 )
 
@@ -221,3 +222,52 @@ def test_the_text_table_and_the_holdings_list(tmp_path: Path) -> None:
     assert len(holdings) == 1 + 4
     assert holdings[1].split()[:6] == ["0.000", "4.000", "4.000", "a", "n1:0", "L1"]
     assert holdings[1].endswith("L1/predict")
+
+
+#: Two GPUs: a and b share GPU 0 from 1 to 3 (and c joins them from 2 to 3: three holders); d
+#: holds GPU 1 alone from 0 to 2. Window 0..4: GPU 0 busy 0..4 (4 s), GPU 1 busy 0..2 (2 s);
+#: GPU 0 shared 1..3 (2 s), GPU 1 never.
+SHARED_LOG = [
+    req(0.0, "a", "A"), grant(0.0, "a", "A", 0, 0.0),
+    req(0.0, "d", "D"), grant(0.0, "d", "D", 1, 0.0),
+    req(1.0, "b", "B"), grant(1.0, "b", "B", 0, 0.0),
+    req(2.0, "c", "C"), grant(2.0, "c", "C", 0, 0.0),
+    release(2.0, "d", "D", 1),
+    release(3.0, "a", "A", 0), release(3.0, "c", "C", 0),
+    release(4.0, "b", "B", 0),
+]  # fmt: skip
+
+
+def test_busy_is_per_gpu_second_and_shared_time_is_its_own_figure(tmp_path: Path) -> None:
+    run = build_run([write_log(tmp_path / "run" / "events.jsonl", SHARED_LOG)])
+    s = summarize(run)
+    assert s.window_s == pytest.approx(4.0)
+    assert s.busy_by_gpu == {"n1:0": pytest.approx(1.0), "n1:1": pytest.approx(0.5)}
+    assert s.busy_fraction == pytest.approx(6.0 / 8.0)  # not 4 leases' 9 lease-seconds
+    assert s.shared_by_gpu == {"n1:0": pytest.approx(0.5), "n1:1": 0.0}
+    assert s.shared_fraction == pytest.approx(2.0 / 8.0)
+    assert s.max_holders == 3
+    times, shared = sharing_steps(run)
+    assert [(t, n) for t, n in zip(times, shared, strict=True) if 0 < t < 4] == [
+        (1.0, 1),
+        (3.0, 0),
+    ]
+    assert max(utilisation_steps(run)[1]) == 2 and max(lease_steps(run)[1]) == 3
+    table = render_table([s])
+    assert "GPU time shared" in table and "25.0%" in table
+    assert any(line.startswith("most holders of a GPU") and line.endswith("3") for line in
+               table.splitlines())  # fmt: skip
+
+
+def test_the_report_of_a_shared_run_marks_the_shared_gpus(tmp_path: Path) -> None:
+    shared = write_log(tmp_path / "shared" / "events.jsonl", SHARED_LOG)
+    alone = write_log(tmp_path / "alone" / "events.jsonl", LOG)
+    paths = build_report([alone], tmp_path / "out", [shared])
+    page = paths.html.read_text()
+    assert "GPU time shared" in page and "counts as\none busy GPU" in page
+    summaries = json.loads(paths.summary.read_text())
+    assert [s["shared_fraction"] for s in summaries] == [0.0, pytest.approx(0.25)]
+    assert paths.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A summary.json written before these figures existed still renders.
+    old = {k: v for k, v in summaries[0].items() if k not in ("shared_fraction", "max_holders")}
+    assert "GPU time shared" in render_table([old])

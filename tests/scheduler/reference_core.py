@@ -1,7 +1,9 @@
 """The scheduler core as it was before waiters were indexed by shape: kept verbatim (only this
 paragraph is new) as the reference the differential tests run the indexed core against, and
 the "before" of benchmarks/scheduler_queue_bench.py. Do not optimise it; its decisions are the
-specification. Every call walks the whole queue.
+specification. Every call walks the whole queue. Placement is not copied: both cores ask the
+same `acb_slurm.scheduler.policies` (so gpu-sharing's spread-before-pack rule of issue 12 holds
+in both); what this copy pins down is the queue service around it.
 
 The scheduler core: a queue of requests, an inventory of GPUs, and the grants between them.
 

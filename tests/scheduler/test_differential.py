@@ -51,6 +51,7 @@ class Moody(GpuAffinity):
 POLICIES: dict[str, Callable[[], str | Policy]] = {
     "simple": lambda: "simple",
     "gpu-sharing": lambda: "gpu-sharing",
+    "gpu-sharing:pack": lambda: "gpu-sharing:pack",
     "gpu-affinity": lambda: "gpu-affinity",
     "shapeless": Shapeless,
     "moody": Moody,
@@ -220,6 +221,7 @@ def machine(policy: str) -> Any:
 
 TestSimpleDecidesAsTheWalk = machine("simple")
 TestGpuSharingDecidesAsTheWalk = machine("gpu-sharing")
+TestGpuSharingPackDecidesAsTheWalk = machine("gpu-sharing:pack")
 TestGpuAffinityDecidesAsTheWalk = machine("gpu-affinity")
 TestShapelessDecidesAsTheWalk = machine("shapeless")
 TestRaisingPolicyDecidesAsTheWalk = machine("moody")
@@ -278,7 +280,9 @@ def test_a_holder_that_shrinks_its_usage_lets_a_pinned_waiter_in() -> None:
     assert [g.request_id for g in grants] == ["w1"]
 
 
-@pytest.mark.parametrize("policy", ["simple", "gpu-sharing", "gpu-affinity", "shapeless"])
+@pytest.mark.parametrize(
+    "policy", ["simple", "gpu-sharing", "gpu-sharing:pack", "gpu-affinity", "shapeless"]
+)
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_long_random_walks_decide_as_the_walk(policy: str, seed: int) -> None:
     random_walk(policy, seed, 1200)

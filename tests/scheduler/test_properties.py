@@ -11,6 +11,11 @@ how the core picks; after every call it checks each grant the core returned, in 
 * under gpu-affinity, a client whose last GPUs are all free gets exactly those back (requests
   naming an affinity key are remembered under it, not checked here, but replayed; a pinned
   request goes where it is pinned);
+* under gpu-sharing, a shared request spreads before it packs: it takes as many idle GPUs
+  (no holder) as fit it before any held one, and the held ones it takes have no more holders
+  than any held GPU it could have taken instead; so no GPU gets a second holder while a GPU
+  that fits stays idle. Under `gpu-sharing:pack` it goes where it leaves the least memory over
+  (best fit). Under both, a whole-GPU request takes the smallest empty GPUs;
 
 and then the whole state: queue order, holdings, per-GPU holders and promised bytes, bypass
 counts, and that no waiter could be placed now unless a reservation ahead of it holds it back.
@@ -97,7 +102,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     # ---- the model's rules -------------------------------------------------------------------
 
     def exclusive(self, request: Request) -> bool:
-        return self.policy != "gpu-sharing" or request.memory_bytes == 0
+        return not self.policy.startswith("gpu-sharing") or request.memory_bytes == 0
 
     def holders(self, index: int) -> list[Held]:
         return [h for h in self.held.values() if index in h.gpus]
@@ -151,6 +156,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                     f"{rid!r} got {gpus}, it is pinned to {request.required_gpus}"
                 )
                 event("a pinned request got its GPUs")
+            if self.policy.startswith("gpu-sharing") and not request.required_gpus:
+                self.check_sharing_placement(request, gpus)
             last = self.last.get(request.client_id, ())
             if (
                 self.policy == "gpu-affinity"
@@ -194,6 +201,39 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.granted.append((request.client_id, gpus))
             if not request.affinity_key:
                 self.last[request.client_id] = gpus
+
+    def check_sharing_placement(self, request: Request, gpus: tuple[int, ...]) -> None:
+        """gpu-sharing's choice among the GPUs that fit (checked before the grant is applied)."""
+        rid = request.request_id
+        fitting = [g.index for g in self.gpus if self.fits_on(request, g.index)]
+        others = [i for i in fitting if i not in gpus]
+        if self.exclusive(request):  # whole GPUs: the smallest empty ones
+            memory = [g.memory_bytes for g in self.gpus]
+            assert all(memory[i] <= memory[j] for i in gpus for j in others), (
+                f"{rid!r} got {gpus}, not the smallest empty GPUs of {fitting}"
+            )
+            return
+        left = {
+            i: self.gpus[i].memory_bytes - self.promised(i) - request.memory_bytes for i in fitting
+        }
+        if self.policy == "gpu-sharing:pack":
+            assert max(left[i] for i in gpus) <= min((left[j] for j in others), default=1 << 62), (
+                f"{rid!r} got {gpus}: not the best fit among {fitting}"
+            )
+            return
+        holders = {i: len(self.holders(i)) for i in fitting}
+        idle = [i for i in fitting if not holders[i]]
+        taken_idle = [i for i in gpus if not holders[i]]
+        assert len(taken_idle) == min(request.gpu_count, len(idle)), (
+            f"{rid!r} got {gpus} (holders {[holders[i] for i in gpus]}) while GPUs {idle} were idle"
+        )
+        if any(holders[i] for i in gpus):
+            event("a shared request joined a held GPU: no idle GPU fitted")
+            assert max(holders[i] for i in gpus) <= min((holders[j] for j in others), default=99), (
+                f"{rid!r} got {gpus}, not the least shared of {fitting} ({holders})"
+            )
+        elif len(self.gpus) > 1 and any(self.holders(g.index) for g in self.gpus):
+            event("a shared request went to an idle GPU while another was held")
 
     # ---- calls -------------------------------------------------------------------------------
 
@@ -374,6 +414,10 @@ class GpuSharingMachine(SchedulerMachine):
     policy = "gpu-sharing"
 
 
+class GpuSharingPackMachine(SchedulerMachine):
+    policy = "gpu-sharing:pack"
+
+
 class GpuAffinityMachine(SchedulerMachine):
     policy = "gpu-affinity"
 
@@ -382,5 +426,7 @@ TestSimpleKeepsItsPromises = SimpleMachine.TestCase
 TestSimpleKeepsItsPromises.settings = SETTINGS
 TestGpuSharingKeepsItsPromises = GpuSharingMachine.TestCase
 TestGpuSharingKeepsItsPromises.settings = SETTINGS
+TestGpuSharingPackKeepsItsPromises = GpuSharingPackMachine.TestCase
+TestGpuSharingPackKeepsItsPromises.settings = SETTINGS
 TestGpuAffinityKeepsItsPromises = GpuAffinityMachine.TestCase
 TestGpuAffinityKeepsItsPromises.settings = SETTINGS

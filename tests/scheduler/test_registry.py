@@ -36,6 +36,16 @@ def test_the_three_policies_are_registered_by_name() -> None:
     assert type(get_policy("gpu-affinity")) is GpuAffinity
 
 
+def test_the_packing_variant_of_gpu_sharing_is_known_by_name_but_not_listed() -> None:
+    """`gpu-sharing:pack` is found by name (assigner --policy, replay of its logs) and keeps
+    its name, but is not one of the policies a job file lists."""
+    packing = get_policy("gpu-sharing:pack")
+    assert isinstance(packing, GpuSharing) and packing.pack and not GpuSharing.pack
+    assert packing.name == "gpu-sharing:pack"
+    assert Scheduler([Gpu(0, 1, "0")], "gpu-sharing:pack").policy.name == "gpu-sharing:pack"
+    assert "gpu-sharing:pack" not in available_policies()
+
+
 def test_each_lookup_gives_a_fresh_instance() -> None:
     assert get_policy("simple") is not get_policy("simple")
 
@@ -44,13 +54,16 @@ def test_an_unknown_name_is_answered_with_the_known_ones() -> None:
     with pytest.raises(UnknownPolicy) as raised:
         get_policy("fair-share")
     assert str(raised.value) == (
-        "unknown policy 'fair-share'; known policies: gpu-affinity, gpu-sharing, simple"
+        "unknown policy 'fair-share'; known policies: gpu-affinity, gpu-sharing, simple "
+        "(variants: gpu-sharing:pack)"
     )
 
 
 def test_a_misspelt_name_gets_a_suggestion() -> None:
     with pytest.raises(UnknownPolicy, match="did you mean 'gpu-sharing'"):
         get_policy("gpu_sharing")
+    with pytest.raises(UnknownPolicy, match="did you mean 'gpu-sharing:pack'"):
+        get_policy("gpu-sharing:packed")
 
 
 def test_a_scheduler_with_an_unknown_policy_name_is_refused() -> None:

@@ -199,4 +199,16 @@ def test_a_recorded_log_of_a_real_assigner_replays_exactly(path: Path) -> None:
 
 
 def test_there_is_a_recorded_log_for_every_policy() -> None:
-    assert {read(p)[0]["policy"] for p in RECORDED} == set(available_policies())
+    recorded = {read(p)[0]["policy"] for p in RECORDED}
+    assert recorded == {*available_policies(), "gpu-sharing:pack"}
+
+
+def test_a_gpu_sharing_log_from_before_spreading_replays_as_gpu_sharing_pack() -> None:
+    """gpu-sharing packed (best fit) before issue 12; its logs replay with the packing variant,
+    and no longer with gpu-sharing itself, which now puts a request on an idle GPU first."""
+    log = read(Path(__file__).parent / "logs" / "before-spread-gpu-sharing.jsonl")
+    assert log[0]["policy"] == "gpu-sharing"
+    scheduler = replay(log, policy="gpu-sharing:pack")
+    assert scheduler.policy.name == "gpu-sharing:pack"
+    with pytest.raises(ReplayMismatch, match="the scheduler granted"):
+        replay(log)

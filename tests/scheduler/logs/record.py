@@ -4,7 +4,10 @@ Runs a real acb-assigner per policy with virtual GPUs, real client processes con
 (some pinned, as a swapping process is, to the GPUs of their first grant) and one holder killed
 with SIGKILL (a disconnect), then copies each event log here:
 
-    .venv/bin/python tests/scheduler/logs/record.py
+    .venv/bin/python tests/scheduler/logs/record.py [POLICY ...]   # default: all
+
+`before-spread-gpu-sharing.jsonl` is the gpu-sharing log recorded before placement spread over
+idle GPUs (issue 12); it is kept, not re-recorded: it replays under `gpu-sharing:pack`.
 """
 
 from __future__ import annotations
@@ -96,26 +99,34 @@ def record(name: str, policy: str, gpus: int, workers: list[tuple[int, str, str]
     print(f"recorded {HERE / name}")
 
 
+SHARING = [
+    (1, "10GiB", "pin"),
+    (1, "30GiB", "any"),
+    (1, "0", "pin"),
+    (1, "20GiB", "any"),
+    (2, "10GiB", "any"),
+]
+
+
 def main() -> None:
-    record("recorded-simple.jsonl", "simple", 2, [(1, "0", "any")] * 3 + [(1, "0", "pin")] * 2)
-    record(
-        "recorded-gpu-sharing.jsonl",
-        "gpu-sharing",
-        2,
-        [
-            (1, "10GiB", "pin"),
-            (1, "30GiB", "any"),
-            (1, "0", "pin"),
-            (1, "20GiB", "any"),
-            (2, "10GiB", "any"),
-        ],
-    )
-    record(
-        "recorded-gpu-affinity.jsonl",
-        "gpu-affinity",
-        3,
-        [(2, "0", "pin"), (1, "0", "any"), (3, "0", "any"), (1, "0", "pin")],
-    )
+    """Record every log, or only those of the policies named on the command line."""
+    runs: dict[str, Callable[[], None]] = {
+        "simple": lambda: record(
+            "recorded-simple.jsonl", "simple", 2, [(1, "0", "any")] * 3 + [(1, "0", "pin")] * 2
+        ),
+        "gpu-sharing": lambda: record("recorded-gpu-sharing.jsonl", "gpu-sharing", 2, SHARING),
+        "gpu-sharing:pack": lambda: record(
+            "recorded-gpu-sharing-pack.jsonl", "gpu-sharing:pack", 2, SHARING
+        ),
+        "gpu-affinity": lambda: record(
+            "recorded-gpu-affinity.jsonl",
+            "gpu-affinity",
+            3,
+            [(2, "0", "pin"), (1, "0", "any"), (3, "0", "any"), (1, "0", "pin")],
+        ),
+    }
+    for policy in sys.argv[1:] or runs:
+        runs[policy]()
 
 
 if __name__ == "__main__":
