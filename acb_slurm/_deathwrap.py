@@ -12,7 +12,7 @@ fresh single-threaded process before exec'ing CMD in place (same pid, session, p
   parent is no longer PARENT_PID), CMD does not start: exit 137, as if SIGKILLed with it. Where
   there is no prctl (not Linux) it goes on without one; a prctl that fails refuses to start.
 - niceness NICE (campaign cpu stages default to 10; `acb-run` uses 0).
-- an empty signal mask (`acb-run` blocks the signals it forwards while the child starts; the
+- an empty signal mask (a caller may have signals blocked while it starts the child; the
   mask would otherwise be inherited across exec).
 
 The same script guards a whole process group (``--guard``): `guard()` starts it beside a child

@@ -6,7 +6,7 @@ exactly while its command runs, and dies with the worker if the worker is killed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 
@@ -20,6 +20,11 @@ class HeldLease(Protocol):
     def waited_s(self) -> float: ...
 
     def release(self) -> None: ...
+
+    def on_lost(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call `callback(reason)` (on another thread) if the lease is lost while held, or at
+        once if it already was; returns the function that unregisters it."""
+        ...
 
 
 class LeaseProvider(Protocol):
@@ -48,6 +53,24 @@ class _ClientLease:
         from acb_slurm.client import manual
 
         manual.on_device_end(self._lease)
+
+    def on_lost(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Through the client's `on_lease_lost` (runs on its session thread)."""
+        from acb_slurm.client.errors import LeaseLost
+        from acb_slurm.client.session import default_client
+
+        client = default_client()
+
+        def lost(lease: Any, error: LeaseLost) -> None:
+            if lease.lease_id == self._lease.lease_id:
+                callback(error.reason or str(error))
+
+        client.on_lease_lost(lost)
+        try:
+            client.check_lease(self._lease)  # lost before the callback was there?
+        except LeaseLost as exc:
+            callback(exc.reason or str(exc))
+        return lambda: client.remove_lease_lost_callback(lost)
 
 
 class ClientLeaseProvider:

@@ -12,8 +12,13 @@ SIGSTOP or `scontrol suspend`, or cut off from the shared file system for longer
 `stale_after`) kills its stage's process group and drops the item: it writes no stage marker,
 attempt record, done or failed record for it, as the worker that took it over owns them now.
 
-Stages start through `acb_slurm._deathwrap` (never `preexec_fn`: the worker has threads), in a
-new session, with PR_SET_PDEATHSIG so that they die with their worker, and with their niceness.
+A gate stage whose lease is lost while it runs (the assigner died or restarted, or dropped this
+worker as silent) is killed at once, its whole process group with SIGKILL: its GPUs may already
+be another process's. The attempt is recorded failed ("lease lost"), as any failed stage.
+
+Stages are started and supervised by `acb_slurm.supervise` (the exec wrapper `_deathwrap`, never
+`preexec_fn`: the worker has threads): in their own process group, guarded, with PR_SET_PDEATHSIG
+so that they die with their worker, and with their niceness.
 """
 
 from __future__ import annotations
@@ -21,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -43,6 +46,8 @@ from acb_slurm.campaign.items import Item, read_items
 from acb_slurm.campaign.progress import ProgressDisplay
 from acb_slurm.campaign.spec import CampaignSpec, Device, GpuMode, Stage, substitute
 from acb_slurm.campaign.store import Claim, ClaimState, Outcome, ResultsStore, WorkerIdentity
+from acb_slurm.launcher import acb_run_argv, acb_run_path
+from acb_slurm.supervise import Supervised
 
 #: Set for every stage command: which item, stage and attempt it runs for.
 ITEM_ENV = acb_env.CAMPAIGN_ITEM
@@ -53,12 +58,6 @@ ATTEMPT_ENV = acb_env.CAMPAIGN_ATTEMPT
 STAGE_WRAPPER = Path(deathwrap.WRAPPER)
 #: Its exit status when the command cannot be started.
 CANNOT_START = deathwrap.CANNOT_START
-
-
-def wrapped_command(argv: Sequence[str], nice: int) -> list[str]:
-    """`argv` started through the exec wrapper: it dies with this process (PR_SET_PDEATHSIG)
-    and runs at niceness `nice`."""
-    return deathwrap.command(argv, nice=nice, name="acb-campaign")
 
 
 _LOST_LINE = (
@@ -149,16 +148,13 @@ class WorkerSummary:
 
 def acb_run_command() -> str:
     """Path of `acb-run`: beside this Python (a venv) or on PATH."""
-    beside = Path(sys.executable).parent / "acb-run"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("acb-run")
-    if found is None:
+    try:
+        return acb_run_path()
+    except FileNotFoundError:
         raise CampaignError(
             "acb-run not found beside the Python interpreter or on PATH; install acb-slurm in "
             "the environment that runs the workers"
-        )
-    return found
+        ) from None
 
 
 #: The worker forks stage processes that exec at once, so gRPC's fork handlers are not needed
@@ -206,7 +202,7 @@ class Worker:
         self._claim: Claim | None = None
         # Set (by the heartbeat or a check before a write) to the claim found lost.
         self._lost_claim: Claim | None = None
-        self._child: subprocess.Popen[bytes] | None = None
+        self._child: Supervised | None = None  # the running stage
         self._acquiring = False
         self._stop_signal: int | None = None
         self._ticker_stop = threading.Event()
@@ -225,9 +221,8 @@ class Worker:
         first = self._stop_signal is None
         self._stop_signal = signum
         child = self._child
-        if child is not None and child.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGTERM if first else signal.SIGKILL)
+        if child is not None:  # (kept until the stage starts; nothing once it has ended)
+            child.send_signal(signal.SIGTERM if first else signal.SIGKILL)
         elif self._acquiring:
             raise WorkerStopped(signum)
 
@@ -294,9 +289,12 @@ class Worker:
                         and self._claim is claim  # not just finished (tombstone) meanwhile
                         and self._lost_claim is not claim
                     ):
-                        # The main thread kills the stage within half a second (_run_process)
-                        # and drops the item at its next check.
+                        # The stage is killed now; the main thread drops the item at its next
+                        # check (_run_process).
                         self._lost_claim = claim
+                        child = self._child
+                        if child is not None and self._claim is claim:
+                            child.kill("claim lost")
                         self.display.say(
                             f"{self.name}: lost the claim on {claim.item_id} (taken over as "
                             "stale: this worker was stopped or cut off longer than stale_after); "
@@ -546,10 +544,14 @@ class Worker:
 
         if stage.mode is GpuMode.AUTO:
             env[acb_env.WORKER] = self.name
-            options = ["--label", label, "--priority", str(stage.priority)]
-            if stage.memory_bytes:
-                options += ["--memory", str(stage.memory_bytes)]
-            argv = [acb_run_command(), "--auto", *options, "--", *argv]
+            argv = acb_run_argv(
+                "auto",
+                argv,
+                label=label,
+                priority=stage.priority,
+                memory=stage.memory_bytes,
+                program=acb_run_command(),
+            )
             timing["mode"] = "auto"
             return timing | self._run_process(stage, argv, env, item, log)
 
@@ -559,7 +561,7 @@ class Worker:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(lease.device_ids)
             timing["device_ids"] = list(lease.device_ids)
             timing["lease_wait_s"] = round(lease.waited_s, 4)
-            result = self._run_process(stage, argv, env, item, log)
+            result = self._run_process(stage, argv, env, item, log, lease)
         finally:
             try:
                 lease.release()
@@ -594,60 +596,69 @@ class Worker:
             self._acquiring = False
 
     def _run_process(
-        self, stage: Stage, argv: list[str], env: dict[str, str], item: Item, log: IO[bytes]
+        self,
+        stage: Stage,
+        argv: list[str],
+        env: dict[str, str],
+        item: Item,
+        log: IO[bytes],
+        lease: HeldLease | None = None,
     ) -> dict[str, Any]:
         log.write(
             f"== stage {stage.name} on {socket.gethostname()} by {self.name}: {argv!r}\n".encode()
         )
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        started = time.time()
         claim = self._claim
         if claim is not None:
             self._ensure_claim(claim)  # a gpu stage may have waited long for its lease
-        try:
-            # No preexec_fn: the wrapper sets the death signal and niceness, then execs argv.
-            child = subprocess.Popen(
-                wrapped_command(argv, stage.nice),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.store.outdir(item.id),
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise StageFailed(f"stage {stage.name} could not start {argv[0]!r}: {exc}") from None
-        # If this worker is killed outright, the guard kills the stage's whole group (the death
-        # signal reaches the stage's first process only, not what it started).
-        guard = deathwrap.guard(child.pid)
+        # Through the exec wrapper (death signal, niceness), in its own process group, which a
+        # guard kills if this worker is killed outright (acb_slurm.supervise).
+        child = Supervised(
+            argv,
+            env,
+            session=True,
+            timeout=stage.timeout_s,
+            nice=stage.nice,
+            name="acb-campaign",
+            cwd=self.store.outdir(item.id),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        lost_lease: list[str] = []
+
+        def lease_lost(reason: str) -> None:
+            # On the client's session thread: the GPUs may be another process's already.
+            lost_lease.append(reason)
+            child.kill("lease lost")
+
         self._child = child
-        timed_out = False
+        if claim is not None and self._lost_claim is claim:
+            child.kill("claim lost")  # the ticker found it lost before the stage was ours
+        forget = lease.on_lost(lease_lost) if lease is not None else None
         try:
-            while True:
-                try:
-                    rc = child.wait(timeout=0.5)
-                    break
-                except subprocess.TimeoutExpired:
-                    if claim is not None and self._lost_claim is claim:
-                        # Taken over: the new holder runs the item; ours must not go on.
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(child.pid, signal.SIGKILL)
-                    elif stage.timeout_s is not None and time.time() - started > stage.timeout_s:
-                        timed_out = True
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(child.pid, signal.SIGKILL)
+            try:
+                child.start()
+            except OSError as exc:
+                raise StageFailed(
+                    f"stage {stage.name} could not start {argv[0]!r}: {exc}"
+                ) from None
+            result = child.wait()
         finally:
             self._child = None
-            # Whatever the stage left behind in its process group goes with it.
-            deathwrap.stop_guard(guard, child.pid)
-        wall = time.time() - started
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        log.write(f"== stage {stage.name}: exit {rc} after {wall:.2f}s\n".encode())
+            if forget is not None:
+                forget()
+        rc = result.returncode
+        log.write(f"== stage {stage.name}: exit {rc} after {result.wall_s:.2f}s\n".encode())
         if claim is not None and self._lost_claim is claim:
             raise ClaimLost(claim.item_id)
         self._check_stop()
-        if timed_out:
+        if result.killed == "lease lost":
+            raise StageFailed(
+                f"stage {stage.name}: lease lost while it ran ({lost_lease[0]}); the stage was "
+                "killed (SIGKILL to its process group) rather than run on GPUs another process "
+                "may hold now"
+            )
+        if result.timed_out:
             raise StageFailed(
                 f"stage {stage.name} timed out after {stage.timeout_s:g}s (killed); raise its "
                 "timeout in the campaign file if that is too short"
@@ -658,7 +669,7 @@ class Worker:
                 how += " (command not found or not executable? see the log)"
             raise StageFailed(f"stage {stage.name} {how}")
         return {
-            "started": round(started, 4),
-            "wall_s": round(wall, 4),
-            "cpu_s": round(cpu, 4),
+            "started": round(result.started, 4),
+            "wall_s": round(result.wall_s, 4),
+            "cpu_s": round(result.cpu_s, 4),
         }

@@ -7,6 +7,7 @@ SIGINT/SIGTERM/SIGHUP/SIGUSR1/SIGUSR2 to it, waits, releases and returns the chi
 and the assigner releases the lease by itself, and the child is killed with it (SIGKILL via
 ``PR_SET_PDEATHSIG``): a program must not go on using a GPU whose lease was given back.
 
+The command is started and supervised by `acb_slurm.supervise` (shared with campaign stages).
 The death signal is set by a tiny exec wrapper (`acb_slurm._deathwrap`, shared with the
 campaign worker, run as ``python -S -I``: prctl, check that the parent is still this process,
 reset the signal mask, execvp the command; the pid stays the child's). ``preexec_fn`` is not
@@ -43,32 +44,31 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import FrameType
 from typing import TYPE_CHECKING
 
-from acb_slurm import _deathwrap as deathwrap
 from acb_slurm import env
 from acb_slurm.exitcodes import ExitCode
+from acb_slurm.supervise import FORWARDED_SIGNALS, Supervised, exit_code
 
 if TYPE_CHECKING:  # the client (gRPC) is imported by run_gated, when it is needed
     from acb_slurm.client.errors import LeaseLost
     from acb_slurm.client.session import Client, Lease
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "FORWARDED_SIGNALS",
+    "GateError",
+    "GateLeaseLost",
+    "GateSpec",
+    "exit_code",
+    "run_child",
+    "run_gated",
+]
 
-FORWARDED_SIGNALS = (
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
+log = logging.getLogger(__name__)
 
 
 class GateError(RuntimeError):
@@ -89,7 +89,7 @@ class _LossWatch:
         self.lease_id: str | None = None
         self.error: LeaseLost | None = None
         self.killed = False  # the command was running when the loss came, and was killed
-        self._child: tuple[int, bool] | None = None  # (pid, leads its own group)
+        self._child: Supervised | None = None
         self._early: dict[str, LeaseLost] = {}  # losses told before `granted` named the lease
 
     def lost(self, lease: Lease, error: LeaseLost) -> None:
@@ -108,27 +108,16 @@ class _LossWatch:
             self.error = self._early.pop(lease_id, None)
             self._early.clear()
 
-    def started(self, pid: int, group: bool) -> None:
+    def attach(self, child: Supervised) -> None:
+        """`child` is about to start: kill it if the lease is lost (or was already)."""
         with self._lock:
-            self._child = (pid, group)
+            self._child = child
             if self.error is not None:  # lost before the command could even start
                 self._kill()
 
-    def ended(self) -> None:
-        """The child was reaped: its pid is no longer ours to signal."""
-        with self._lock:
-            self._child = None
-
     def _kill(self) -> None:
-        if self._child is None:
-            return
-        pid, group = self._child
-        self.killed = True
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if group:
-                os.killpg(pid, signal.SIGKILL)
-            else:
-                os.kill(pid, signal.SIGKILL)
+        if self._child is not None and self._child.kill("lease lost"):
+            self.killed = True  # (False once the child was reaped: its end was its own)
 
 
 @dataclass(frozen=True)
@@ -141,11 +130,6 @@ class GateSpec:
     priority: int = 0
     label: str = ""
     timeout: float | None = None
-
-
-def exit_code(returncode: int) -> int:
-    """A child's returncode as a shell reports it (128+N for death by signal N)."""
-    return 128 - returncode if returncode < 0 else returncode
 
 
 def run_gated(spec: GateSpec, client: Client | None = None) -> int:
@@ -215,60 +199,22 @@ def run_child(
     command: Sequence[str], child_env: dict[str, str], watch: _LossWatch | None = None
 ) -> int:
     """Spawn, forward signals, wait; the previous signal handlers come back afterwards. `watch`
-    is told the child (to kill it if the lease is lost) and when it has been reaped."""
-    interactive = _stdin_is_terminal()
+    kills the child if the lease is lost while it runs."""
     if shutil.which(command[0], path=child_env.get("PATH")) is None and not os.path.isfile(
         command[0]
     ):
         raise GateError(f"cannot start {command[0]!r}: command not found")
-    wrapped = deathwrap.command(command, name="acb-run")
-    child: subprocess.Popen[bytes] | None = None
-    early: list[int] = []  # signals that came before the child: delivered once it exists
-
-    def deliver(signum: int, sent_to_us_only: bool) -> None:
-        assert child is not None
-        if not interactive:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.pid, signum)  # the child's own children too
-            return
-        if signum == signal.SIGINT and not sent_to_us_only:
-            return  # the terminal sent it to the child too
-        if child.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signum)
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        # Python runs this in the main thread, between two bytecodes of whatever it does.
-        if child is None:
-            early.append(signum)
-        else:
-            deliver(signum, sent_to_us_only=False)
-
-    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
-    guard = None
+    interactive = _stdin_is_terminal()
+    child = Supervised(
+        command, child_env, group=not interactive, forward=FORWARDED_SIGNALS, name="acb-run"
+    )
+    if watch is not None:
+        watch.attach(child)
     try:
         try:
-            child = subprocess.Popen(
-                wrapped, env=child_env, process_group=None if interactive else 0
-            )
+            child.start()
         except OSError as exc:
             raise GateError(f"cannot start {command[0]!r}: {exc.strerror or exc}") from None
-        if watch is not None:
-            watch.started(child.pid, group=not interactive)
-        guard = None if interactive else deathwrap.guard(child.pid)
-        while early:  # sent before the child was there: it has not had them
-            deliver(early.pop(0), sent_to_us_only=True)
-        while True:
-            try:
-                returncode = child.wait()
-            except KeyboardInterrupt:  # pragma: no cover - SIGINT is forwarded, not raised
-                continue
-            if watch is not None:
-                watch.ended()
-            return exit_code(returncode)
+        return child.wait().exit_status
     finally:
-        if guard is not None and child is not None:  # nothing of the command outlives it
-            deathwrap.stop_guard(guard, child.pid)  # (the lease goes back next)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         sys.stdout.flush()

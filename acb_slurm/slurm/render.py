@@ -19,6 +19,7 @@ from typing import Any
 import jinja2
 
 from acb_slurm import defaults, env
+from acb_slurm.launcher import acb_run_argv
 from acb_slurm.slurm.errors import RenderError
 from acb_slurm.slurm.spec import JobSpec, WorkerGroup, command_argv
 from acb_slurm.units import parse_size
@@ -141,12 +142,11 @@ def prologue_options(spec: JobSpec, bin_dir: str = "") -> PrologueOptions:
 
 def _worker_context(spec: JobSpec, group: WorkerGroup, bin_dir: str) -> dict[str, Any]:
     if group.mode == "gate":
-        launcher = [f"{bin_dir}/acb-run", "--gate", "--gpus", str(group.gpus)]
-        if spec.broker.worker_memory:
-            launcher += ["--memory", str(spec.broker.worker_memory)]
-        launcher.append("--")
+        launcher = acb_run_argv(
+            "gate", gpus=group.gpus, memory=spec.broker.worker_memory, bin_dir=bin_dir
+        )
     elif group.mode == "auto":
-        launcher = [f"{bin_dir}/acb-run", "--auto", "--"]
+        launcher = acb_run_argv("auto", bin_dir=bin_dir)
     else:
         launcher = []
     return {

@@ -591,3 +591,42 @@ def test_what_a_stage_started_dies_with_its_sigkilled_worker(
     finally:
         if proc_stat(grandchild) is not None:
             os.kill(grandchild, signal.SIGKILL)
+
+
+def test_a_gate_stage_whose_lease_is_lost_is_killed_and_its_attempt_fails(
+    tmp_path: Path, assigner: Callable[..., AssignerProcess], workers: Workers
+) -> None:
+    """The assigner dies while a gate stage holds its lease: the GPU may be anyone's now, so the
+    stage's whole process group is killed at once (as acb-run's command is), the attempt is
+    recorded failed with the reason, and the worker goes on (here: nothing left, exit 0)."""
+    write_fasta(tmp_path / "items.fasta", 1)
+    pids = tmp_path / "pids"
+    script = f"sleep 300 & echo $$ $! > '{pids}.tmp' && mv '{pids}.tmp' '{pids}'; wait"
+    stages = [{"name": "predict", "device": "gpu", "command": ["sh", "-c", script]}]
+    campaign = write_campaign(tmp_path, stages, retries=0)
+    gpu = assigner(gpus=1)
+    worker = workers.start(campaign, "w0", gpu.client_env())
+    wait_for(lambda: pids.exists(), what="the gate stage to start")
+    stage, grandchild = (int(pid) for pid in pids.read_text().split())
+    try:
+        killed_at = time.monotonic()
+        gpu.kill()
+        wait_for(
+            lambda: proc_stat(stage) is None and proc_stat(grandchild) is None,
+            10,
+            "the stage's group to be killed",
+        )
+        took = time.monotonic() - killed_at
+    finally:
+        for pid in (stage, grandchild):
+            if proc_stat(pid) is not None:
+                os.kill(pid, signal.SIGKILL)
+    assert took < 2.0, f"the stage ran {took:.2f}s on a lost lease"
+    assert worker.wait(60) == 0, workers.log("w0")
+    store = ResultsStore(tmp_path / "results")
+    (attempt,) = store.attempts("prot000")
+    assert attempt["outcome"] == "failed"
+    assert "lease lost" in attempt["error"] and "killed" in attempt["error"]
+    failed = store.failed_records()
+    assert list(failed) == ["prot000"] and "lease lost" in failed["prot000"]["error"]
+    assert "lease lost" in workers.log("w0")
