@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from acb_slurm import tls
+from acb_slurm import defaults, tls
 from acb_slurm.assigner.errors import AssignerStartError
 from acb_slurm.assigner.inventory import nvml_inventory, virtual_inventory
 from acb_slurm.assigner.server import AssignerConfig, serve
@@ -160,9 +160,11 @@ def assigner(
     policy: Annotated[
         str,
         typer.Option(
-            metavar="NAME", help="Scheduling policy: simple, gpu-sharing or gpu-affinity."
+            metavar="NAME",
+            help="Scheduling policy: simple, gpu-sharing (spreads, then shares), "
+            "gpu-sharing:pack (shares first) or gpu-affinity.",
         ),
-    ] = "simple",
+    ] = defaults.POLICY,
     virtual_gpus: Annotated[
         int | None,
         typer.Option(

@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from acb_slurm import defaults
 from acb_slurm import tls as job_tls
 from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
 from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
@@ -157,7 +158,7 @@ class AssignerConfig:
 
     socket_path: str
     gpus: list[Gpu]
-    policy: str = "simple"
+    policy: str = defaults.POLICY
     tcp: str | None = None
     event_log: str | None = None
     token: str | None = None

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from acb_slurm import env
+from acb_slurm import defaults, env
 
 
 def assigner_command() -> list[str]:
@@ -44,8 +44,8 @@ class AssignerProcess:
         self,
         directory: str | os.PathLike[str],
         gpus: int = 2,
-        gpu_memory: str = "80GiB",
-        policy: str = "simple",
+        gpu_memory: str = defaults.VIRTUAL_GPU_MEMORY,
+        policy: str = defaults.POLICY,
         token: str | None = None,
         tcp: str | None = None,
         controller: str | None = None,

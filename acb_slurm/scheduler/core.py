@@ -39,6 +39,7 @@ from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from acb_slurm import defaults
 from acb_slurm.scheduler.policies import Policy, get_policy
 from acb_slurm.scheduler.types import (
     Gpu,
@@ -133,7 +134,7 @@ class Scheduler:
     """Decides which waiting request gets which GPUs, under a named policy."""
 
     def __init__(
-        self, gpus: Sequence[Gpu], policy: str | Policy = "simple", max_bypass: int = 8
+        self, gpus: Sequence[Gpu], policy: str | Policy = defaults.POLICY, max_bypass: int = 8
     ) -> None:
         gpus = tuple(gpus)
         for position, gpu in enumerate(gpus):

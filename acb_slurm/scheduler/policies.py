@@ -170,6 +170,11 @@ def available_policies() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def policy_variants() -> list[str]:
+    """Names of the variants of registered policies (`name:option`), sorted."""
+    return sorted(_VARIANTS)
+
+
 def get_policy(name: str) -> Policy:
     """A fresh instance of the policy registered as `name` (or of a variant, `name:option`);
     `UnknownPolicy` lists the known ones."""

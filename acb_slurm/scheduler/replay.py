@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from acb_slurm import defaults
 from acb_slurm.scheduler.core import Scheduler
 from acb_slurm.scheduler.policies import Policy
 from acb_slurm.scheduler.types import Gpu, Grant, Request, SchedulerError
@@ -144,7 +145,7 @@ def _inventory(event: Mapping[str, Any], where: str) -> list[Gpu]:
 def _policy(policy: str | Policy | None, event: Mapping[str, Any]) -> str | Policy:
     if policy is not None:
         return policy
-    return str(event.get("policy") or "simple")
+    return str(event.get("policy") or defaults.POLICY)
 
 
 def _request(event: Mapping[str, Any], where: str) -> Request:

@@ -81,10 +81,11 @@ _STRICT = ConfigDict(strict=True)
 
 
 def known_policies() -> list[str]:
-    """Policy names the assigner accepts: the scheduler registry's."""
-    from acb_slurm.scheduler.policies import available_policies
+    """Policy names the assigner accepts: the scheduler registry's, then their variants
+    (`gpu-sharing:pack`)."""
+    from acb_slurm.scheduler.policies import available_policies, policy_variants
 
-    return list(available_policies())
+    return [*available_policies(), *policy_variants()]
 
 
 # ---------------------------------------------------------------------------------------------

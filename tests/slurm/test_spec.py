@@ -988,9 +988,10 @@ def test_slurm_time_refuses(text: str) -> None:
 
 
 def test_policies_come_from_the_scheduler_registry() -> None:
-    from acb_slurm.scheduler import available_policies
+    from acb_slurm.scheduler.policies import available_policies, policy_variants
 
-    assert known_policies() == list(available_policies())
+    assert known_policies() == [*available_policies(), *policy_variants()]
+    assert "gpu-sharing:pack" in known_policies()
     assert defaults.POLICY in known_policies()
     assert json_schema()["$defs"]["Broker"]["properties"]["policy"]["enum"] == known_policies()
 
