@@ -7,6 +7,7 @@ returns; the event log replays into one (`acb_slurm.scheduler.replay`).
 from __future__ import annotations
 
 from acb_slurm.scheduler.core import Scheduler
+from acb_slurm.scheduler.gang import GangPlanner, GangRequest, LocalRequest, PoolGrant
 from acb_slurm.scheduler.policies import (
     GpuAffinity,
     GpuSharing,
@@ -31,6 +32,8 @@ from acb_slurm.scheduler.types import (
 )
 
 __all__ = [
+    "GangPlanner",
+    "GangRequest",
     "Gpu",
     "GpuAffinity",
     "GpuSharing",
@@ -38,8 +41,10 @@ __all__ = [
     "Grant",
     "Infeasible",
     "InvalidRequest",
+    "LocalRequest",
     "Policy",
     "PolicyView",
+    "PoolGrant",
     "ReplayMismatch",
     "Request",
     "Scheduler",
