@@ -169,8 +169,14 @@ acb_stop_assigners() {
         if [[ -n $acb_x ]]; then set -x; fi
         return 0
     fi
+    # squeue -j of an array's first job id lists every task's steps (<array id>_<task>.<step>):
+    # only this job's own are signalled, never another task's assigners.
+    local acb_own=$SLURM_JOB_ID
+    if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+        acb_own=${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID
+    fi
     while read -r acb_step acb_step_name; do
-        if [[ $acb_step_name == acb-assigner ]]; then
+        if [[ $acb_step_name == acb-assigner && ($acb_step == "$acb_own".* || $acb_step == "$SLURM_JOB_ID".*) ]]; then
             "$acb_scancel" --signal=INT "$acb_step" 2>/dev/null || true
         fi
     done < <("$acb_squeue" -h -s -j "$SLURM_JOB_ID" -o '%i %j' 2>/dev/null || true)
