@@ -16,62 +16,61 @@ A gate stage whose lease is lost while it runs (the assigner died or restarted, 
 worker as silent) is killed at once, its whole process group with SIGKILL: its GPUs may already
 be another process's. The attempt is recorded failed ("lease lost"), as any failed stage.
 
-Stages are started and supervised by `acb_slurm.supervise` (the exec wrapper `_deathwrap`, never
-`preexec_fn`: the worker has threads): in their own process group, guarded, with PR_SET_PDEATHSIG
-so that they die with their worker, and with their niceness.
+The worker is the loop; its parts are: `stops` (stop signals), `claims` (the claim's heartbeat
+and its loss), `store` (the results directory), `attempts` (typed attempt records) and `stages`
+(one stage's command, lease and process, supervised by `acb_slurm.supervise`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import enum
 import os
-import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import FrameType
-from typing import IO, Any, TextIO
+from typing import TextIO
 
-from acb_slurm import _deathwrap as deathwrap
 from acb_slurm import env as acb_env
+from acb_slurm.campaign.attempts import Attempt, Outcome
+from acb_slurm.campaign.claims import ClaimKeeper, ClaimLost
 from acb_slurm.campaign.errors import CampaignError, StageFailed
-from acb_slurm.campaign.gpu import ClientLeaseProvider, HeldLease, LeaseProvider
+from acb_slurm.campaign.gpu import LeaseProvider
 from acb_slurm.campaign.items import Item, read_items
 from acb_slurm.campaign.progress import ProgressDisplay
-from acb_slurm.campaign.spec import CampaignSpec, Device, GpuMode, Stage, substitute
-from acb_slurm.campaign.store import Claim, ClaimState, Outcome, ResultsStore, WorkerIdentity
-from acb_slurm.launcher import acb_run_argv, acb_run_path
-from acb_slurm.supervise import Supervised
+from acb_slurm.campaign.spec import CampaignSpec
+from acb_slurm.campaign.stages import (
+    ATTEMPT_ENV,
+    CANNOT_START,
+    ITEM_ENV,
+    STAGE_ENV,
+    STAGE_WRAPPER,
+    StageRunner,
+    acb_run_command,
+)
+from acb_slurm.campaign.stops import StopRequests, WorkerStopped
+from acb_slurm.campaign.store import Claim, ClaimState, ResultsStore, WorkerIdentity
 
-#: Set for every stage command: which item, stage and attempt it runs for.
-ITEM_ENV = acb_env.CAMPAIGN_ITEM
-STAGE_ENV = acb_env.CAMPAIGN_STAGE
-ATTEMPT_ENV = acb_env.CAMPAIGN_ATTEMPT
-
-#: Run by `python -S -I` before every stage command: death signal and niceness, then exec.
-STAGE_WRAPPER = Path(deathwrap.WRAPPER)
-#: Its exit status when the command cannot be started.
-CANNOT_START = deathwrap.CANNOT_START
-
+__all__ = [
+    # the stages' environment and wrapper, re-exported from `stages`
+    "ATTEMPT_ENV",
+    "CANNOT_START",
+    "ITEM_ENV",
+    "STAGE_ENV",
+    "STAGE_WRAPPER",
+    "ArrayTask",
+    "ItemResult",
+    "Worker",
+    "WorkerSummary",
+    "acb_run_command",
+    "shard_order",
+]
 
 _LOST_LINE = (
     b"== the claim was taken over (this worker was stopped or cut off longer than stale_after): "
     b"stage killed, item dropped, nothing recorded by this worker\n"
 )
-
-
-class ClaimLost(Exception):
-    """This worker's claim on the item it runs is gone (taken over as stale): drop the item."""
-
-    def __init__(self, item_id: str) -> None:
-        self.item_id = item_id
-        super().__init__(f"lost the claim on {item_id}")
 
 
 class ItemResult(enum.StrEnum):
@@ -82,14 +81,6 @@ class ItemResult(enum.StrEnum):
     SKIPPED = "skipped"  # already finished when we got the claim
     INTERRUPTED = "interrupted"
     LOST = "lost"  # our claim was taken over: dropped, the new holder runs it
-
-
-class WorkerStopped(CampaignError):
-    """The worker was asked to stop (SIGTERM, SIGINT, SIGHUP)."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,24 +137,12 @@ class WorkerSummary:
         return 128 + self.stopped_by if self.stopped_by else 0
 
 
-def acb_run_command() -> str:
-    """Path of `acb-run`: beside this Python (a venv) or on PATH."""
-    try:
-        return acb_run_path()
-    except FileNotFoundError:
-        raise CampaignError(
-            "acb-run not found beside the Python interpreter or on PATH; install acb-slurm in "
-            "the environment that runs the workers"
-        ) from None
-
-
-#: The worker forks stage processes that exec at once, so gRPC's fork handlers are not needed
-#: (they only log "Other threads are currently calling into gRPC, skipping fork() handlers").
-_GRPC_FORK_ENV = "GRPC_ENABLE_FORK_SUPPORT"
-
-
 class Worker:
-    """One campaign worker process. `run()` loops until no item is left to claim."""
+    """One campaign worker process. `run()` loops until no item is left to claim.
+
+    It orchestrates: stop requests (`StopRequests`), the claim's heartbeat (`ClaimKeeper`), the
+    results directory (`ResultsStore`), typed attempt records (`Attempt`), GPU leases
+    (`LeaseProvider`) and the stage processes (`Supervised`)."""
 
     def __init__(
         self,
@@ -180,7 +159,6 @@ class Worker:
         self.spec = spec
         self.name = name or acb_env.worker_name()
         self.array_task = array_task or ArrayTask.from_env()
-        self.leases = leases
         self.max_items = max_items
         self.store = ResultsStore(spec.results, spec.stale_after_s)
         self.me = WorkerIdentity.current(self.name, self.array_task.label)
@@ -199,44 +177,24 @@ class Worker:
         )
         self.summary = WorkerSummary()
         self._finished: set[str] = set()
-        self._claim: Claim | None = None
-        # Set (by the heartbeat or a check before a write) to the claim found lost.
-        self._lost_claim: Claim | None = None
-        self._child: Supervised | None = None  # the running stage
-        self._acquiring = False
-        self._stop_signal: int | None = None
-        self._ticker_stop = threading.Event()
-        self._own_grpc_fork_env = _GRPC_FORK_ENV not in os.environ
-        if self._own_grpc_fork_env:
-            os.environ[_GRPC_FORK_ENV] = "false"
-
-    # ---- signals ----
+        self.stops = StopRequests(lambda: self.stages.child)
+        self.claims = ClaimKeeper(
+            self.store, spec.heartbeat_s, on_lost=self._claim_lost, on_tick=self.display.tick
+        )
+        self.stages = StageRunner(
+            spec, self.store, self.name, stops=self.stops, claims=self.claims, leases=leases
+        )
 
     def install_signal_handlers(self) -> None:
         """SIGTERM, SIGINT and SIGHUP stop the worker cleanly (main thread only)."""
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        first = self._stop_signal is None
-        self._stop_signal = signum
-        child = self._child
-        if child is not None:  # (kept until the stage starts; nothing once it has ended)
-            child.send_signal(signal.SIGTERM if first else signal.SIGKILL)
-        elif self._acquiring:
-            raise WorkerStopped(signum)
-
-    def _check_stop(self) -> None:
-        if self._stop_signal is not None:
-            raise WorkerStopped(self._stop_signal)
+        self.stops.install()
 
     # ---- the loop ----
 
     def run(self) -> WorkerSummary:
         """Claim and process items until none is left (or --max-items, or a signal)."""
         self.store.create()
-        ticker = threading.Thread(target=self._tick, name="campaign-ticker", daemon=True)
-        ticker.start()
+        self.claims.start()
         self.display.say(
             f"{self.name}: campaign {self.spec.name}: {len(self.items)} items, stages "
             f"{', '.join(s.name for s in self.spec.stages)}; results in {self.spec.results}"
@@ -244,24 +202,22 @@ class Worker:
         )
         try:
             while self._wants_more():
-                self._check_stop()
+                self.stops.check()
                 claimed = self._claim_next()
                 if claimed is None:
                     break
                 item, claim = claimed
-                self._lost_claim = None
-                self._claim = claim
+                self.claims.hold(claim)
                 try:
                     result = self._process(item, claim)
                 finally:
-                    self._claim = None
+                    self.claims.drop()
                 getattr(self.summary, result.value).append(item.id)
         except WorkerStopped as exc:
             self.summary.stopped_by = exc.signum
             self.display.say(f"{self.name}: {exc}; claim released, the item stays for others")
         finally:
-            self._ticker_stop.set()
-            ticker.join(timeout=5)
+            self.claims.stop()
             self.display.close()
         self.display.say(
             f"{self.name}: finished: {len(self.summary.done)} done, "
@@ -275,33 +231,17 @@ class Worker:
         finished = len(self.summary.done) + len(self.summary.failed)
         return self.max_items is None or finished < self.max_items
 
-    def _tick(self) -> None:
-        """Background: heartbeat the current claim and show progress."""
-        last_beat = time.monotonic()
-        while not self._ticker_stop.wait(1.0):
-            now = time.monotonic()
-            claim = self._claim
-            if claim is not None and now - last_beat >= self.spec.heartbeat_s:
-                last_beat = now
-                with contextlib.suppress(OSError):
-                    if (
-                        not self.store.heartbeat(claim)
-                        and self._claim is claim  # not just finished (tombstone) meanwhile
-                        and self._lost_claim is not claim
-                    ):
-                        # The stage is killed now; the main thread drops the item at its next
-                        # check (_run_process).
-                        self._lost_claim = claim
-                        child = self._child
-                        if child is not None and self._claim is claim:
-                            child.kill("claim lost")
-                        self.display.say(
-                            f"{self.name}: lost the claim on {claim.item_id} (taken over as "
-                            "stale: this worker was stopped or cut off longer than stale_after); "
-                            "killing its stage and dropping the item"
-                        )
-            with contextlib.suppress(OSError):
-                self.display.tick()
+    def _claim_lost(self, claim: Claim) -> None:
+        """On the ticker thread: the heartbeat found `claim` lost. The stage is killed now; the
+        main thread drops the item at its next check (_run_process)."""
+        child = self.stages.child
+        if child is not None and self.claims.current is claim:
+            child.kill("claim lost")
+        self.display.say(
+            f"{self.name}: lost the claim on {claim.item_id} (taken over as "
+            "stale: this worker was stopped or cut off longer than stale_after); "
+            "killing its stage and dropping the item"
+        )
 
     def _claim_next(self) -> tuple[Item, Claim] | None:
         for item in self.order:
@@ -344,16 +284,8 @@ class Worker:
     def _finish(self, claim: Claim, state: ClaimState) -> None:
         """Leave the finished item's tombstone; the heartbeat stops first, so that it does not
         take the tombstone for a lost claim."""
-        self._claim = None
+        self.claims.drop()
         self.store.finish(claim, state, self.me)
-
-    def _ensure_claim(self, claim: Claim) -> None:
-        """Raise ClaimLost unless our claim is still in place; called before every write that
-        only the claim's holder may make. It is also a heartbeat: a worker that was stopped
-        refreshes its claim here before anyone can judge it stale."""
-        if self._lost_claim is claim or not self.store.heartbeat(claim):
-            self._lost_claim = claim
-            raise ClaimLost(claim.item_id)
 
     # ---- one item ----
 
@@ -376,99 +308,105 @@ class Worker:
     def _process_claimed(self, item: Item, claim: Claim) -> ItemResult:
         store = self.store
         store.prepare_item(item)
-        previous = store.attempts(item.id)
-        for record in previous:
-            if record.get("outcome") == Outcome.RUNNING:
+        previous = store.attempt_records(item.id)
+        for i, record in enumerate(previous):
+            if record.outcome is Outcome.RUNNING:
                 # We hold the claim, so whoever ran this attempt is gone: it crashed.
-                record["outcome"] = "crashed"
-                record["error"] = "the worker running this attempt died"
-                store.write_attempt(item.id, int(record["attempt"]), record)
-        counted = [r for r in previous if r.get("outcome") != Outcome.INTERRUPTED]
-        attempt = max((int(r.get("attempt", 0)) for r in previous), default=0) + 1
+                previous[i] = record = dataclasses.replace(
+                    record, outcome=Outcome.CRASHED, error="the worker running this attempt died"
+                )
+                store.write_attempt(item.id, record)
+        counted = [r for r in previous if r.counts]
+        attempt = max((r.attempt for r in previous), default=0) + 1
         while True:
             if len(counted) >= self.spec.max_attempts:
-                last = counted[-1]
-                self._ensure_claim(claim)
-                store.record_failed(
-                    item.id,
-                    {
-                        "item": item.id,
-                        "attempts": len(counted),
-                        "error": last.get("error", "unknown"),
-                        "log": last.get("log", ""),
-                        "worker": self.name,
-                        "failed_at": time.time(),
-                    },
-                )
-                self._finish(claim, ClaimState.FAILED)
-                self._finished.add(item.id)
-                self.display.say(
-                    f"{self.name}: {item.id} FAILED after {len(counted)} attempts: "
-                    f"{last.get('error')} (log: {last.get('log')})"
-                )
-                return ItemResult.FAILED
+                return self._record_failed(item, claim, counted)
             try:
                 record = self._attempt(item, claim, attempt)
             except CampaignError:
                 store.release(claim)
                 self.summary.interrupted.append(item.id)
                 raise
-            if record["outcome"] == Outcome.DONE:
-                self._ensure_claim(claim)
-                stages = record["stages"]
-                published = store.record_done(
-                    item.id,
-                    {
-                        "item": item.id,
-                        "worker": self.name,
-                        "host": self.me.host,
-                        "pid": self.me.pid,
-                        "array_task": self.array_task.label,
-                        "attempt": attempt,
-                        "started": record["started"],
-                        "finished": record["ended"],
-                        "stages": stages,
-                    },
-                )
-                self._finish(claim, ClaimState.DONE)
-                self._finished.add(item.id)
-                if not published:
-                    return ItemResult.SKIPPED
-                took = record["ended"] - record["started"]
-                self.display.say(f"{self.name}: {item.id} done in {took:.1f}s (attempt {attempt})")
-                return ItemResult.DONE
+            if record.outcome is Outcome.DONE:
+                return self._record_done(item, claim, record)
             counted.append(record)
             self.display.say(
-                f"{self.name}: {item.id} attempt {attempt} failed: {record['error']}"
+                f"{self.name}: {item.id} attempt {attempt} failed: {record.error}"
                 + ("; retrying" if len(counted) < self.spec.max_attempts else "")
             )
             attempt += 1
 
-    def _attempt(self, item: Item, claim: Claim, attempt: int) -> dict[str, Any]:
+    def _record_failed(self, item: Item, claim: Claim, counted: list[Attempt]) -> ItemResult:
+        last = counted[-1]
+        self.claims.ensure(claim)
+        self.store.record_failed(
+            item.id,
+            {
+                "item": item.id,
+                "attempts": len(counted),
+                "error": "unknown" if last.error is None else last.error,
+                "log": last.log,
+                "worker": self.name,
+                "failed_at": time.time(),
+            },
+        )
+        self._finish(claim, ClaimState.FAILED)
+        self._finished.add(item.id)
+        self.display.say(
+            f"{self.name}: {item.id} FAILED after {len(counted)} attempts: "
+            f"{last.error} (log: {last.log})"
+        )
+        return ItemResult.FAILED
+
+    def _record_done(self, item: Item, claim: Claim, record: Attempt) -> ItemResult:
+        self.claims.ensure(claim)
+        assert record.ended is not None  # an attempt that ended
+        published = self.store.record_done(
+            item.id,
+            {
+                "item": item.id,
+                "worker": self.name,
+                "host": self.me.host,
+                "pid": self.me.pid,
+                "array_task": self.array_task.label,
+                "attempt": record.attempt,
+                "started": record.started,
+                "finished": record.ended,
+                "stages": {name: dict(timing) for name, timing in record.stages.items()},
+            },
+        )
+        self._finish(claim, ClaimState.DONE)
+        self._finished.add(item.id)
+        if not published:
+            return ItemResult.SKIPPED
+        took = record.ended - record.started
+        self.display.say(f"{self.name}: {item.id} done in {took:.1f}s (attempt {record.attempt})")
+        return ItemResult.DONE
+
+    def _attempt(self, item: Item, claim: Claim, attempt: int) -> Attempt:
         store = self.store
         log_path = store.attempt_log(item.id, attempt)
-        record: dict[str, Any] = {
-            "attempt": attempt,
-            "item": item.id,
-            "worker": self.name,
-            "host": self.me.host,
-            "pid": self.me.pid,
-            "started": time.time(),
-            "outcome": Outcome.RUNNING.value,
-            "log": str(log_path),
-            "stages": {},
-        }
-        self._ensure_claim(claim)
-        store.write_attempt(item.id, attempt, record)
+        record = Attempt(
+            attempt=attempt,
+            item=item.id,
+            worker=self.name,
+            host=self.me.host,
+            pid=self.me.pid,
+            started=time.time(),
+            log=str(log_path),
+        )
+        self.claims.ensure(claim)
+        store.write_attempt(item.id, record)
+        outcome, error = Outcome.RUNNING, None
         lost = False
         with open(log_path, "ab", buffering=0) as log:
             try:
                 for stage in self.spec.stages:
-                    self._check_stop()
+                    self.stops.check()
                     if store.stage_done(item.id, stage.name):
                         log.write(f"== stage {stage.name}: done in an earlier attempt\n".encode())
                         continue
-                    self._ensure_claim(claim)
+                    self.claims.ensure(claim)
                     store.write_state(
                         item.id,
                         {
@@ -478,198 +416,32 @@ class Worker:
                             "since": time.time(),
                         },
                     )
-                    timing = self._run_stage(item, stage, attempt, log)
-                    self._ensure_claim(claim)
-                    record["stages"][stage.name] = timing
+                    timing = self.stages.run(item, stage, attempt, log)
+                    self.claims.ensure(claim)
+                    record = record.with_stage(stage.name, timing)
                     store.mark_stage_done(item.id, stage.name, timing)
-                record["outcome"] = Outcome.DONE.value
+                outcome = Outcome.DONE
             except ClaimLost:
                 lost = True
                 log.write(_LOST_LINE)
                 raise
             except StageFailed as exc:
-                record["outcome"] = Outcome.FAILED.value
-                record["error"] = str(exc)
+                outcome, error = Outcome.FAILED, str(exc)
                 log.write(f"== {exc}\n".encode())
             except CampaignError as exc:
                 # Stopped by a signal, or the set-up is broken (no assigner): not the item's
                 # fault, so the attempt does not count against its retries.
-                record["outcome"] = Outcome.INTERRUPTED.value
-                record["error"] = str(exc)
+                outcome, error = Outcome.INTERRUPTED, str(exc)
                 log.write(f"== {exc}\n".encode())
                 raise
             finally:
                 if not lost:
                     # A failed or interrupted attempt is recorded only by the claim's holder too.
                     try:
-                        self._ensure_claim(claim)
+                        self.claims.ensure(claim)
                     except ClaimLost:
                         log.write(_LOST_LINE)
                         raise
-                    record["ended"] = time.time()
-                    store.write_attempt(item.id, attempt, record)
+                    record = record.ending(outcome, time.time(), error)
+                    store.write_attempt(item.id, record)
         return record
-
-    def _values(self, item: Item, stage: Stage, attempt: int) -> dict[str, str]:
-        store = self.store
-        return {
-            "item": item.id,
-            "fasta": str(store.item_dir(item.id) / "input.fasta"),
-            "sequence": item.sequence,
-            "length": str(len(item.sequence)),
-            "outdir": str(store.outdir(item.id)),
-            "results": str(self.spec.results),
-            "campaign_dir": str(self.spec.campaign_dir),
-            "python": sys.executable,
-            "attempt": str(attempt),
-            "stage": stage.name,
-        }
-
-    def _run_stage(self, item: Item, stage: Stage, attempt: int, log: IO[bytes]) -> dict[str, Any]:
-        values = self._values(item, stage, attempt)
-        argv = [substitute(arg, values) for arg in stage.command]
-        env = dict(os.environ)
-        if self._own_grpc_fork_env:
-            env.pop(_GRPC_FORK_ENV, None)
-        env.update({k: substitute(v, values) for k, v in stage.env.items()})
-        env[ITEM_ENV] = item.id
-        env[STAGE_ENV] = stage.name
-        env[ATTEMPT_ENV] = str(attempt)
-        label = f"{item.id}/{stage.name}"
-        timing: dict[str, Any] = {"device": stage.device.value}
-
-        if stage.device is Device.CPU:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-            return timing | self._run_process(stage, argv, env, item, log)
-
-        if stage.mode is GpuMode.AUTO:
-            env[acb_env.WORKER] = self.name
-            argv = acb_run_argv(
-                "auto",
-                argv,
-                label=label,
-                priority=stage.priority,
-                memory=stage.memory_bytes,
-                program=acb_run_command(),
-            )
-            timing["mode"] = "auto"
-            return timing | self._run_process(stage, argv, env, item, log)
-
-        timing["mode"] = "gate"
-        lease = self._acquire(stage, label, log)
-        try:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(lease.device_ids)
-            timing["device_ids"] = list(lease.device_ids)
-            timing["lease_wait_s"] = round(lease.waited_s, 4)
-            result = self._run_process(stage, argv, env, item, log, lease)
-        finally:
-            try:
-                lease.release()
-            except Exception as exc:
-                # The session is gone (assigner restarted or unreachable): the assigner dropped
-                # the lease with it, so there is nothing left to give back.
-                log.write(f"== stage {stage.name}: releasing the lease failed: {exc}\n".encode())
-        return timing | result
-
-    def _acquire(self, stage: Stage, label: str, log: IO[bytes]) -> HeldLease:
-        if self.leases is None:
-            self.leases = ClientLeaseProvider()
-        log.write(f"== stage {stage.name}: waiting for {stage.gpus} GPU(s)\n".encode())
-        self._acquiring = True
-        try:
-            self._check_stop()
-            return self.leases.acquire(
-                gpus=stage.gpus,
-                memory_bytes=stage.memory_bytes,
-                priority=stage.priority,
-                label=label,
-            )
-        except WorkerStopped:
-            raise
-        except Exception as exc:
-            # The assigner cannot be reached or can never grant this: a problem of the set-up,
-            # not of the item, so the worker stops instead of failing every item in turn.
-            raise CampaignError(
-                f"stage {stage.name}: cannot get a GPU lease from the assigner: {exc}"
-            ) from exc
-        finally:
-            self._acquiring = False
-
-    def _run_process(
-        self,
-        stage: Stage,
-        argv: list[str],
-        env: dict[str, str],
-        item: Item,
-        log: IO[bytes],
-        lease: HeldLease | None = None,
-    ) -> dict[str, Any]:
-        log.write(
-            f"== stage {stage.name} on {socket.gethostname()} by {self.name}: {argv!r}\n".encode()
-        )
-        claim = self._claim
-        if claim is not None:
-            self._ensure_claim(claim)  # a gpu stage may have waited long for its lease
-        # Through the exec wrapper (death signal, niceness), in its own process group, which a
-        # guard kills if this worker is killed outright (acb_slurm.supervise).
-        child = Supervised(
-            argv,
-            env,
-            session=True,
-            timeout=stage.timeout_s,
-            nice=stage.nice,
-            name="acb-campaign",
-            cwd=self.store.outdir(item.id),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        lost_lease: list[str] = []
-
-        def lease_lost(reason: str) -> None:
-            # On the client's session thread: the GPUs may be another process's already.
-            lost_lease.append(reason)
-            child.kill("lease lost")
-
-        self._child = child
-        if claim is not None and self._lost_claim is claim:
-            child.kill("claim lost")  # the ticker found it lost before the stage was ours
-        forget = lease.on_lost(lease_lost) if lease is not None else None
-        try:
-            try:
-                child.start()
-            except OSError as exc:
-                raise StageFailed(
-                    f"stage {stage.name} could not start {argv[0]!r}: {exc}"
-                ) from None
-            result = child.wait()
-        finally:
-            self._child = None
-            if forget is not None:
-                forget()
-        rc = result.returncode
-        log.write(f"== stage {stage.name}: exit {rc} after {result.wall_s:.2f}s\n".encode())
-        if claim is not None and self._lost_claim is claim:
-            raise ClaimLost(claim.item_id)
-        self._check_stop()
-        if result.killed == "lease lost":
-            raise StageFailed(
-                f"stage {stage.name}: lease lost while it ran ({lost_lease[0]}); the stage was "
-                "killed (SIGKILL to its process group) rather than run on GPUs another process "
-                "may hold now"
-            )
-        if result.timed_out:
-            raise StageFailed(
-                f"stage {stage.name} timed out after {stage.timeout_s:g}s (killed); raise its "
-                "timeout in the campaign file if that is too short"
-            )
-        if rc != 0:
-            how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
-            if rc == CANNOT_START:
-                how += " (command not found or not executable? see the log)"
-            raise StageFailed(f"stage {stage.name} {how}")
-        return {
-            "started": round(result.started, 4),
-            "wall_s": round(result.wall_s, 4),
-            "cpu_s": round(result.cpu_s, 4),
-        }

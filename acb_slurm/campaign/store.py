@@ -29,6 +29,7 @@ done item again, remove both `done/<item>.json` and `claims/<item>.claim`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import fcntl
 import json
@@ -41,7 +42,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from acb_slurm.campaign.attempts import Attempt, Outcome
 from acb_slurm.campaign.items import Item
+
+__all__ = [
+    "Attempt",
+    "Claim",
+    "ClaimInfo",
+    "ClaimState",
+    "Outcome",
+    "ResultsStore",
+    "WorkerIdentity",
+    "proc_stat_fields",
+    "process_start_time",
+]
 
 
 class ClaimState(enum.StrEnum):
@@ -51,16 +65,6 @@ class ClaimState(enum.StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
-
-
-class Outcome(enum.StrEnum):
-    """How an attempt ended. running → done | failed | interrupted; a crashed worker leaves
-    `running` behind, which counts as a failed attempt."""
-
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"
 
 
 def proc_stat_fields(pid: int) -> list[str] | None:
@@ -277,10 +281,17 @@ class ResultsStore:
             logs = self.logs_dir(item_id)
             for record in logs.glob("attempt-*.json") if logs.is_dir() else []:
                 data = _read_json(record) or {}
-                if data.get("outcome") != Outcome.INTERRUPTED:
-                    data["outcome"] = Outcome.INTERRUPTED
-                    data["reset"] = True
-                    _write_json_atomic(record, data)
+                try:
+                    attempt = Attempt.from_json(data)
+                except ValueError:  # not a record this version reads: mark it all the same
+                    if data.get("outcome") != Outcome.INTERRUPTED:
+                        data["outcome"] = Outcome.INTERRUPTED.value
+                        data["reset"] = True
+                        _write_json_atomic(record, data)
+                    continue
+                if attempt.outcome is not Outcome.INTERRUPTED:
+                    undone = dataclasses.replace(attempt, outcome=Outcome.INTERRUPTED, reset=True)
+                    _write_json_atomic(record, undone.to_json())
             path.unlink(missing_ok=True)
             # The failed tombstone goes too, or no worker could claim the item again.
             info = self.read_claim(item_id)
@@ -416,7 +427,8 @@ class ResultsStore:
     # ---- attempts and stages ----
 
     def attempts(self, item_id: str) -> list[dict[str, Any]]:
-        """Attempt records of an item, oldest first."""
+        """Attempt records of an item as their JSON says, oldest first (see `attempt_records`
+        for them typed)."""
         logs = self.logs_dir(item_id)
         records = []
         for path in logs.glob("attempt-*.json") if logs.is_dir() else []:
@@ -425,9 +437,20 @@ class ResultsStore:
                 records.append(data)
         return sorted(records, key=lambda r: int(r.get("attempt", 0)))
 
-    def write_attempt(self, item_id: str, attempt: int, data: dict[str, Any]) -> None:
+    def attempt_records(self, item_id: str) -> list[Attempt]:
+        """Attempt records of an item, oldest first; a file that is no attempt record (not
+        written by a worker) is left out."""
+        records = []
+        for data in self.attempts(item_id):
+            with contextlib.suppress(ValueError):
+                records.append(Attempt.from_json(data))
+        return records
+
+    def write_attempt(self, item_id: str, record: Attempt) -> None:
         """Write (or rewrite) an attempt's record."""
-        _write_json_atomic(self.logs_dir(item_id) / f"attempt-{attempt}.json", data)
+        _write_json_atomic(
+            self.logs_dir(item_id) / f"attempt-{record.attempt}.json", record.to_json()
+        )
 
     def attempt_log(self, item_id: str, attempt: int) -> Path:
         return self.logs_dir(item_id) / f"attempt-{attempt}.log"
