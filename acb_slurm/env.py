@@ -56,6 +56,9 @@ TLS_DIR = "ACB_TLS_DIR"
 INSECURE_TCP = "ACB_INSECURE_TCP"
 #: Metadata key that carries the token on every gRPC call.
 TOKEN_METADATA_KEY = "x-acb-token"
+#: Trailing metadata key of a refused call: the lease book's name for the refusal (e.g.
+#: "UnknownSession"), where the status code alone is shared by several.
+REFUSAL_METADATA_KEY = "x-acb-refusal"
 
 
 class ConfigurationError(RuntimeError):

@@ -45,7 +45,7 @@ from acb_slurm.assigner.errors import AssignerStartError
 from acb_slurm.assigner.eventlog import EventLog, create_private
 from acb_slurm.assigner.inventory import describe
 from acb_slurm.assigner.leases import BookError, LeaseBook
-from acb_slurm.env import TOKEN_METADATA_KEY
+from acb_slurm.env import REFUSAL_METADATA_KEY, TOKEN_METADATA_KEY
 from acb_slurm.scheduler.types import Gpu
 
 log = logging.getLogger(__name__)
@@ -214,8 +214,13 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: BookError) -> None:
-    """End the call with the gRPC status of `error` (`STATUS_OF`) and its message."""
-    await context.abort(status_of(error), error.message)
+    """End the call with the gRPC status of `error` (`STATUS_OF`) and its message; the trailing
+    metadata names the refusal, for clients that must tell those of one status apart."""
+    await context.abort(
+        status_of(error),
+        error.message,
+        trailing_metadata=((REFUSAL_METADATA_KEY, type(error).__name__),),
+    )
 
 
 def _out_of_bounds(book: LeaseBook, exc: limits.OutOfBounds, what: str, request: Any) -> BookError:

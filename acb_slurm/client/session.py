@@ -673,12 +673,14 @@ class Client:
         code = exc.code() if hasattr(exc, "code") else None
         if code not in _LOSS_CODES:
             return False
-        if code == grpc.StatusCode.FAILED_PRECONDITION and not release:
-            # An Allocate's: most often a request that can never be granted (no waiting for
-            # those); "unknown session" only if the assigner lost the session.
-            details = (exc.details() if hasattr(exc, "details") else "") or ""
-            if not details.startswith("unknown session"):
-                return ended.is_set()
+        # An Allocate's FAILED_PRECONDITION is most often a request that can never be granted
+        # (no waiting for those); UnknownSession only if the assigner lost the session.
+        if (
+            code == grpc.StatusCode.FAILED_PRECONDITION
+            and not release
+            and _refusal(exc) != "UnknownSession"
+        ):
+            return ended.is_set()
         return ended.wait(SESSION_END_WAIT) or self._generation != generation
 
     def _bound_gpus(self) -> list[int]:
@@ -844,6 +846,15 @@ def _lost_error(lease: Lease, cause: AssignerError) -> LeaseLost:
         lease=lease,
         reason=str(cause),
     )
+
+
+def _refusal(exc: grpc.RpcError) -> str:
+    """The lease book's name for a refused call (its trailing metadata), "" when it has none."""
+    try:
+        metadata = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+    except Exception:  # not a call's error (e.g. a channel's)
+        return ""
+    return next((str(v) for k, v in metadata if k == env.REFUSAL_METADATA_KEY), "")
 
 
 def unix_socket_path(target: str) -> str | None:

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from acb_slurm import tls
+from acb_slurm import env, tls
 from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
 from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
 from acb_slurm.assigner.testing import AssignerProcess, assigner_command, wait_for
@@ -179,6 +179,8 @@ def test_bad_requests_get_clear_errors_and_the_daemon_keeps_serving(
             stub.Allocate(pb.AllocRequest(session_id="nobody", gpu_count=1), timeout=10)
         assert unknown_session.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "unknown session" in (unknown_session.value.details() or "")
+        refusal = (env.REFUSAL_METADATA_KEY, "UnknownSession")
+        assert refusal in (unknown_session.value.trailing_metadata() or ())
         with pytest.raises(grpc.RpcError) as unknown_lease:
             stub.Release(
                 pb.ReleaseRequest(
