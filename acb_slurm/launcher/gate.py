@@ -74,6 +74,8 @@ log = logging.getLogger(__name__)
 class GateError(RuntimeError):
     """The command could not be started under a lease; the message says why."""
 
+    exit_code = ExitCode.CANNOT_START
+
 
 class GateLeaseLost(GateError):
     """The lease was lost while the command ran; its process group was killed."""

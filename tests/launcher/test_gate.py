@@ -435,3 +435,12 @@ def test_killing_acb_run_kills_the_command_s_children_too(
         with contextlib.suppress(ProcessLookupError):
             run.kill()
         run.wait(timeout=30)
+
+
+def test_a_command_that_cannot_start_exits_as_acb_run_help_says(
+    start_assigner: StartAssigner,
+) -> None:
+    assigner = start_assigner(gpus=1)
+    result = acb_run(assigner, "--gate", "--", "no-such-command-acb")
+    assert result.returncode == ExitCode.CANNOT_START, result.stderr
+    assert "cannot start 'no-such-command-acb': command not found" in result.stderr
