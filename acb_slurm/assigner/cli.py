@@ -60,6 +60,7 @@ def build_config(
     time_slice: float = 0.0,
     tls_dir: str | None = None,
     insecure_tcp: bool = False,
+    node: str | None = None,
 ) -> AssignerConfig:
     """Validate the flags into a config; AssignerStartError says what is wrong."""
     from acb_slurm.scheduler import get_policy
@@ -101,7 +102,9 @@ def build_config(
             exit_code=2,
         )
     material = tls_material(tcp, controller, tls_dir, insecure_tcp)
-    return AssignerConfig(
+    if node is not None and not node.strip():
+        raise AssignerStartError("--node wants a node name, got an empty one", exit_code=2)
+    config = AssignerConfig(
         socket_path=os.path.abspath(socket_path),
         gpus=gpus,
         policy=policy,
@@ -114,6 +117,9 @@ def build_config(
         tls=material,
         insecure_tcp=insecure_tcp,
     )
+    if node:
+        config.node = node
+    return config
 
 
 def tls_material(
@@ -225,6 +231,14 @@ def assigner(
             "only).",
         ),
     ] = False,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="This node's name in the job's pool (gangs name their members' nodes by it); "
+            "default: SLURMD_NODENAME, else the host name.",
+        ),
+    ] = None,
 ) -> None:
     """Run the GPU assigner of one node of a job: leases, sessions, event log.
 
@@ -255,6 +269,7 @@ def assigner(
             time_slice,
             tls_dir,
             insecure_tcp,
+            node,
         )
         asyncio.run(serve(config))
     except AssignerStartError as exc:

@@ -127,6 +127,14 @@ class ShuttingDown(BookError):
     """The assigner is stopping: no new calls, and every waiter is answered with this."""
 
 
+class GangAborted(BookError):
+    """A gang failed before it was granted (a member left or died, a node went away)."""
+
+
+class NotController(BookError):
+    """A gang call reached an executor: gangs are joined at the job's controller."""
+
+
 # ---- what the book hands out -------------------------------------------------------------------
 
 
@@ -162,8 +170,18 @@ class YieldRequested:
     reason: str
 
 
-#: What a session's stream is fed: grant notices, yield requests, and None when it must end.
-SessionEvent = LeaseGrant | YieldRequested | None
+@dataclass(frozen=True)
+class GangEnded:
+    """The gang of member lease `lease_id` ended under it (`acb_slurm.assigner.gangs`)."""
+
+    gang: str
+    lease_id: str
+    reason: str
+
+
+#: What a session's stream is fed: grant notices, yield requests, gang ends, and None when it
+#: must end.
+SessionEvent = LeaseGrant | YieldRequested | GangEnded | None
 
 
 def new_id(prefix: str) -> str:
@@ -320,6 +338,9 @@ class LeaseBook:
         self._slice_timer: asyncio.TimerHandle | None = None
         #: Called after every change of holders or queue (the executor role reports them).
         self.change_listeners: list[Callable[[], None]] = []
+        #: Called with the session id once a session is closed and its leases are released
+        #: (the gang coordinator ends the gangs of a member that died).
+        self.session_close_listeners: list[Callable[[str], None]] = []
 
     # ---- sessions ----
 
@@ -374,6 +395,8 @@ class LeaseBook:
         self.log.emit("disconnect", **session.who(), leases=released)
         self._commit(grants)
         self._changed()
+        for listener in list(self.session_close_listeners):
+            listener(session_id)
 
     # ---- allocation ----
 
@@ -697,6 +720,12 @@ class LeaseBook:
             lease.future.set_exception(error)
             # Nobody may be awaiting it any more (the caller is gone); mark it retrieved.
             lease.future.exception()
+
+    def session(self, session_id: str, session_key: str) -> ClientSession:
+        """The open session a call names, if the call proves it is that session's own client;
+        refuses (counted, logged) with `UnknownSession` or `NotSessionOwner`."""
+        self._check_open()
+        return self._session(session_id, session_key)
 
     def _session(self, session_id: str, session_key: str) -> ClientSession:
         """The session a call names, if the call proves it is that session's own client."""

@@ -53,6 +53,22 @@ ALLOC_FIELDS = {
     "request_tag": MAX_REQUEST_TAG,
 }
 RELEASE_FIELDS = {"session_id": MAX_ID, "session_key": MAX_ID, "lease_id": MAX_ID}
+#: `GangJoin` and `GangLeave` (a gang's name is at most a worker's name long).
+GANG_JOIN_FIELDS = {
+    "session_id": MAX_ID,
+    "session_key": MAX_ID,
+    "gang": MAX_WORKER,
+    "node": MAX_HOSTNAME,
+    "label": MAX_LABEL,
+}
+GANG_LEAVE_FIELDS = {
+    "session_id": MAX_ID,
+    "session_key": MAX_ID,
+    "lease_id": MAX_ID,
+    "reason": MAX_MESSAGE,
+}
+#: Members of one gang (nodes of one multi-node job).
+MAX_GANG_NODES = 4096
 
 
 class OutOfBounds(ValueError):
@@ -107,6 +123,16 @@ def check_alloc(request: pb.AllocRequest) -> None:
 def check_release(request: pb.ReleaseRequest) -> None:
     check_fields(request, RELEASE_FIELDS)
     check_text("reason", request.reason, MAX_REASON)
+
+
+def check_gang_join(request: pb.GangJoin) -> None:
+    check_fields(request, GANG_JOIN_FIELDS)
+    if request.node_count > MAX_GANG_NODES:
+        raise OutOfBounds(f"node_count is {request.node_count}; at most {MAX_GANG_NODES}")
+
+
+def check_gang_leave(request: pb.GangLeave) -> None:
+    check_fields(request, GANG_LEAVE_FIELDS)
 
 
 def echo(value: object, limit: int = MAX_ECHO) -> str:
@@ -205,4 +231,6 @@ def fit_status(reply: pb.StatusReply, budget: int = STATUS_MAX_BYTES) -> pb.Stat
     reply.executors_omitted += dropped
     if reply.ByteSize() > budget:  # only an inventory too large to list is left
         fit_node_status(reply.self, budget - _SLACK)
+    while reply.gangs and reply.ByteSize() > budget:  # the newest gangs, last of all
+        del reply.gangs[-1]
     return reply

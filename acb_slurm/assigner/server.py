@@ -40,7 +40,7 @@ from acb_slurm import defaults
 from acb_slurm import tls as job_tls
 from acb_slurm._proto.acb.v1 import assigner_pb2 as pb
 from acb_slurm._proto.acb.v1 import assigner_pb2_grpc as pb_grpc
-from acb_slurm.assigner import leases, limits
+from acb_slurm.assigner import gangs, leases, limits
 from acb_slurm.assigner.errors import AssignerStartError
 from acb_slurm.assigner.eventlog import EventLog, create_private
 from acb_slurm.assigner.inventory import describe
@@ -84,6 +84,8 @@ STATUS_OF: dict[type[BookError], grpc.StatusCode] = {
     leases.LeaseNotGranted: grpc.StatusCode.FAILED_PRECONDITION,
     leases.Withdrawn: grpc.StatusCode.CANCELLED,
     leases.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    leases.GangAborted: grpc.StatusCode.ABORTED,
+    leases.NotController: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -124,8 +126,12 @@ def alloc_reply(grant: leases.LeaseGrant) -> pb.AllocReply:
     return _message(pb.AllocReply, grant)
 
 
-def server_message(event: leases.LeaseGrant | leases.YieldRequested) -> pb.ServerMessage:
+def server_message(
+    event: leases.LeaseGrant | leases.YieldRequested | leases.GangEnded,
+) -> pb.ServerMessage:
     """What a session's stream says for an item of its outbox."""
+    if isinstance(event, leases.GangEnded):
+        return pb.ServerMessage(gang_ended=_message(pb.GangEnded, event))
     if isinstance(event, leases.YieldRequested):
         return pb.ServerMessage(
             yield_request=pb.YieldRequest(lease_id=event.lease_id, reason=event.reason)
@@ -150,6 +156,23 @@ def node_status_message(status: leases.NodeStatus) -> pb.NodeStatus:
         counters=_message(pb.Counters, status.counters),
     )
     return limits.fit_node_status(message)
+
+
+def gang_part_message(part: gangs.Part) -> pb.GangPart:
+    return pb.GangPart(
+        node=part.node,
+        gpu_indices=part.gpu_indices,
+        device_ids=part.device_ids,
+        address=part.address,
+    )
+
+
+def gang_grant_message(grant: gangs.GangGrant) -> pb.GangGrant:
+    return _message(pb.GangGrant, grant, parts=[gang_part_message(p) for p in grant.parts])
+
+
+def gang_status_message(status: gangs.GangStatus) -> pb.GangStatus:
+    return _message(pb.GangStatus, status, parts=[gang_part_message(p) for p in status.parts])
 
 
 @dataclass
@@ -233,9 +256,16 @@ def _out_of_bounds(book: LeaseBook, exc: limits.OutOfBounds, what: str, request:
 class AssignerServicer(pb_grpc.AssignerServicer):
     """acb.v1.Assigner: each method hands its work to the LeaseBook."""
 
-    def __init__(self, book: LeaseBook, role: Callable[[], pb.StatusReply]) -> None:
+    def __init__(
+        self,
+        book: LeaseBook,
+        role: Callable[[], pb.StatusReply],
+        coordinator: gangs.GangCoordinator | None = None,
+    ) -> None:
+        """`coordinator`: this assigner's gangs (None at an executor)."""
         self.book = book
         self._status = role
+        self.gangs = coordinator
 
     async def Session(
         self,
@@ -363,13 +393,70 @@ class AssignerServicer(pb_grpc.AssignerServicer):
     ) -> pb.StatusReply:
         return limits.fit_status(self._status())
 
+    def _coordinator(self, request: Any) -> gangs.GangCoordinator:
+        if self.gangs is None:
+            raise self.book.refuse(
+                leases.NotController(
+                    "this assigner is an executor: gangs are joined at the job's controller "
+                    "(ACB_CONTROLLER)"
+                ),
+                request.session_id,
+                request.session_key,
+            )
+        return self.gangs
+
+    async def JoinGang(
+        self, request: pb.GangJoin, context: grpc.aio.ServicerContext
+    ) -> pb.GangGrant:
+        try:
+            limits.check_gang_join(request)
+        except limits.OutOfBounds as exc:
+            await _abort(context, _out_of_bounds(self.book, exc, "join gang", request))
+        try:
+            grant = await self._coordinator(request).join(
+                request.session_id,
+                request.session_key,
+                request.gang,
+                request.node_count,
+                request.gpus_per_node,
+                request.node,
+                request.priority,
+                request.label,
+            )
+        except BookError as exc:
+            await _abort(context, exc)
+            raise  # unreachable: abort raises
+        return gang_grant_message(grant)
+
+    async def LeaveGang(
+        self, request: pb.GangLeave, context: grpc.aio.ServicerContext
+    ) -> pb.GangLeaveReply:
+        try:
+            limits.check_gang_leave(request)
+        except limits.OutOfBounds as exc:
+            await _abort(context, _out_of_bounds(self.book, exc, "leave gang", request))
+        try:
+            self._coordinator(request).leave(
+                request.session_id,
+                request.session_key,
+                request.lease_id,
+                request.exit_status,
+                request.reason,
+            )
+        except BookError as exc:
+            await _abort(context, exc)
+        await asyncio.sleep(0)  # the other members' notices go out first
+        return pb.GangLeaveReply()
+
 
 class ControllerServicer(pb_grpc.ControllerServicer):
-    """acb.v1.Controller: keeps the last state each joined executor reported."""
+    """acb.v1.Controller: keeps the last state each joined executor reported, and adds each
+    executor's node to the gang pool (`gangs`) for as long as its stream lives."""
 
-    def __init__(self) -> None:
+    def __init__(self, coordinator: gangs.GangCoordinator | None = None) -> None:
         self.executors: dict[str, pb.NodeStatus] = {}
         self.ever_joined = False
+        self.gangs = coordinator
         self._ids = 0
 
     async def Join(
@@ -383,17 +470,66 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message of Join must be `join`"
             )
             return
+        node = first.join.node
+        # Two assigners under one node name (no --node on one host): both report, only the
+        # first is in the gang pool, since a gang names its nodes.
+        pooled = self.gangs is not None and node not in self.gangs.ports
         self._ids += 1
         key = f"{self._ids}"
         self.executors[key] = first.join
         self.ever_joined = True
+        outbox: asyncio.Queue[pb.ControllerMessage | None] = asyncio.Queue()
+        port = gangs.RemotePort(node, lambda command: outbox.put_nowait(_command(command)))
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    kind = message.WhichOneof("kind")
+                    if kind == "state":
+                        self.executors[key] = message.state
+                    elif kind == "taken":
+                        taken = message.taken
+                        part = None
+                        if not taken.error:
+                            part = gangs.Part(
+                                node=node,
+                                gpu_indices=tuple(taken.gpu_indices),
+                                device_ids=tuple(taken.device_ids),
+                                address=gangs.host_of(self.executors[key].address),
+                                free_port=taken.free_port,
+                            )
+                        port.taken(taken.part_id, part, taken.error)
+            except (asyncio.CancelledError, grpc.RpcError):
+                pass
+            finally:
+                outbox.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        note = f"joined as executor {limits.echo(node)}"
+        if self.gangs is not None and pooled:
+            self.gangs.node_joined(node, len(first.join.gpus), port, first.join.address)
+        elif self.gangs is not None:
+            note += "; another assigner has this node name, so gangs cannot use this one"
+            log.warning("executor %s: %s", limits.echo(node), note)
         try:
-            yield pb.ControllerMessage(note=f"joined as executor {limits.echo(first.join.node)}")
-            async for message in request_iterator:
-                if message.WhichOneof("kind") == "state":
-                    self.executors[key] = message.state
+            yield pb.ControllerMessage(note=note)
+            while (message := await outbox.get()) is not None:
+                yield message
         finally:
+            reader.cancel()
             self.executors.pop(key, None)
+            port.gone(f"node {node}'s assigner went away")
+            if self.gangs is not None and pooled:
+                self.gangs.node_left(node, f"node {node}'s assigner went away")
+
+
+def _command(command: gangs.TakeOrDrop) -> pb.ControllerMessage:
+    kind, part_id, text, count, job_id = command
+    if kind == "take":
+        return pb.ControllerMessage(
+            take=pb.TakePart(part_id=part_id, gang=text, gpu_count=count, job_id=job_id)
+        )
+    return pb.ControllerMessage(drop=pb.DropPart(part_id=part_id, reason=text))
 
 
 def create_server(
@@ -405,6 +541,7 @@ def create_server(
     role: Callable[[], pb.StatusReply] | None = None,
     tls: job_tls.Material | None = None,
     insecure_tcp: bool = False,
+    coordinator: gangs.GangCoordinator | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int | None]:
     """The daemon's server, bound but not started: (server, health servicer, bound TCP port).
 
@@ -417,12 +554,18 @@ def create_server(
         )
     interceptors = [TokenInterceptor(token)] if token else []
     server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
-    controller = controller or ControllerServicer()
+    controller = controller or ControllerServicer(coordinator)
 
     def standalone() -> pb.StatusReply:
-        return pb.StatusReply(self=node_status_message(book.node_status()), role="standalone")
+        return pb.StatusReply(
+            self=node_status_message(book.node_status()),
+            role="standalone",
+            gangs=[gang_status_message(g) for g in coordinator.status()] if coordinator else [],
+        )
 
-    pb_grpc.add_AssignerServicer_to_server(AssignerServicer(book, role or standalone), server)
+    pb_grpc.add_AssignerServicer_to_server(
+        AssignerServicer(book, role or standalone, coordinator), server
+    )
     pb_grpc.add_ControllerServicer_to_server(controller, server)
     health_servicer = health.aio.HealthServicer()  # the asyncio one: public as `health.aio`
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -569,7 +712,13 @@ async def serve(
         time_slice=config.time_slice,
         error_code=status_name,
     )
-    controller = ControllerServicer()
+    # Every assigner but an executor coordinates gangs: over its own node alone until
+    # executors join it.
+    own_parts = gangs.LocalParts(book)
+    coordinator = (
+        None if config.controller else gangs.GangCoordinator(book, own_parts, len(config.gpus))
+    )
+    controller = ControllerServicer(coordinator)
     link: ExecutorLink | None = None
 
     def role() -> pb.StatusReply:
@@ -581,6 +730,8 @@ async def serve(
             reply.executors.extend(controller.executors.values())
         else:
             reply.role = "standalone"
+        if coordinator is not None:
+            reply.gangs.extend(gang_status_message(g) for g in coordinator.status())
         return reply
 
     server, health_servicer, port = create_server(
@@ -592,6 +743,7 @@ async def serve(
         role,
         tls=config.tls,
         insecure_tcp=config.insecure_tcp,
+        coordinator=coordinator,
     )
     tcp = tcp_address(config.tcp, port) if config.tcp and port is not None else None
     if tcp:
@@ -609,7 +761,7 @@ async def serve(
     await server.start()
     log.emit("start", policy=scheduler.policy.name, gpus=describe(config.gpus), pid=os.getpid())
     if config.controller:
-        link = ExecutorLink(book, config.controller, config.token, config.tls)
+        link = ExecutorLink(book, config.controller, config.token, config.tls, own_parts)
         link.start()
     await health_servicer.set(health.OVERALL_HEALTH, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(ASSIGNER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -635,6 +787,9 @@ async def serve(
         await health_servicer.enter_graceful_shutdown()
         if link is not None:
             await link.stop()
+        if coordinator is not None:
+            coordinator.shutdown()
+        own_parts.drop_all("shutdown")
         book.shutdown()
         await server.stop(grace=0.5)
         log.emit("stop", reason=stopped_by[0] if stopped_by else "stopped")

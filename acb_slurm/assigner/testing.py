@@ -53,6 +53,7 @@ class AssignerProcess:
         name: str = "assigner",
         tls_dir: str | os.PathLike[str] | None = None,
         insecure_tcp: bool = False,
+        node: str | None = None,
     ) -> None:
         """With `tcp` or `controller`, give the job's TLS material (`tls_dir`, made by
         `acb_slurm.tls.init`) or `insecure_tcp` (plaintext), else the assigner refuses to start."""
@@ -98,6 +99,8 @@ class AssignerProcess:
             self.args += ["--tls-dir", self.tls_dir]
         if insecure_tcp:
             self.args += ["--insecure-tcp"]
+        if node is not None:
+            self.args += ["--node", node]
         self.args += extra_args or []
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready: dict[str, Any] = {}

@@ -66,6 +66,11 @@ class LeaseLost(SessionLost):
         self.reason = reason
 
 
+class GangAborted(AssignerError):
+    """A gang failed before it was granted: one of its members left or died, or a node's
+    assigner went away (`Client.join_gang`)."""
+
+
 class UnsafeAssignerSocket(AssignerError):
     """The assigner's Unix socket, or its directory, is not this user's, or others can write the
     directory: another user could be listening there, so the client does not connect (the job's
@@ -85,6 +90,7 @@ def from_rpc_error(exc: grpc.RpcError, what: str) -> AssignerError:
         grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
         grpc.StatusCode.NOT_FOUND: LeaseNotHeld,
         grpc.StatusCode.UNAVAILABLE: AssignerUnavailable,
+        grpc.StatusCode.ABORTED: GangAborted,
     }
     kind = kinds.get(code, AssignerError) if code is not None else AssignerError
     return kind(message, code)

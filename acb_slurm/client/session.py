@@ -159,6 +159,55 @@ class Lease:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class GangPart:
+    """One node's share of a granted gang."""
+
+    node: str
+    gpu_indices: tuple[int, ...]
+    device_ids: tuple[str, ...]
+    address: str  # the node's host
+
+
+@dataclass(frozen=True, slots=True)
+class GangLease(Lease):
+    """This member's lease in a granted gang (`Client.join_gang`): its own node's GPUs (the
+    `Lease` fields), its `node_rank`, every node's part in rank order, and the rendezvous
+    address (node rank 0's host and a port that was free there)."""
+
+    gang: str = ""
+    node_rank: int = 0
+    parts: tuple[GangPart, ...] = ()
+    master_addr: str = ""
+    master_port: int = 0
+
+    @property
+    def node_count(self) -> int:
+        return len(self.parts)
+
+    @classmethod
+    def from_grant(cls, reply: pb.GangGrant, label: str = "") -> GangLease:
+        parts = tuple(
+            GangPart(p.node, tuple(p.gpu_indices), tuple(p.device_ids), p.address)
+            for p in reply.parts
+        )
+        own = parts[reply.node_rank]
+        return cls(
+            lease_id=reply.lease_id,
+            gpu_indices=own.gpu_indices,
+            device_ids=own.device_ids,
+            memory_bytes=0,
+            node=own.node,
+            waited_seconds=reply.waited_seconds,
+            label=label,
+            gang=reply.gang,
+            node_rank=reply.node_rank,
+            parts=parts,
+            master_addr=reply.master_addr,
+            master_port=reply.master_port,
+        )
+
+
 class LeaseListener:
     """Hooks around a client's leases (the swap engine's seam); every method is optional."""
 
@@ -341,6 +390,8 @@ class Client:
                     registered.set()
                 elif kind == "grant":
                     self._on_grant_notice(message.grant.lease)
+                elif kind == "gang_ended":
+                    self._gang_ended(call, message.gang_ended)
                 elif kind == "yield_request":
                     request = message.yield_request
                     self._yield_requests.add(request.lease_id)
@@ -412,6 +463,23 @@ class Client:
         for lease, lost_error in zip(lost, errors, strict=True):
             log.log(logging.INFO if handled else logging.ERROR, "%s", lost_error)
             self._notify_lost(lease, lost_error)
+
+    def _gang_ended(self, call: Any, ended: pb.GangEnded) -> None:
+        """Session thread: the gang of a member lease ended under it (another member failed,
+        a node went away): that lease is lost, told at once like a session's end."""
+        with self._lease_lock:
+            lease = self._held.get(ended.lease_id)
+            if call is not self._call or lease is None or ended.lease_id in self._lost:
+                return
+            error = LeaseLost(
+                f"gang {ended.gang} ended: {ended.reason}; this node's part was released and "
+                "its GPUs must not be used any more",
+                lease_id=lease.lease_id,
+                lease=lease,
+                reason=ended.reason,
+            )
+            self._lost[lease.lease_id] = error
+        self._notify_lost(lease, error)
 
     def _notify_lost(self, lease: Lease, error: LeaseLost) -> None:
         for listener in list(self._listeners):
@@ -643,6 +711,94 @@ class Client:
             raise
         return lease
 
+    def join_gang(
+        self,
+        gang: str,
+        node_count: int,
+        gpus_per_node: int = 1,
+        node: str | None = None,
+        priority: int = 0,
+        label: str = "",
+        timeout: float | None = None,
+    ) -> GangLease:
+        """Join `gang` as its member on `node` (default: this node, SLURMD_NODENAME or the
+        host name) and block until the whole gang is granted: `gpus_per_node` GPUs on each of
+        `node_count` nodes, one member per node, all at once. This client must talk to the
+        job's controller (`ACB_CONTROLLER`).
+
+        Raises `GangAborted` if the gang fails before its grant (a member left or died, a
+        node's assigner went away), `TimeoutError` after `timeout` seconds (which fails the
+        gang for every member), `GrantImpossible`/`InvalidGpuRequest` for a gang that can never
+        be granted or a member that disagrees with the first. Once granted, the lease is lost
+        (`on_lease_lost`) when the gang ends under it; end it with `leave_gang`."""
+        node = node or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        session_id, session_key, stub, generation, _ended = self._current_session()
+        request = pb.GangJoin(
+            session_id=session_id,
+            session_key=session_key,
+            gang=gang,
+            node_count=node_count,
+            gpus_per_node=gpus_per_node,
+            node=node,
+            priority=priority,
+            label=label,
+        )
+        try:
+            reply = stub.JoinGang(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+                raise TimeoutError(
+                    f"gang {gang} was not granted within {timeout:g}s by the controller at "
+                    f"{self.target}; it was failed for every member"
+                ) from None
+            raise self._rpc_error(exc, f"join gang {gang}") from None
+        lease = GangLease.from_grant(reply, label)
+        with self._lease_lock:
+            gone = self._generation != generation or self._session_error is not None
+            if not gone:
+                self._held[lease.lease_id] = lease
+        if gone:
+            raise _lost_error(
+                lease,
+                self._session_error
+                or SessionLost(f"the session with the assigner at {self.target} ended"),
+            )
+        return lease
+
+    def leave_gang(self, lease: GangLease | str, exit_status: int = 0, reason: str = "") -> None:
+        """This member's program ended with `exit_status`: 0 gives its node's part back (the
+        gang ends with its last member), anything else ends the whole gang, stopping the other
+        members. Raises `LeaseLost` if the gang had already ended under this member."""
+        lease_id = lease if isinstance(lease, str) else lease.lease_id
+        with self._lease_lock:
+            held = self._held.pop(lease_id, None)
+            error = self._lost.pop(lease_id, None)
+            stub, session_id, key = self._stub, self._session_id, self._session_key
+            generation, ended = self._generation, self._session_ended
+        if error is not None:
+            raise error
+        if held is None:
+            raise LeaseNotHeld(f"gang lease {lease_id!r} is not held by this process")
+        if stub is None or session_id is None:
+            return  # the session ended on purpose (exit hook): the gang saw it end
+        try:
+            stub.LeaveGang(
+                pb.GangLeave(
+                    session_id=session_id,
+                    session_key=key,
+                    lease_id=lease_id,
+                    exit_status=exit_status,
+                    reason=reason[:1024],
+                ),
+                timeout=self.release_timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            lost = self._lost_in_release(held, exc, generation, ended)
+            if lost is not None:
+                raise lost from None
+            raise self._rpc_error(exc, "leave gang") from None
+
     def _current_session(
         self,
     ) -> tuple[str, str, pb_grpc.AssignerStub, int, threading.Event]:
@@ -749,6 +905,9 @@ class Client:
             raise error
         if held is None:
             raise LeaseNotHeld(f"lease {lease_id!r} is not held by this process")
+        if isinstance(held, GangLease):
+            self.leave_gang(held, 0)
+            return
         self._release(held, notify=True)
 
     def _release(self, lease: Lease, notify: bool) -> None:

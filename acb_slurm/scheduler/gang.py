@@ -2,10 +2,11 @@
 
 Pure and synchronous like `acb_slurm.scheduler.Scheduler`: no I/O, no clocks, no threads; every
 call takes plain data and returns the grants it made, in order. It is meant for the controller of
-a multi-node job (issue 11): a *gang* asks for `gpus_per_node` GPUs on each of K nodes (named
-nodes, or any K nodes of the pool), and the planner must also see the executors' own *local*
-requests (GPUs on one node) so that it can decide fairly between the two. Not yet wired to the
-controller or the executors.
+a multi-node job: a *gang* asks for `gpus_per_node` GPUs on each of K nodes (named nodes, or any
+K nodes of the pool); a *local* request asks for GPUs on one node. The controller
+(`acb_slurm.assigner.gangs`) plans gangs with it over the nodes that joined its pool
+(`add_node`, `remove_node`); local requests stay with each node's own scheduler there, where a
+granted gang's part is served ahead of them, so it submits only gangs.
 
 Rules:
 
@@ -132,24 +133,7 @@ class GangPlanner:
     def __init__(self, nodes: Mapping[str, int | Sequence[Gpu]], max_bypass: int = 8) -> None:
         if isinstance(max_bypass, bool) or not isinstance(max_bypass, int) or max_bypass < 0:
             raise ValueError(f"max_bypass must be an integer >= 0, got {max_bypass!r}")
-        inventory: dict[str, tuple[int, ...]] = {}
-        for node, gpus in nodes.items():
-            if not isinstance(node, str) or not node:
-                raise ValueError(f"node names must be non-empty strings, got {node!r}")
-            if isinstance(gpus, bool):
-                raise TypeError(f"node {node!r}: {gpus!r} is not a GPU count or inventory")
-            if isinstance(gpus, int):
-                if gpus < 0:
-                    raise ValueError(f"node {node!r} has {gpus} GPUs; must be >= 0")
-                indices = tuple(range(gpus))
-            else:
-                for gpu in gpus:
-                    if not isinstance(gpu, Gpu):
-                        raise TypeError(f"node {node!r}: inventory entry {gpu!r} is not a Gpu")
-                indices = tuple(sorted(gpu.index for gpu in gpus))
-                if len(set(indices)) != len(indices):
-                    raise ValueError(f"node {node!r} lists a GPU index twice: {indices}")
-            inventory[node] = indices
+        inventory = {node: _indices(node, gpus) for node, gpus in nodes.items()}
         self._max_bypass = max_bypass
         self._order = tuple(inventory)
         self._position = {node: i for i, node in enumerate(self._order)}
@@ -247,6 +231,51 @@ class GangPlanner:
         if self._waiting.pop(request_id, None) is None:
             raise UnknownRequest(f"no waiting request {request_id!r}")
         return self._schedule()
+
+    def add_node(self, node: str, gpus: int | Sequence[Gpu]) -> list[PoolGrant]:
+        """A node joins the pool (last in its order); returns the grants that made possible."""
+        if node in self._gpus:
+            raise ValueError(f"node {node!r} is already in the pool")
+        indices = _indices(node, gpus)
+        self._gpus[node] = indices
+        self._order = (*self._order, node)
+        self._position[node] = len(self._order) - 1
+        self._free[node] = set(indices)
+        for waiter in self._waiting.values():
+            if not _names_nodes(waiter.request):  # "any K nodes": the new one too
+                waiter.candidates = self._order
+        return self._schedule()
+
+    def remove_node(self, node: str) -> tuple[list[str], list[PoolGrant]]:
+        """A node leaves the pool: every grant with a part there is released and every waiter
+        that names it is withdrawn. Returns (those request ids, grants made possible)."""
+        if node not in self._gpus:
+            raise UnknownRequest(f"no node {node!r} in the pool")
+        gone = [rid for rid, grant in self._held.items() if node in grant.nodes]
+        for rid in gone:
+            for part_node, gpus in self._held.pop(rid).parts:
+                self._free[part_node].update(gpus)
+            del self._requests[rid]
+        named = [
+            rid
+            for rid, waiter in self._waiting.items()
+            if node in waiter.candidates and _names_nodes(waiter.request)
+        ]
+        for rid in named:
+            del self._waiting[rid]
+        del self._gpus[node], self._free[node]
+        self._order = tuple(n for n in self._order if n != node)
+        self._position = {n: i for i, n in enumerate(self._order)}
+        dropped = gone + named
+        for waiter in list(self._waiting.values()):
+            waiter.candidates = tuple(n for n in waiter.candidates if n != node)
+            if waiter.target is not None and node in waiter.target:
+                waiter.target = None  # picks its nodes again
+            big = sum(1 for n in waiter.candidates if len(self._gpus[n]) >= waiter.need)
+            if big < waiter.size:  # an "any K nodes" gang the smaller pool can never hold
+                del self._waiting[waiter.request.request_id]
+                dropped.append(waiter.request.request_id)
+        return dropped, self._schedule()
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -377,3 +406,27 @@ class GangPlanner:
                 holds[waiter.request.request_id] = held
         self._holds = holds
         return True
+
+
+def _indices(node: str, gpus: int | Sequence[Gpu]) -> tuple[int, ...]:
+    """A node's GPU indices from its inventory (`Gpu`s) or GPU count (0..n-1)."""
+    if not isinstance(node, str) or not node:
+        raise ValueError(f"node names must be non-empty strings, got {node!r}")
+    if isinstance(gpus, bool):
+        raise TypeError(f"node {node!r}: {gpus!r} is not a GPU count or inventory")
+    if isinstance(gpus, int):
+        if gpus < 0:
+            raise ValueError(f"node {node!r} has {gpus} GPUs; must be >= 0")
+        return tuple(range(gpus))
+    for gpu in gpus:
+        if not isinstance(gpu, Gpu):
+            raise TypeError(f"node {node!r}: inventory entry {gpu!r} is not a Gpu")
+    indices = tuple(sorted(gpu.index for gpu in gpus))
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"node {node!r} lists a GPU index twice: {indices}")
+    return indices
+
+
+def _names_nodes(request: PoolRequest) -> bool:
+    """Whether the request is for named nodes (a local request names its node)."""
+    return isinstance(request, LocalRequest) or bool(request.nodes)

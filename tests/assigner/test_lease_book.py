@@ -61,6 +61,8 @@ EXPECTED_STATUS = [
     (LeaseNotGranted, grpc.StatusCode.FAILED_PRECONDITION),
     (Withdrawn, grpc.StatusCode.CANCELLED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (leases.GangAborted, grpc.StatusCode.ABORTED),
+    (leases.NotController, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 

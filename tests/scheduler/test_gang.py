@@ -393,3 +393,31 @@ def test_duplicate_ids_are_refused() -> None:
     planner.submit(LocalRequest("y", "e", "a"))
     with pytest.raises(InvalidRequest):
         planner.submit(LocalRequest("y", "e", "a"))
+
+
+# ---- the pool changes: nodes join and leave -------------------------------------------------
+
+
+def test_a_node_that_joins_serves_the_gangs_waiting_for_it() -> None:
+    planner = GangPlanner({"n1": 1})
+    assert len(planner.submit(GangRequest("first", "c", gpus_per_node=1, node_count=1))) == 1
+    assert planner.submit(GangRequest("next", "c", gpus_per_node=1, node_count=1)) == []
+    (grant,) = planner.add_node("n2", 2)
+    assert (grant.request_id, grant.parts) == ("next", (("n2", (0,)),))
+    with pytest.raises(ValueError, match="already in the pool"):
+        planner.add_node("n2", 1)
+
+
+def test_a_node_that_leaves_takes_its_grants_and_named_waiters_with_it() -> None:
+    planner = GangPlanner({"n1": 1, "n2": 1, "n3": 1})
+    (held,) = planner.submit(GangRequest("held", "c", gpus_per_node=1, nodes=("n1", "n2")))
+    assert planner.submit(GangRequest("named", "c", gpus_per_node=1, nodes=("n2", "n3"))) == []
+    assert planner.submit(GangRequest("any3", "c", gpus_per_node=1, node_count=3)) == []
+    assert planner.submit(GangRequest("any2", "c", gpus_per_node=1, node_count=2)) == []
+    dropped, grants = planner.remove_node("n2")
+    # `held` had a part there, `named` names it, `any3` can no longer fit two nodes; `any2`
+    # gets the nodes left, whose GPUs `held` gave back.
+    assert sorted(dropped) == ["any3", "held", "named"]
+    assert [(g.request_id, g.nodes) for g in grants] == [("any2", ("n1", "n3"))]
+    assert held.request_id not in planner.holdings and planner.queue == ()
+    assert tuple(planner.nodes) == ("n1", "n3")

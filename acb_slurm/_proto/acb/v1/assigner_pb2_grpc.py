@@ -54,6 +54,16 @@ class AssignerStub:
                 request_serializer=acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.StatusRequest.SerializeToString,
                 response_deserializer=acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.JoinGang = channel.unary_unary(
+                '/acb.v1.Assigner/JoinGang',
+                request_serializer=acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.GangJoin.SerializeToString,
+                response_deserializer=acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.GangGrant.FromString,
+                _registered_method=True)
+        self.LeaveGang = channel.unary_unary(
+                '/acb.v1.Assigner/LeaveGang',
+                request_serializer=acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.GangLeave.SerializeToString,
+                response_deserializer=acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.GangLeaveReply.FromString,
+                _registered_method=True)
 
 
 class AssignerServicer:
@@ -103,6 +113,36 @@ class AssignerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinGang(self, request, context):
+        """Gangs (multi-node jobs; the controller's assigner answers these). One member per node joins
+        a gang by name, under its own Session at the controller: "gpus_per_node GPUs on each of
+        node_count nodes, all at once or not at all". The call blocks until every member joined and
+        the whole gang is granted (each node's assigner has taken its part), then tells each member
+        its node's GPUs, its node rank and the rendezvous address. Errors:
+        INVALID_ARGUMENT     malformed (zero nodes or GPUs), or this member disagrees with the
+        gang's first member (node count, GPUs per node)
+        FAILED_PRECONDITION  can never be granted (more GPUs per node than a member's node has),
+        the member's node already has a member, or the gang is full
+        ABORTED              the gang failed before it was granted (a member left or died, a
+        node's assigner went away): every member's call ends so
+        PERMISSION_DENIED / DEADLINE_EXCEEDED / CANCELLED  as for Allocate (a member that gives
+        up fails the whole gang)
+        Once granted, the gang lives while its members do: a member whose program failed (LeaveGang
+        with a non-zero exit status), whose session ended, or whose node's assigner went away ends
+        the whole gang: every node's part is released and the other members are told (GangEnded on
+        their Session stream). A member that leaves with exit status 0 gives its node's part back
+        at once; the gang ends when the last member left.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaveGang(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AssignerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +165,16 @@ def add_AssignerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.StatusRequest.FromString,
                     response_serializer=acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.StatusReply.SerializeToString,
+            ),
+            'JoinGang': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinGang,
+                    request_deserializer=acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.GangJoin.FromString,
+                    response_serializer=acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.GangGrant.SerializeToString,
+            ),
+            'LeaveGang': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaveGang,
+                    request_deserializer=acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.GangLeave.FromString,
+                    response_serializer=acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.GangLeaveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -235,6 +285,60 @@ class Assigner:
             '/acb.v1.Assigner/Status',
             acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.StatusRequest.SerializeToString,
             acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinGang(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/acb.v1.Assigner/JoinGang',
+            acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.GangJoin.SerializeToString,
+            acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.GangGrant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaveGang(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/acb.v1.Assigner/LeaveGang',
+            acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.GangLeave.SerializeToString,
+            acb__slurm_dot___proto_dot_acb_dot_v1_dot_assigner__pb2.GangLeaveReply.FromString,
             options,
             channel_credentials,
             insecure,
