@@ -39,6 +39,13 @@ LEASE_ID = "ACB_LEASE_ID"
 BIN = "ACB_BIN"
 #: Directory of the job's Unix sockets (the run dir, or a short /tmp path when that is too long).
 SOCKET_DIR = "ACB_SOCKET_DIR"
+#: The controller's TCP address (`host:port`) in a multi-node job, exported by the prologue: gang
+#: members (`acb-run --gang`) join there. Unset: the node's own assigner (ACB_ASSIGNER) is it.
+CONTROLLER = "ACB_CONTROLLER"
+#: Set by `acb-run --gang` for its command: the gang's name, this node's rank, the node count.
+GANG = "ACB_GANG"
+GANG_NODE_RANK = "ACB_GANG_NODE_RANK"
+GANG_NODES = "ACB_GANG_NODES"
 #: Path of the job's inter-node config file (assigners.json: each node's address, port, socket).
 ASSIGNERS_CONFIG = "ACB_ASSIGNERS_CONFIG"
 #: Campaign file a job's campaign workers read (job.yaml's `campaign:`).
@@ -74,6 +81,12 @@ def assigner_target(environ: os._Environ[str] | dict[str, str] | None = None) ->
             f"{ASSIGNER}=unix:/path/to/assigner.sock (the socket acb-assigner listens on)"
         )
     return target
+
+
+def controller_target(environ: os._Environ[str] | dict[str, str] | None = None) -> str:
+    """Where gangs are joined: ACB_CONTROLLER, else the node's own assigner (one-node jobs)."""
+    env = os.environ if environ is None else environ
+    return env.get(CONTROLLER, "").strip() or assigner_target(env)
 
 
 def token(environ: os._Environ[str] | dict[str, str] | None = None) -> str | None:

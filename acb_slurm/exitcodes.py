@@ -22,7 +22,7 @@ class ExitCode(enum.IntEnum):
     #: The lease was lost while the command held it (assigner gone, session dropped, lease
     #: taken back): the command was stopped rather than run on a GPU it no longer holds.
     LEASE_LOST = 70
-    #: No GPU was granted within --timeout.
+    #: No GPU was granted within --timeout, or the gang failed before its grant (--gang).
     NO_GRANT = 75
     #: The command could not be started (not found, not executable).
     CANNOT_START = 127
@@ -36,7 +36,7 @@ MEANING = {
     ExitCode.BAD_REQUEST: "a request or setting that cannot be served (more GPUs than exist, ...)",
     ExitCode.ASSIGNER_UNAVAILABLE: "no assigner to talk to (ACB_ASSIGNER unset, unreachable, ...)",
     ExitCode.LEASE_LOST: "the lease was lost while the command ran; the command was stopped",
-    ExitCode.NO_GRANT: "no GPU granted within --timeout",
+    ExitCode.NO_GRANT: "no GPU granted within --timeout (or the gang failed before its grant)",
     ExitCode.CANNOT_START: "the command cannot be started",
     ExitCode.INTERRUPTED: "interrupted while waiting for GPUs",
 }

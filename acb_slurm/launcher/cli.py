@@ -24,7 +24,10 @@ MODES_HELP = (
     "pick a mode: --gate holds GPUs while the whole command runs (any framework), e.g.\n"
     "  acb-run --gate --gpus 1 -- python predict.py\n"
     "or --auto holds a GPU only while an unmodified PyTorch program uses it, e.g.\n"
-    "  acb-run --auto -- python train.py"
+    "  acb-run --auto -- python train.py\n"
+    "or --gang NAME runs one node's part of a multi-node program (torchrun), e.g.\n"
+    "  srun --nodes 2 --ntasks-per-node 1 acb-run --gang train --gpus 2 -- torchrun \\\n"
+    "      --nproc-per-node 2 train.py"
 )
 
 DESCRIPTION = """\
@@ -32,8 +35,11 @@ Run CMD with GPUs from the node's assigner (acb-slurm). Pick a mode:
 
 --gate holds the GPUs while the whole command runs, for any framework (JAX, TensorFlow,
 PyTorch, a binary); the command sees them in CUDA_VISIBLE_DEVICES. --auto runs an unmodified
-PyTorch program and holds a GPU only while it uses one. Outside an acb-sbatch job, set
-ACB_ASSIGNER to the socket of a running acb-assigner."""
+PyTorch program and holds a GPU only while it uses one. --gang NAME is one node's member of a
+gang: run it on each of the K nodes of a multi-node program (one task per node); all of them
+start CMD at once when --gpus GPUs are granted on every node, with torchrun's PET_NNODES,
+PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT set, and all stop when one fails. Outside an
+acb-sbatch job, set ACB_ASSIGNER to the socket of a running acb-assigner."""
 
 EXAMPLES = """\
 examples:
@@ -42,15 +48,18 @@ examples:
   acb-run --gate --timeout 600 --label msa -- ./run_alphafold.sh input.fasta
   acb-run --auto -- python train.py
   ACB_WORKER=worker-3 acb-run --gate -- python fold.py   # name the worker in logs
+  acb-run --gang train-r0 --gpus 2 -- torchrun --nproc-per-node 2 train.py  # on each node
 
 """
 
-#: Flags that mean something in one mode only: flag → (argparse dest, the mode).
+#: Flags that mean something in some modes only: flag → (argparse dest, those modes).
 MODE_ONLY = {
-    "--gpus": ("gpus", "gate"),
-    "--timeout": ("timeout", "gate"),
-    "--idle-ms": ("idle_ms", "auto"),
-    "--device": ("device", "auto"),
+    "--gpus": ("gpus", ("gate", "gang")),
+    "--timeout": ("timeout", ("gate", "gang")),
+    "--memory": ("memory", ("gate", "auto")),
+    "--idle-ms": ("idle_ms", ("auto",)),
+    "--device": ("device", ("auto",)),
+    "--gang-nodes": ("gang_nodes", ("gang",)),
 }
 
 
@@ -67,6 +76,8 @@ class Launch:
     timeout: float | None = None
     idle_ms: float | None = None
     device: str = ""
+    gang: str = ""
+    gang_nodes: int = 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,7 +89,7 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="acb-run",
-        usage="acb-run (--gate | --auto) [OPTIONS] -- CMD [ARGS...]",
+        usage="acb-run (--gate | --auto | --gang NAME) [OPTIONS] -- CMD [ARGS...]",
         description=DESCRIPTION,
         epilog=EXAMPLES + EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -97,11 +108,18 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument(
         "--auto", dest="mode", action="store_const", const="auto", help="same as --mode auto"
     )
-    both = p.add_argument_group("both modes")
+    mode.add_argument(
+        "--gang",
+        metavar="NAME",
+        help="this node's member of gang NAME (one per node; every member gives the same NAME, "
+        "unique to this run of the program within the job)",
+    )
+    both = p.add_argument_group("all modes")
     both.add_argument(
         "--memory",
         metavar="SIZE",
-        help="memory needed per GPU, e.g. 10GiB (default: the whole GPU)",
+        help="--gate/--auto: memory needed per GPU, e.g. 10GiB (default: the whole GPU; a gang "
+        "always takes whole GPUs)",
     )
     both.add_argument(
         "--priority", metavar="P", type=int, default=0, help="higher is served first (default 0)"
@@ -109,13 +127,24 @@ def parser() -> argparse.ArgumentParser:
     both.add_argument(
         "--label", metavar="TEXT", default="", help="shown in status and the event log"
     )
-    gate = p.add_argument_group("--gate only")
-    gate.add_argument("--gpus", metavar="N", type=int, help="GPUs to ask for (default 1)")
+    gate = p.add_argument_group("--gate and --gang")
+    gate.add_argument(
+        "--gpus", metavar="N", type=int, help="GPUs to ask for (--gang: on each node; default 1)"
+    )
     gate.add_argument(
         "--timeout",
         metavar="SECONDS",
         type=float,
-        help=f"give up after this long waiting (exit {ExitCode.NO_GRANT:d})",
+        help=f"give up after this long waiting (exit {ExitCode.NO_GRANT:d}; a gang member that "
+        "gives up fails the gang for every member)",
+    )
+    gang = p.add_argument_group("--gang only")
+    gang.add_argument(
+        "--gang-nodes",
+        metavar="K",
+        type=int,
+        help="how many nodes (members) the gang has (default: SLURM_STEP_NUM_NODES, the srun "
+        "step's node count)",
     )
     auto = p.add_argument_group("--auto only")
     auto.add_argument(
@@ -138,16 +167,23 @@ def read(argv: Sequence[str]) -> Launch:
     command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
+    if args.gang is not None:
+        args.mode = "gang"
     if args.mode is None:
         p.print_usage(sys.stderr)
         _fail(MODES_HELP, ExitCode.USAGE)
     wrong = [
         flag
-        for flag, (dest, mode) in MODE_ONLY.items()
-        if mode != args.mode and getattr(args, dest) is not None
+        for flag, (dest, modes) in MODE_ONLY.items()
+        if args.mode not in modes and getattr(args, dest) is not None
     ]
     if wrong:
         _fail(f"{', '.join(wrong)}: not an option of --{args.mode}", ExitCode.USAGE)
+    gang_nodes = 0
+    if args.mode == "gang":
+        if not args.gang.strip():
+            _fail("--gang wants the gang's name, got an empty one", ExitCode.USAGE)
+        gang_nodes = _gang_nodes(args.gang_nodes)
     if not command:
         _fail(
             f"no command to run: put it after `--`, e.g. acb-run --{args.mode} -- python x.py",
@@ -163,7 +199,27 @@ def read(argv: Sequence[str]) -> Launch:
         timeout=args.timeout,
         idle_ms=args.idle_ms,
         device=args.device or "",
+        gang=args.gang or "",
+        gang_nodes=gang_nodes,
     )
+
+
+def _gang_nodes(given: int | None) -> int:
+    """--gang-nodes, else the srun step's node count; at least 1."""
+    import os
+
+    if given is None:
+        step = os.environ.get("SLURM_STEP_NUM_NODES", "")
+        if not step.isdigit():
+            _fail(
+                "--gang: how many nodes? give --gang-nodes K (outside an srun step, "
+                "SLURM_STEP_NUM_NODES is not there to say it)",
+                ExitCode.USAGE,
+            )
+        given = int(step)
+    if given < 1:
+        _fail(f"--gang-nodes wants a count >= 1, got {given}", ExitCode.USAGE)
+    return given
 
 
 def launch(spec: Launch) -> int:
@@ -176,6 +232,20 @@ def launch(spec: Launch) -> int:
     except ValueError as exc:
         _fail(f"--memory: {exc}", ExitCode.USAGE)
     try:
+        if spec.mode == "gang":
+            from acb_slurm.launcher.gang import GangSpec, run_gang
+
+            return run_gang(
+                GangSpec(
+                    command=spec.command,
+                    gang=spec.gang,
+                    node_count=spec.gang_nodes,
+                    gpus_per_node=spec.gpus,
+                    priority=spec.priority,
+                    label=spec.label,
+                    timeout=spec.timeout,
+                )
+            )
         if spec.mode == "auto":
             from acb_slurm.launcher.auto import AutoSpec, run_auto
 
@@ -216,7 +286,7 @@ def exit_code_of(exc: BaseException) -> ExitCode | None:
     from acb_slurm.launcher.auto import AutoError
     from acb_slurm.launcher.gate import GateError
 
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, (TimeoutError, errors.GangAborted)):
         return ExitCode.NO_GRANT
     if isinstance(exc, (errors.InvalidGpuRequest, errors.GrantImpossible)):
         return ExitCode.BAD_REQUEST

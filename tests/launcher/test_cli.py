@@ -86,7 +86,7 @@ def test_help_lists_the_exit_statuses_and_the_flags_of_each_mode(
     out = capsys.readouterr().out
     for code in ExitCode:
         assert f"{code:3d}  " in out
-    assert "--gate only" in out and "--auto only" in out
+    assert "--gate and --gang" in out and "--auto only" in out and "--gang only" in out
     assert "--mode {gate,auto}" in out
 
 

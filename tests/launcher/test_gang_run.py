@@ -1,0 +1,127 @@
+"""`acb-run --gang`: real acb-run members on two real assigners (controller n1, executor n2).
+
+The command of each member starts only once the whole gang is granted and sees where it stands;
+a member whose command fails stops every other member's command (and whatever it left behind
+in sessions of its own, as torchrun's workers are) within about a second."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from acb_slurm import tls
+from acb_slurm.assigner.testing import AssignerProcess, wait_for
+from acb_slurm.client import Client
+from acb_slurm.exitcodes import ExitCode
+from tests.launcher.test_gate_lease_loss import ACB_RUN, gone
+
+TOKEN = "job-token"
+StartAssigner = Callable[..., AssignerProcess]
+
+SHOW = (
+    'echo "$SLURMD_NODENAME rank=$PET_NODE_RANK nnodes=$PET_NNODES '
+    'master=$PET_MASTER_ADDR:$PET_MASTER_PORT gpus=$CUDA_VISIBLE_DEVICES gang=$ACB_GANG"'
+)
+
+
+@pytest.fixture
+def controller(start_assigner: StartAssigner, tmp_path: Path) -> AssignerProcess:
+    material = tls.init(tmp_path / "tls")
+    n1 = start_assigner(
+        gpus=2, tcp="127.0.0.1:0", token=TOKEN, tls_dir=material.directory, node="n1"
+    )
+    start_assigner(
+        gpus=2,
+        tcp="127.0.0.1:0",
+        token=TOKEN,
+        tls_dir=material.directory,
+        node="n2",
+        controller=n1.tcp,
+    )
+    with Client(target=n1.target, token=TOKEN) as probe:
+        wait_for(lambda: probe.status().executors, what="n2 to join n1")
+    return n1
+
+
+def member(
+    controller: AssignerProcess, node: str, script: str, *flags: str
+) -> subprocess.Popen[str]:
+    """`acb-run --gang g` on `node`, joining at the controller over TCP with the job's TLS."""
+    env = controller.client_env(SLURMD_NODENAME=node, ACB_CONTROLLER=controller.tcp or "")
+    return subprocess.Popen(
+        [*ACB_RUN, "--gang", "g", "--gang-nodes", "2", *flags, "--", "bash", "-c", script],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_every_member_starts_with_its_part_and_the_rendezvous(
+    controller: AssignerProcess,
+) -> None:
+    on_n2 = member(controller, "n2", SHOW, "--gpus", "2")
+    time.sleep(0.5)
+    assert on_n2.poll() is None, "started before the other member joined"
+    on_n1 = member(controller, "n1", SHOW, "--gpus", "2")
+    out1, err1 = on_n1.communicate(timeout=30)
+    out2, err2 = on_n2.communicate(timeout=30)
+    assert (on_n1.returncode, on_n2.returncode) == (0, 0), err1 + err2
+    port = out1.split("master=127.0.0.1:")[1].split()[0]
+    assert out1 == f"n1 rank=0 nnodes=2 master=127.0.0.1:{port} gpus=0,1 gang=g\n"
+    assert out2 == f"n2 rank=1 nnodes=2 master=127.0.0.1:{port} gpus=0,1 gang=g\n"
+    with Client(target=controller.target, token=TOKEN) as probe:
+        assert not probe.status().gangs  # both left: the gang ended
+
+
+def test_a_failing_member_stops_the_others_and_what_they_left_behind(
+    controller: AssignerProcess, tmp_path: Path
+) -> None:
+    orphan = tmp_path / "orphan.pid"
+    # Like torchrun's workers: a process in a session of its own, out of the group's reach.
+    stays = f"setsid sleep 300 & echo $! > {orphan}; sleep 300"
+    on_n2 = member(controller, "n2", stays)
+    on_n1 = member(controller, "n1", "sleep 1; exit 3")
+    wait_for(orphan.exists, what="the orphan to start")
+    orphan_pid = int(wait_for(lambda: orphan.read_text().strip(), what="its pid"))
+    assert on_n1.wait(30) == 3  # its own status, unchanged
+    failed_at = time.monotonic()
+    on_n2.wait(10)
+    stopped_in = time.monotonic() - failed_at
+    assert on_n2.returncode == ExitCode.LEASE_LOST
+    assert stopped_in < 1.0, f"the other member stopped {stopped_in:.2f}s after the failure"
+    assert wait_for(lambda: gone(orphan_pid), timeout=2, what="the orphan to be killed")
+    err = on_n2.stderr.read() if on_n2.stderr else ""
+    assert "gang g ended" in err and "exit status 3" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_gang_whose_member_never_comes_times_out_with_75(controller: AssignerProcess) -> None:
+    alone = member(controller, "n1", "echo ran", "--timeout", "1")
+    out, err = alone.communicate(timeout=30)
+    assert alone.returncode == ExitCode.NO_GRANT, err
+    assert out == "" and "not granted within 1s" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--gang", "g", "--memory", "1GiB"], "--memory: not an option of --gang"),
+        (["--gang", "g"], "give --gang-nodes K"),
+        (["--gang", "g", "--gang-nodes", "0"], "--gang-nodes wants a count >= 1"),
+        (["--gate", "--gang-nodes", "2"], "--gang-nodes: not an option of --gate"),
+        (["--gang", "g", "--auto"], "not allowed with argument"),
+    ],
+)
+def test_usage_mistakes_exit_64(flags: list[str], message: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_STEP_NUM_NODES"}
+    run = subprocess.run(
+        [*ACB_RUN, *flags, "--", "true"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert run.returncode == ExitCode.USAGE
+    assert message in run.stderr
