@@ -19,7 +19,13 @@ once), torchrun's join timeout is never spent waiting for GPUs.
 The end: CMD's exit status goes back to the controller (`LeaveGang`). 0 gives this node's part
 back; anything else ends the whole gang, and every other member's command is killed at once and
 its acb-run exits 70 (`ExitCode.LEASE_LOST`), as when the controller, or a node's assigner, or a
-member dies. torchrun starts its workers in sessions of their own, out of reach of a signal to
+member dies. A rank that dies with a failure is noticed by acb-run itself, not only by torchrun
+(whose agent takes 0.5-2 s to end after a rank dies): `RankWatch` watches the command's ranks
+(its descendants with ``LOCAL_RANK`` in their environment, as torchrun starts them) through
+pidfds, and reads a dead rank's status from ``/proc`` before its parent reaps it; a failed rank
+ends the gang at once, so every node's part goes back within milliseconds. (A gang run therefore
+ends at its first failed rank: torchrun's ``--max-restarts`` cannot restart it within the gang.)
+torchrun starts its workers in sessions of their own, out of reach of a signal to
 its process group: acb-run is their *child subreaper* (``PR_SET_CHILD_SUBREAPER``), so a
 worker that outlives torchrun becomes acb-run's child, and is killed (with its process group)
 when the command ends. A gang that fails before its grant exits 75, like a grant that never came.
@@ -30,14 +36,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import signal
+import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from acb_slurm import env
 from acb_slurm.launcher.gate import GateError, GateLeaseLost, _LossWatch, run_child
+from acb_slurm.supervise import Supervised
 
 if TYPE_CHECKING:
     from acb_slurm.client.session import Client, GangLease
@@ -92,7 +102,7 @@ def run_gang(
 
         client = Client(target=env.controller_target())
     _become_subreaper()
-    watch = _LossWatch()
+    watch = _GangWatch()
     client.on_lease_lost(watch.lost)
     try:
         lease = client.join_gang(
@@ -105,6 +115,14 @@ def run_gang(
         )
         watch.granted(lease.lease_id)
         child_env = gang_env(lease, os.environ if environ is None else environ)
+
+        def rank_failed(pid: int, status: int) -> None:
+            # The session thread's LeaveGang would race the command's own end: leave now, from
+            # the watch's thread; the gang's end reaches every member, this one included.
+            with contextlib.suppress(Exception):
+                client.leave_gang(lease, _exit_status(status), f"rank pid {pid} {_how(status)}")
+
+        watch.on_rank_failure = rank_failed
         try:
             code = run_child(spec.command, child_env, watch)
         except BaseException as exc:
@@ -112,7 +130,16 @@ def run_gang(
                 client.leave_gang(lease, 1, f"acb-run could not run the command: {exc}")
             raise
         finally:
+            watch.stop_ranks()
             kill_adopted()
+        if watch.rank_failure is not None:  # already left: the gang ended with this rank
+            pid, status = watch.rank_failure
+            print(
+                f"acb-run: rank pid {pid} on node {lease.node} {_how(status)}: gang {lease.gang} "
+                "ended on every node; this node's command was stopped",
+                file=sys.stderr,
+            )
+            return _exit_status(status)
         if watch.killed:
             reason = watch.error.reason if watch.error is not None else "?"
             with contextlib.suppress(Exception):
@@ -123,7 +150,8 @@ def run_gang(
                 "left behind) rather than run on GPUs another process may hold now"
             )
         try:
-            client.leave_gang(lease, code, f"exit status {code}" if code else "")
+            signal_name = _signal_name(code)
+            client.leave_gang(lease, code, f"killed by {signal_name}" if signal_name else "")
         except Exception as exc:  # the command's status matters more; the session end frees it
             import logging
 
@@ -138,6 +166,166 @@ def run_gang(
         client.remove_lease_lost_callback(watch.lost)
         if own_client:
             client.close()
+
+
+class _GangWatch(_LossWatch):
+    """The lease watch of a gang member, which also watches the command's ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_rank_failure: Callable[[int, int], None] | None = None
+        self.rank_failure: tuple[int, int] | None = None
+        self._ranks: RankWatch | None = None
+
+    def attach(self, child: Supervised) -> None:
+        super().attach(child)
+        self._ranks = RankWatch(child, self._rank_failed)
+        self._ranks.start()
+
+    def _rank_failed(self, pid: int, status: int) -> None:
+        """A rank failed: the gang ends everywhere (`on_rank_failure` leaves it), and this
+        node's command stops at once too (its other ranks would wait on the dead one)."""
+        self.rank_failure = (pid, status)
+        if self.on_rank_failure is not None:
+            self.on_rank_failure(pid, status)
+        with self._lock:
+            if self._child is not None:
+                self._child.kill("a rank failed")
+
+    def stop_ranks(self) -> None:
+        if self._ranks is not None:
+            self._ranks.stop()
+
+
+class RankWatch(threading.Thread):
+    """Tells `on_failure(pid, wait_status)` of the first rank of `child` that dies with a
+    failure (a non-zero exit or a signal), within milliseconds.
+
+    Ranks are the processes under `child` with ``LOCAL_RANK`` in their environment whose parent
+    has none (torchrun's workers, not their own children). Every `interval` the tree under
+    `child` is walked (``/proc/PID/task/TID/children``) for new ranks; each one is watched
+    through a pidfd, which wakes this thread the moment it dies, and its status is read from its
+    ``/proc/PID/stat`` while it is a zombie (its parent reaps it later: torchrun polls every
+    0.1 s). A rank reaped before it is read is left to its launcher to report."""
+
+    def __init__(
+        self, child: Supervised, on_failure: Callable[[int, int], None], interval: float = 0.05
+    ) -> None:
+        super().__init__(name="acb-rank-watch", daemon=True)
+        self.child = child
+        self.on_failure = on_failure
+        self.interval = interval
+        self._done = threading.Event()
+
+    def stop(self) -> None:
+        self._done.set()
+        if self.is_alive() and self is not threading.current_thread():
+            self.join(1.0)
+
+    def run(self) -> None:
+        if not hasattr(os, "pidfd_open"):
+            return
+        poller = select.poll()
+        watched: dict[int, int] = {}  # pidfd -> pid
+        known: set[int] = set()
+        try:
+            while not self._done.is_set():
+                root = self.child.pid
+                if root is not None:
+                    for pid in _new_ranks(root, known):
+                        with contextlib.suppress(OSError):
+                            fd = os.pidfd_open(pid)
+                            watched[fd] = pid
+                            poller.register(fd, select.POLLIN)
+                for fd, _ in poller.poll(self.interval * 1000):
+                    pid = watched.pop(fd)
+                    poller.unregister(fd)
+                    status = _zombie_status(pid)
+                    os.close(fd)
+                    if status:
+                        self.on_failure(pid, status)
+                        return
+        finally:
+            for fd in watched:
+                os.close(fd)
+
+
+def _descendants(root: int) -> list[tuple[int, int]]:
+    """(pid, parent pid) of every process under `root`, from the kernel's children lists."""
+    found: list[tuple[int, int]] = []
+    todo = [root]
+    while todo and len(found) < 100_000:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", "rb") as fh:
+                    children = [int(pid) for pid in fh.read().split()]
+            except OSError:
+                continue
+            found.extend((pid, parent) for pid in children)
+            todo.extend(children)
+    return found
+
+
+def _is_rank(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return b"\0LOCAL_RANK=" in b"\0" + fh.read()
+    except OSError:
+        return False
+
+
+def _new_ranks(root: int, known: set[int]) -> list[int]:
+    """Ranks under `root` not in `known` (every process looked at is added to it)."""
+    ranks = []
+    rank_set: set[int] = set()
+    for pid, parent in _descendants(root):
+        if pid in known:
+            continue
+        known.add(pid)
+        if _is_rank(pid) and not (parent in rank_set or (parent != root and _is_rank(parent))):
+            ranks.append(pid)
+            rank_set.add(pid)
+    return ranks
+
+
+def _zombie_status(pid: int) -> int | None:
+    """The wait status of a dead, not yet reaped process (``/proc/PID/stat`` field 52); None
+    when it was reaped already (or the kernel does not say)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if len(fields) < 50 or fields[0] != b"Z":
+        return None
+    return int(fields[49])
+
+
+def _exit_status(status: int) -> int:
+    """acb-run's convention for a wait status: the exit code, or 128+N for signal N."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status) or 1
+
+
+def _how(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def _signal_name(status: int) -> str:
+    """SIGKILL for 137 (a status of 128+N is a death by signal N), "" for other statuses."""
+    with contextlib.suppress(ValueError):
+        if status > 128:
+            return signal.Signals(status - 128).name
+    return ""
 
 
 def _become_subreaper() -> None:

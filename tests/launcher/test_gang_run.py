@@ -6,8 +6,10 @@ in sessions of its own, as torchrun's workers are) within about a second."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -125,3 +127,96 @@ def test_usage_mistakes_exit_64(flags: list[str], message: str) -> None:
     )
     assert run.returncode == ExitCode.USAGE
     assert message in run.stderr
+
+
+DDP = Path(__file__).resolve().parents[2] / "examples" / "torchrun" / "ddp_train.py"
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+@pytest.mark.slow
+def test_torchrun_over_two_members_trains_what_plain_torchrun_trains(
+    controller: AssignerProcess, tmp_path: Path
+) -> None:
+    """A real DDP run (gloo) as a two-node gang, 2 ranks per node, ends with the parameters of
+    the same run on 4 ranks under plain torchrun, bit for bit."""
+    script = (
+        f"exec {TORCHRUN} --nproc-per-node 2 --max-restarts 0 {DDP} --steps 10 "
+        f"--out {tmp_path}/gang.pt"
+    )
+    members = [member(controller, node, script) for node in ("n1", "n2")]
+    outputs = [m.communicate(timeout=180) for m in members]
+    assert [m.returncode for m in members] == [0, 0], outputs
+    ranks = "".join(out for out, _ in outputs)
+    assert "rank 0/4 on n1" in ranks and "rank 3/4 on n2" in ranks
+    plain = subprocess.run(
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc-per-node",
+            "4",
+            str(DDP),
+            "--steps",
+            "10",
+            "--out",
+            str(tmp_path / "plain.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert plain.returncode == 0, plain.stderr
+    import torch
+
+    gang, alone = torch.load(tmp_path / "gang.pt"), torch.load(tmp_path / "plain.pt")
+    assert gang.keys() == alone.keys()
+    assert all(torch.equal(gang[k], alone[k]) for k in gang)
+
+
+def _workers_of(script: Path) -> list[int]:
+    """Pids of torchrun workers (they have LOCAL_RANK in their environment) running `script`."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            environ = Path(f"/proc/{entry.name}/environ").read_bytes()
+        except OSError:
+            continue
+        if str(script).encode() in cmdline and b"\0LOCAL_RANK=" in b"\0" + environ:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_rank_releases_every_node_within_a_second(
+    controller: AssignerProcess, tmp_path: Path
+) -> None:
+    script = (
+        f"exec {TORCHRUN} --nproc-per-node 2 --max-restarts 0 {DDP} --steps 10000 "
+        f"--step-seconds 0.05 --out {tmp_path}/never.pt"
+    )
+    members = {node: member(controller, node, script) for node in ("n1", "n2")}
+    workers = wait_for(lambda: len(w := _workers_of(DDP)) == 4 and w, timeout=120)
+    with Client(target=controller.target, token=TOKEN) as probe:
+        wait_for(lambda: probe.status().gangs[0].state == "granted")
+    time.sleep(2)  # training has started on every rank
+    os.kill(workers[0], 9)
+    killed_at = time.time()
+    codes = {node: m.wait(30) for node, m in members.items()}
+    stopped_in = time.time() - killed_at
+    # The rank's member says how it died (128+9); the other node's was stopped (70).
+    assert sorted(codes.values()) == [ExitCode.LEASE_LOST, 128 + 9], codes
+    assert wait_for(lambda: not _workers_of(DDP), timeout=5, what="every rank to stop")
+    # Each node's event log says when its part went back.
+    logs = sorted(controller.directory.glob("*.events.jsonl"))
+    releases = [
+        e["ts"]
+        for log in logs
+        for e in map(json.loads, log.read_text().splitlines())
+        if e["event"] == "release" and e.get("reason") == "gang-failed"
+    ]
+    assert len(releases) == 2, releases  # one GPU per node
+    released_in = max(releases) - killed_at
+    assert released_in < 1.0, f"parts released {released_in:.2f}s after the rank was killed"
+    assert stopped_in < 3.0, f"the members ended {stopped_in:.2f}s after the rank was killed"
