@@ -337,4 +337,26 @@ def format_status(answers: list[tuple[str, Any]]) -> str:
             f"  counters: {c.sessions} sessions, {c.requests} requests, {c.grants} grants, "
             f"{c.releases} releases, {c.disconnects} disconnects, {c.errors} errors"
         )
+        lines.extend(format_gangs(reply.gangs))
     return "\n".join(lines)
+
+
+def format_gangs(gangs: Any) -> list[str]:
+    """The gangs a controller knows (`StatusReply.gangs`), one line each."""
+    lines = [f"  gangs: {len(gangs)}"] if gangs else []
+    for gang in gangs:
+        shape = f"{gang.gpus_per_node} GPU(s) on each of {gang.node_count} node(s)"
+        parts = ", ".join(
+            f"{part.node} gpu {','.join(map(str, part.gpu_indices))}" for part in gang.parts
+        )
+        if gang.state == "collecting":
+            joined = ", ".join(gang.members)
+            what = f"{len(gang.members)} of {gang.node_count} members joined ({joined})"
+        elif gang.state == "waiting":
+            what = f"all members joined ({', '.join(gang.members)}); waiting for GPUs"
+        elif gang.state == "taking":
+            what = f"nodes taking their parts; held so far: {parts or 'none'}"
+        else:
+            what = parts
+        lines.append(f"    {gang.gang}: {gang.state} {gang.seconds:.0f}s, {shape}: {what}")
+    return lines

@@ -26,6 +26,8 @@ from acb_slurm.client import (
     InvalidGpuRequest,
     LeaseLost,
 )
+from acb_slurm.report.events import build_run
+from acb_slurm.slurm.runtime import format_status
 
 TOKEN = "job-token"
 StartAssigner = Callable[..., AssignerProcess]
@@ -98,8 +100,11 @@ def test_a_gang_is_granted_on_every_node_at_once(
         # Each node holds its part as leases of worker gang:<name>.
         assert len(gang_leases(n1)) == 2 and len(gang_leases(n2)) == 2
         with client(n1) as probe:
-            (granted,) = probe.status().gangs
+            reply = probe.status()
+            (granted,) = reply.gangs
             assert granted.state == "granted" and len(granted.parts) == 2
+            shown = format_status([("n1", reply)])
+            assert "train-r0: granted" in shown and "n1 gpu 0,1, n2 gpu 0,1" in shown
         a.leave_gang(on_n2, 0)
         wait_for(lambda: not gang_leases(n2), what="n2's part to go back")
         assert len(gang_leases(n1)) == 2  # the other member still runs
@@ -108,6 +113,11 @@ def test_a_gang_is_granted_on_every_node_at_once(
         with client(n1) as probe:
             assert not probe.status().gangs
     assert of(n1.events(), "gang_end", gang="train-r0", failed=False)
+    # The report shows the gang as one row holding GPUs on both nodes.
+    run = build_run([n1.event_log, n2.event_log])
+    held = {(h.node, h.gpus) for h in run.holdings if h.worker == "gang:train-r0"}
+    assert held == {("n1", (0,)), ("n1", (1,)), ("n2", (0,)), ("n2", (1,))}
+    assert run.workers.count("gang:train-r0") == 1
 
 
 def test_a_part_waits_for_local_holders_and_local_work_backfills_meanwhile(
