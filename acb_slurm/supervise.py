@@ -1,5 +1,6 @@
 """Run and supervise one child process: the one place that starts commands for `acb-run`
-(`launcher.gate`), campaign stages (`campaign.runner`) and, later, the per-node launcher.
+(`launcher.gate`), campaign stages (`campaign.runner`) and the per-node launcher
+(`launcher.nodelaunch`, many children in one process).
 
     result = run_supervised(["python", "train.py"], env, forward=FORWARDED_SIGNALS)
     sys.exit(result.exit_status)       # 128+N when the child died of signal N
@@ -19,7 +20,9 @@ What it does:
   the supervisor owns whole: signals go to the group (a script's children get them too, once),
   a timeout or `kill()` SIGKILLs the group, what is left of the group when the child ends is
   killed, and a guard process (`_deathwrap.guard`) kills the group if this process is killed
-  outright (the death signal only reaches the direct child). With ``group=False`` the child
+  outright (the death signal only reaches the direct child). A process that supervises many
+  children passes one shared `GroupGuard` instead (``guard=``): one guard process for all their
+  groups rather than one Python process per child. With ``group=False`` the child
   stays in this process's group (an interactive command in the terminal's foreground group, so
   it can read the terminal); only the direct child is then signalled and killed, and SIGINT,
   which the terminal delivers to both processes, is not forwarded a second time. With
@@ -35,8 +38,10 @@ What it does:
   the start, the child is killed the moment it exists; after it was reaped, nothing (its pid
   is no longer ours to signal). `Result.killed` is the reason when the kill hit a live child.
 - **Prompt wait**: a pidfd (Linux 5.3+) wakes the wait the moment the child exits (elsewhere
-  it polls every 50 ms at most). The child is reaped with ``wait4``: `Result.cpu_s` is its own
-  CPU time (and that of the descendants it waited for), not that of other children.
+  it polls every 50 ms at most); it is polled with `poll()`, not `select()`, so a process with
+  more than 1024 descriptors (hundreds of children) waits as well. The child is reaped with
+  ``wait4``: `Result.cpu_s` is its own CPU time (and that of the descendants it waited for),
+  not that of other children.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -67,6 +73,31 @@ FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
 CANNOT_START = deathwrap.CANNOT_START
 
 _POLL_S = 0.05  # without a pidfd: the longest an exit goes unnoticed
+
+# The shared guard (`GroupGuard`), run as ``python -S -I -c``: standard library only. It reads
+# "+PGID" / "-PGID" lines; at end of input (its parent died, or closed the pipe at its end) it
+# SIGKILLs every group still listed. The signals a job's end sends to every process of a step
+# are ignored: the guard must outlive its parent to do its work.
+_GROUP_GUARD = """
+import os, signal, sys
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+groups = set()
+for line in sys.stdin.buffer:
+    try:
+        op, pgid = line[:1], int(line[1:])
+    except ValueError:
+        continue
+    if op == b"+":
+        groups.add(pgid)
+    else:
+        groups.discard(pgid)
+for pgid in groups:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
 
 _File = int | IO[Any] | None
 
@@ -99,6 +130,49 @@ class Result:
         return -self.returncode if self.returncode < 0 else None
 
 
+class GroupGuard:
+    """One guard process for the process groups of many children (`Supervised(guard=...)`).
+
+    `deathwrap.guard` starts a Python process per child, about 10 MB and 15 ms of CPU each: too
+    much for a launcher of hundreds of workers. This one guard learns each group as its child
+    starts and forgets it when its child ends, over a pipe; when the pipe closes without a
+    `close()` (this process was killed outright), it SIGKILLs every group it still knows. The
+    pipe's write end stays in this process only (children are started with close_fds)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process = subprocess.Popen(
+            [sys.executable, "-S", "-I", "-c", _GROUP_GUARD],
+            stdin=subprocess.PIPE,
+            start_new_session=True,  # never in a group it guards, nor in the terminal's
+        )
+
+    def _send(self, line: str) -> None:
+        stdin = self._process.stdin
+        with self._lock:
+            if stdin is None or stdin.closed:
+                return
+            with contextlib.suppress(BrokenPipeError, ValueError):
+                stdin.write(line.encode())
+                stdin.flush()
+
+    def watch(self, pgid: int) -> None:
+        """Kill group `pgid` if this process dies before `forget(pgid)`."""
+        self._send(f"+{pgid}\n")
+
+    def forget(self, pgid: int) -> None:
+        self._send(f"-{pgid}\n")
+
+    def close(self) -> None:
+        """A normal end: the guard forgets everything and exits (it kills any group still
+        watched, so call it after the children ended)."""
+        with self._lock:
+            if self._process.stdin is not None and not self._process.stdin.closed:
+                with contextlib.suppress(BrokenPipeError):
+                    self._process.stdin.close()
+        self._process.wait()
+
+
 class Supervised:
     """One supervised child: `start()`, then `wait()` (once); `kill()` and `send_signal()` from
     anywhere. See the module's documentation."""
@@ -118,6 +192,7 @@ class Supervised:
         stdin: _File = None,
         stdout: _File = None,
         stderr: _File = None,
+        guard: bool | GroupGuard = True,
     ) -> None:
         if not argv:
             raise ValueError("no command to run")
@@ -139,7 +214,9 @@ class Supervised:
         self._timed_out = False
         self._early: list[int] = []
         self._previous: dict[int, Any] = {}
+        self._guard_option = guard
         self._guard: subprocess.Popen[bytes] | None = None
+        self._shared_guard: GroupGuard | None = None
         self._pidfd: int | None = None
         self._started = 0.0
         self._started_mono = 0.0
@@ -185,7 +262,11 @@ class Supervised:
             self._pidfd = os.pidfd_open(child.pid)
         if self.group:
             # If this process is killed outright, the guard kills the child's whole group.
-            self._guard = deathwrap.guard(child.pid)
+            if isinstance(self._guard_option, GroupGuard):
+                self._shared_guard = self._guard_option
+                self._shared_guard.watch(child.pid)
+            elif self._guard_option:
+                self._guard = deathwrap.guard(child.pid)
         with self._lock:
             self._child = child
             if self._kill_reason is not None:  # asked before the child existed
@@ -288,7 +369,10 @@ class Supervised:
     def _wait_exit(self, timeout: float | None) -> None:
         """Return once the child has exited, or after `timeout` seconds."""
         if self._pidfd is not None:
-            select.select([self._pidfd], [], [], timeout)  # PEP 475: retried after handlers
+            poller = select.poll()
+            poller.register(self._pidfd, select.POLLIN)
+            # PEP 475: retried after signal handlers. poll() takes milliseconds, None = forever.
+            poller.poll(None if timeout is None else max(0.0, timeout) * 1000)
         else:
             time.sleep(_POLL_S if timeout is None else max(0.0, min(timeout, _POLL_S)))
 
@@ -321,6 +405,11 @@ class Supervised:
         if self._guard is not None:
             deathwrap.stop_guard(self._guard, child.pid)  # and the rest of the group with it
             self._guard = None
+        if self._shared_guard is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)  # what is left of the group
+            self._shared_guard.forget(child.pid)
+            self._shared_guard = None
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None

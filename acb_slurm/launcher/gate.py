@@ -36,6 +36,11 @@ another process's, so the client's session thread kills the command's process gr
 alone with a terminal) with SIGKILL at once, and `run_gated` raises `GateLeaseLost`: acb-run
 says so in one line and exits with `ExitCode.LEASE_LOST` (70), not the command's own status.
 A loss after the command ended only makes the release fail (logged; the command's status stands).
+
+The per-node launcher (`acb_slurm.launcher.nodelaunch`) runs many gated workers in one process:
+it gives `run_gated` each worker's own `Client`, environment and a `start` factory that makes
+the worker's `Supervised` child (no signal handlers of its own, one shared group guard); the
+lease, the lost-lease kill and the exit status are the same as acb-run's.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,6 +65,7 @@ if TYPE_CHECKING:  # the client (gRPC) is imported by run_gated, when it is need
 
 __all__ = [
     "FORWARDED_SIGNALS",
+    "ChildFactory",
     "GateError",
     "GateLeaseLost",
     "GateSpec",
@@ -69,6 +75,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Makes the (unstarted) supervised child of a gated command: `factory(command, child_env)`.
+ChildFactory = Callable[[Sequence[str], dict[str, str]], Supervised]
 
 
 class GateError(RuntimeError):
@@ -134,9 +143,17 @@ class GateSpec:
     timeout: float | None = None
 
 
-def run_gated(spec: GateSpec, client: Client | None = None) -> int:
+def run_gated(
+    spec: GateSpec,
+    client: Client | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    start: ChildFactory | None = None,
+) -> int:
     """Run `spec.command` under a lease and return its exit code. `GateLeaseLost` if the lease
-    is lost while the command runs (the command's process group was killed)."""
+    is lost while the command runs (the command's process group was killed). `environ` is the
+    command's environment before the lease's variables (default this process's); `start` makes
+    its supervised child (default: acb-run's, which forwards this process's signals to it)."""
     if not spec.command:
         raise GateError("no command to run: put it after `--`, e.g. acb-run --gate -- python x.py")
     own_client = client is None
@@ -156,10 +173,10 @@ def run_gated(spec: GateSpec, client: Client | None = None) -> int:
         )
         watch.granted(lease.lease_id)
         try:
-            child_env = dict(os.environ)
+            child_env = dict(os.environ if environ is None else environ)
             child_env["CUDA_VISIBLE_DEVICES"] = lease.cuda_visible_devices
             child_env[env.LEASE_ID] = lease.lease_id
-            code = run_child(spec.command, child_env, watch)
+            code = run_child(spec.command, child_env, watch, start=start)
         except BaseException:
             with contextlib.suppress(Exception):
                 client.release(lease)
@@ -197,19 +214,41 @@ def _stdin_is_terminal() -> bool:
         return False
 
 
-def run_child(
-    command: Sequence[str], child_env: dict[str, str], watch: _LossWatch | None = None
-) -> int:
-    """Spawn, forward signals, wait; the previous signal handlers come back afterwards. `watch`
-    kills the child if the lease is lost while it runs."""
-    if shutil.which(command[0], path=child_env.get("PATH")) is None and not os.path.isfile(
-        command[0]
-    ):
-        raise GateError(f"cannot start {command[0]!r}: command not found")
+def acb_run_child(command: Sequence[str], child_env: dict[str, str]) -> Supervised:
+    """acb-run's child: its own process group without a terminal (the terminal's with one),
+    this process's SIGINT/SIGTERM/SIGHUP/SIGUSR1/SIGUSR2 forwarded to it."""
     interactive = _stdin_is_terminal()
-    child = Supervised(
+    return Supervised(
         command, child_env, group=not interactive, forward=FORWARDED_SIGNALS, name="acb-run"
     )
+
+
+def findable(
+    command: Sequence[str],
+    child_env: Mapping[str, str],
+    cwd: str | os.PathLike[str] | None = None,
+) -> bool:
+    """Whether `command[0]` names a program: on the child's PATH, or a file (relative to the
+    child's working directory `cwd`, when it has one)."""
+    name = command[0]
+    if os.sep in name:
+        return os.path.isfile(os.path.join(os.fspath(cwd), name) if cwd else name)
+    return shutil.which(name, path=child_env.get("PATH")) is not None or os.path.isfile(name)
+
+
+def run_child(
+    command: Sequence[str],
+    child_env: dict[str, str],
+    watch: _LossWatch | None = None,
+    *,
+    start: ChildFactory | None = None,
+) -> int:
+    """Spawn, forward signals, wait; the previous signal handlers come back afterwards. `watch`
+    kills the child if the lease is lost while it runs; `start` makes the child (default
+    `acb_run_child`)."""
+    child = (start or acb_run_child)(command, child_env)
+    if not findable(command, child_env, child.cwd):
+        raise GateError(f"cannot start {command[0]!r}: command not found")
     if watch is not None:
         watch.attach(child)
     try:

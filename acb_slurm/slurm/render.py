@@ -20,6 +20,7 @@ import jinja2
 
 from acb_slurm import defaults, env
 from acb_slurm.launcher import acb_run_argv
+from acb_slurm.launcher.nodelaunch import GroupPlan, Plan
 from acb_slurm.slurm.errors import RenderError
 from acb_slurm.slurm.spec import JobSpec, WorkerGroup, command_argv
 from acb_slurm.units import parse_size
@@ -140,24 +141,58 @@ def prologue_options(spec: JobSpec, bin_dir: str = "") -> PrologueOptions:
     )
 
 
-def _worker_context(spec: JobSpec, group: WorkerGroup, bin_dir: str) -> dict[str, Any]:
+def _run_options(spec: JobSpec, group: WorkerGroup) -> list[str]:
+    """The acb-run options of a group's workers (what follows ``acb-run --MODE``)."""
     if group.mode == "gate":
-        launcher = acb_run_argv(
-            "gate", gpus=group.gpus, memory=spec.broker.worker_memory, bin_dir=bin_dir
-        )
+        argv = acb_run_argv("gate", gpus=group.gpus, memory=spec.broker.worker_memory, program="")
     elif group.mode == "auto":
-        launcher = acb_run_argv("auto", bin_dir=bin_dir)
+        argv = acb_run_argv("auto", program="")
     else:
-        launcher = []
+        return []
+    return argv[2:-1]  # without the program, the mode and the closing `--`
+
+
+def _worker_context(spec: JobSpec, index: int, group: WorkerGroup) -> dict[str, Any]:
+    run = group.torchrun
     return {
+        "index": index,
         "name": group.name,
         "count": spec.workers_per_node(group),
         "mode": group.mode,
         "env": list(group.env.items()),
         "workdir": group.workdir,
-        "launcher": launcher,
+        "run_options": _run_options(spec, group),
         "argv": command_argv(group.command),
+        "torchrun": None
+        if run is None
+        else {
+            "nodes": run.nodes,
+            "nproc_per_node": run.nproc_per_node,
+            "gpus": run.nproc_per_node * run.gpus_per_proc,
+            "repeat": run.repeat,
+        },
     }
+
+
+def launch_plan(spec: JobSpec) -> Plan:
+    """What each node's `acb-launch` runs: every group of per-node workers (torchrun groups are
+    steps of their own)."""
+    return Plan(
+        tuple(
+            GroupPlan(
+                name=group.name,
+                count=spec.workers_per_node(group),
+                command=tuple(command_argv(group.command)),
+                mode=group.mode,
+                run_options=tuple(_run_options(spec, group)),
+                env=dict(group.env),
+                workdir=group.workdir,
+            )
+            for group in spec.workers
+            if group.torchrun is None
+        ),
+        array_task_in_names=True,
+    )
 
 
 def render_batch(
@@ -172,8 +207,10 @@ def render_batch(
         # The same GRES as the node's assigner (broker.gpus may be fewer than the allocation's),
         # so that a GPU index means the same device to the assigner and to its workers.
         worker_gpus=options.assigner_gpus or spec.allocation.gpus_per_node or None,
-        workers=[_worker_context(spec, g, context["bin_dir"]) for g in spec.workers],
+        workers=[_worker_context(spec, i, g) for i, g in enumerate(spec.workers)],
     )
+    plan = launch_plan(spec)
+    context["plan"] = plan.to_json() if plan.groups else ""
     return _render("batch.sh.j2", context, template_dir)
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "Allocation",
     "Broker",
     "JobSpec",
+    "Torchrun",
     "WorkerGroup",
     "check_value",
     "command_argv",
@@ -73,8 +74,8 @@ WORKER_MODES: tuple[str, ...] = typing.get_args(WorkerMode)
 
 #: Workers sharing one GPU: beyond this the turns are so short that waiting dominates.
 MAX_WORKERS_PER_GPU = 64
-#: Worker steps on one node, all groups together: each is an srun process on the batch node and
-#: a slurmstepd on its node.
+#: Workers on one node, all groups together: each is a thread and a session of the node's
+#: launcher (acb-launch) and a process of its own.
 MAX_WORKERS_PER_NODE = 512
 
 _STRICT = ConfigDict(strict=True)
@@ -601,11 +602,30 @@ class Broker(SpecModel):
     )
 
 
+class Torchrun(SpecModel):
+    """A distributed PyTorch run: one `torchrun` per node over `nodes` nodes, as one gang."""
+
+    nodes: Positive = Field(
+        description="nodes the run spans (at most allocation.nodes); their GPUs are granted "
+        "all at once by the job's controller assigner"
+    )
+    nproc_per_node: Positive = Field(description="processes torchrun starts on each node")
+    gpus_per_proc: Positive = Field(1, description="GPUs of each process")
+    repeat: Positive = Field(1, description="runs of the command, one after the other")
+
+
+#: Fields of a worker group that a torchrun group does not take (the JSON Schema of WorkerGroup
+#: lists them too).
+_NOT_WITH_TORCHRUN = ("per_node", "per_gpu", "mode", "gpus")
+
+
 class WorkerGroup(SpecModel):
-    """Workers started by the batch script, each its own `srun` step under `acb-run`."""
+    """Workers started by the batch script (the per-node launcher `acb-launch` starts each
+    node's), or one torchrun gang over several nodes (`torchrun`)."""
 
     model_config = ConfigDict(
-        # per_node and per_gpu exclude each other (checked in _cross_checks).
+        # per_node and per_gpu exclude each other, torchrun excludes both, mode and gpus
+        # (checked in _cross_checks).
         json_schema_extra={
             "allOf": [
                 {
@@ -616,7 +636,11 @@ class WorkerGroup(SpecModel):
                             "per_gpu": {"type": "integer"},
                         },
                     }
-                }
+                },
+                {"not": {"required": ["torchrun", "per_node"]}},
+                {"not": {"required": ["torchrun", "per_gpu"]}},
+                {"not": {"required": ["torchrun", "mode"]}},
+                {"not": {"required": ["torchrun", "gpus"]}},
             ]
         }
     )
@@ -633,6 +657,11 @@ class WorkerGroup(SpecModel):
     gpus: Positive = Field(1, description="GPUs each worker holds at once (acb-run --gpus)")
     env: WorkerEnv = Field(default_factory=dict, description="environment variables")
     workdir: DirPath | None = Field(None, description="working directory (default: the submit dir)")
+    torchrun: Torchrun | None = Field(
+        None,
+        description="run the command under torchrun on `nodes` nodes as one gang, instead of "
+        "per-node workers (no per_node, per_gpu, mode or gpus then)",
+    )
 
 
 Workers: TypeAlias = Annotated[tuple[WorkerGroup, ...], non_empty()]
@@ -669,6 +698,9 @@ class JobSpec(SpecModel):
         return self.broker.gpus or self.allocation.gpus_per_node
 
     def workers_per_node(self, group: WorkerGroup) -> int:
+        """Workers of a group on each node (0 for a torchrun group: it is no per-node worker)."""
+        if group.torchrun is not None:
+            return 0
         if group.per_gpu is not None:
             return group.per_gpu * self.gpus_per_node
         return group.per_node or 1
@@ -716,6 +748,9 @@ def _cross_checks(spec: JobSpec) -> Iterator[tuple[Loc, str]]:
     gpus = spec.gpus_per_node
     for i, group in enumerate(spec.workers):
         where = f"workers[{i}]"
+        if group.torchrun is not None:
+            yield from _torchrun_checks(spec, i, group, group.torchrun)
+            continue
         if group.per_node is not None and group.per_gpu is not None:
             yield (
                 ("workers", i, "per_gpu"),
@@ -765,11 +800,44 @@ def _cross_checks(spec: JobSpec) -> Iterator[tuple[Loc, str]]:
             f"workers[{i}].{'per_gpu' if g.per_gpu is not None else 'per_node'}="
             f"{g.per_gpu if g.per_gpu is not None else (g.per_node or 1)}"
             for i, g in enumerate(spec.workers)
+            if g.torchrun is None
         )
         yield (
             ("workers",),
             f"{total} workers per node ({counts}, with {gpus} GPU(s) per node) is more than "
-            f"{MAX_WORKERS_PER_NODE}: each is an srun step; use fewer or an acb-campaign",
+            f"{MAX_WORKERS_PER_NODE}: each is a process (and a session with the assigner) "
+            "of the node's launcher; use fewer or an acb-campaign",
+        )
+
+
+def _torchrun_checks(
+    spec: JobSpec, i: int, group: WorkerGroup, run: Torchrun
+) -> Iterator[tuple[Loc, str]]:
+    """A torchrun group: it fits the allocation, and takes no per-node worker fields."""
+    where = f"workers[{i}]"
+    for name in _NOT_WITH_TORCHRUN:
+        if name in group.model_fields_set:
+            yield (
+                ("workers", i, name),
+                f"{where}.{name}={getattr(group, name)} makes no sense with {where}.torchrun "
+                "(one gang of torchrun.nodes nodes x torchrun.nproc_per_node processes, each "
+                "holding torchrun.gpus_per_proc GPUs for the whole run); remove it",
+            )
+    nodes = spec.allocation.nodes
+    if run.nodes > nodes:
+        yield (
+            ("workers", i, "torchrun", "nodes"),
+            f"{where}.torchrun.nodes={run.nodes} is more than allocation.nodes={nodes}",
+        )
+    gpus = spec.gpus_per_node
+    need = run.nproc_per_node * run.gpus_per_proc
+    if need > gpus:
+        yield (
+            ("workers", i, "torchrun", "nproc_per_node"),
+            f"{where}.torchrun.nproc_per_node={run.nproc_per_node} x "
+            f"torchrun.gpus_per_proc={run.gpus_per_proc} = {need} GPU(s) per node is more than "
+            f"the {gpus} GPU(s) a node's assigner has (allocation.gpus_per_node / "
+            "broker.virtual_gpus / broker.gpus)",
         )
 
 

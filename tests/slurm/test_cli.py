@@ -38,7 +38,8 @@ def test_render_prints_the_script() -> None:
     )
     assert result.exit_code == 0, result.output
     assert result.output.startswith("#!/bin/bash\n")
-    assert "/x/bin/acb-run --gate" in result.output
+    assert "export ACB_BIN=/x/bin\n" in result.output
+    assert '"$ACB_BIN/acb-launch" --plan' in result.output
 
 
 def test_render_default_bin_dir_is_the_running_python(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ Re-record the golden files after an intended template change:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -67,6 +68,26 @@ HOSTILE_JOB = textwrap.dedent(
 )
 
 
+TORCHRUN_JOB = textwrap.dedent(
+    """\
+    allocation: {nodes: 2, gpus_per_node: 2, cpus_per_task: 4}
+    workers:
+      - name: fold
+        command: [python, fold.py]
+        per_gpu: 2
+      - name: train
+        torchrun: {nodes: 2, nproc_per_node: 1, gpus_per_proc: 2, repeat: 3}
+        command: [python, train.py, --epochs, "3", "it's"]
+        env: {NCCL_DEBUG: INFO}
+        workdir: /tmp/train dir
+      - name: shell
+        mode: client
+        per_node: 1
+        command: "echo hi"
+    """
+)
+
+
 def _example(name: str) -> str:
     return (REPO / "examples" / "slurm" / name).read_text(encoding="utf-8")
 
@@ -92,6 +113,7 @@ CASES = {
         ),
         bin_dir=BIN,
     ),
+    "torchrun": lambda: render_batch(parse_spec(TORCHRUN_JOB, "torchrun.yaml"), bin_dir=BIN),
     "prologue": lambda: render_prologue(PrologueOptions(bin_dir=BIN)),
     "prologue-virtual": lambda: render_prologue(
         PrologueOptions(policy="gpu-sharing", virtual_gpus=2, gpu_memory=8 << 30, bin_dir=BIN)
@@ -141,20 +163,29 @@ def test_passes_shellcheck(rendered: tuple[str, str], tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout
 
 
-def _worker_command_lines(script: str) -> list[list[str]]:
-    """The argv of each worker's srun line, as bash would split it."""
-    found = re.findall(r'--nodelist="\$acb_node".*? \\\n\s*(.*?) &\n', script, flags=re.DOTALL)
-    return [shlex.split(command) for command in found]
+def _plan(script: str, tmp_path: Path) -> dict[str, object]:
+    """The launch plan as the batch script writes it: its printf line, run by bash."""
+    (line,) = [x for x in script.splitlines() if x.startswith("printf '%s\\n' ")]
+    out = tmp_path / "launch"
+    out.mkdir(exist_ok=True)
+    subprocess.run(["bash", "-c", line], env={"acb_launch_dir": str(out)}, check=True)
+    plan: dict[str, object] = json.loads((out / "workers.json").read_text(encoding="utf-8"))
+    return plan
 
 
-def test_hostile_values_reach_the_shell_quoted() -> None:
+def test_hostile_values_reach_the_launcher_unchanged(tmp_path: Path) -> None:
     script = CASES["hostile"]()
-    argv = _worker_command_lines(script)
-    assert argv[0][-7:] == ["/bin/echo", "it's", "$(id)", "`id`", "a;b", "multi\nline", '"q"']
-    assert argv[1] == ["bash", "-c", 'echo "$ACB_WORKER" > out.txt']
-    # Nothing hostile appears unquoted: every occurrence sits inside single quotes.
-    assert "HOSTILE='$(id) `id` '\"'\"'x'\"'\"' \"y\" ; \n next'" in script
-    assert "--chdir='/tmp/work '\"'\"'dir'\"'\"''" in script
+    plan = _plan(script, tmp_path)
+    gated, shell = plan["groups"]  # type: ignore[misc]
+    assert gated["name"] == 'w\'$(id)`id`;\n"x"'
+    assert gated["command"] == ["/bin/echo", "it's", "$(id)", "`id`", "a;b", "multi\nline", '"q"']
+    assert gated["env"] == {"HOSTILE": "$(id) `id` 'x' \"y\" ; \n next"}
+    assert gated["workdir"] == "/tmp/work 'dir'"
+    assert gated["count"] == 2 and gated["mode"] == "gate"
+    assert shell["command"] == ["bash", "-c", 'echo "$ACB_WORKER" > out.txt']
+    assert shell["mode"] == "client" and shell["run_options"] == []
+    # Nothing hostile appears unquoted: the plan and the names sit inside single quotes.
+    assert "acb_group='w'\"'\"'$(id)`id`;" in script
     assert "ACB_RUN_ROOT='/tmp/runs; $(x)'" in script
 
 
@@ -162,7 +193,9 @@ def test_every_value_goes_through_shquote_in_the_templates() -> None:
     """Every {{ expression }} in the templates ends in a quoting filter or is a number."""
     numeric = {"alloc.nodes", "alloc.ntasks_per_node", "alloc.cpus_per_task",
                "alloc.gpus_per_node", "alloc.mem", "alloc.time", "group.count", "worker_gpus",
-               "loop.index0", "group.mode", "name"}  # fmt: skip
+               "loop.index0", "group.mode", "name", "group.index", "offset.value",
+               "group.torchrun.nodes", "group.torchrun.nproc_per_node", "group.torchrun.gpus",
+               "group.torchrun.repeat"}  # fmt: skip
     for template in (REPO / "templates" / "sbatch").glob("*.j2"):
         for expr in re.findall(r"{{(.*?)}}", template.read_text(encoding="utf-8")):
             expr = expr.strip()
@@ -254,7 +287,7 @@ def test_steps_ask_for_their_cpus_explicitly() -> None:
     )
     lines = _srun_lines(render_batch(spec, bin_dir=BIN))
     assigners = [line for line in lines if "--job-name=acb-assigner" in line]
-    workers = [line for line in lines if "acb-run" in line]
+    workers = [line for line in lines if "acb-launch" in line]
     assert len(assigners) == 2 and len(workers) == 1, lines
     assert all("--cpus-per-task=1 " in line for line in assigners)
     assert "--cpus-per-task=6 " in workers[0]
@@ -267,7 +300,7 @@ def test_fewer_broker_gpus_give_assigner_and_workers_the_same_gres() -> None:
     script = render_batch(spec, bin_dir=BIN)
     assert "#SBATCH --gres=gpu:4\n" in script
     assert "acb_assigner_gres=(--gres=gpu:2)" in script
-    workers = [line for line in _srun_lines(script) if "acb-run" in line]
+    workers = [line for line in _srun_lines(script) if "acb-launch" in line]
     assert workers and all(" --gres=gpu:2 " in line for line in workers), workers
     assert "--gres=gpu:4 " not in " ".join(workers)
 
@@ -279,7 +312,7 @@ def test_gpu_type_reaches_every_gres() -> None:
     script = render_batch(spec, bin_dir=BIN)
     assert "#SBATCH --gres=gpu:a100:2\n" in script
     assert "acb_assigner_gres=(--gres=gpu:a100:2)" in script
-    workers = [line for line in _srun_lines(script) if "acb-run" in line]
+    workers = [line for line in _srun_lines(script) if "acb-launch" in line]
     assert all(" --gres=gpu:a100:2 " in line for line in workers), workers
 
 
@@ -363,3 +396,113 @@ def test_prologue_keeps_a_fresh_run_dir_that_holds_only_the_submitted_script(
     assert result.returncode == 0, result.stderr
     assert "earlier run" not in result.stderr
     assert sorted(p.name for p in root.iterdir()) == ["77"]
+
+
+# ---- the per-node launcher and torchrun groups -------------------------------------------------
+
+
+def test_every_per_node_group_runs_in_one_launcher_step() -> None:
+    lines = _srun_lines(CASES["torchrun"]())
+    launch = [" ".join(line.split()) for line in lines if "acb-launch" in line]
+    assert len(launch) == 1, lines
+    nodes = '--nodes="${#ACB_NODES[@]}" --ntasks="${#ACB_NODES[@]}" --ntasks-per-node=1'
+    assert nodes in launch[0]
+    assert "--kill-on-bad-exit=0" in launch[0] and "--overlap" in launch[0]
+    assert '"$ACB_RUN_DIR/node-env" "$ACB_BIN/acb-launch" --plan' in launch[0]
+    workers = [line for line in lines if "acb-assigner" not in line]
+    assert not [line for line in workers if "acb-run" in line and "--gang" not in line], workers
+
+
+def test_the_plan_lists_the_per_node_groups_with_their_acb_run_options(tmp_path: Path) -> None:
+    plan = _plan(CASES["torchrun"](), tmp_path)
+    assert plan["array_task_in_names"] is True
+    groups = plan["groups"]
+    assert [(g["name"], g["count"], g["mode"]) for g in groups] == [  # type: ignore[attr-defined]
+        ("fold", 4, "gate"),
+        ("shell", 1, "client"),
+    ]
+    assert groups[0]["run_options"] == ["--gpus", "1"]  # type: ignore[index]
+    spec = parse_spec(
+        "allocation: {gpus_per_node: 1}\nbroker: {worker_memory: 2GiB}\n"
+        "workers: [{command: [x], gpus: 1}, {command: [y], mode: auto}]\n"
+    )
+    plan = _plan(render_batch(spec, bin_dir=BIN), tmp_path)
+    assert [g["run_options"] for g in plan["groups"]] == [  # type: ignore[attr-defined]
+        ["--gpus", "1", "--memory", str(2 << 30)],
+        [],
+    ]
+
+
+def test_a_torchrun_group_is_one_step_over_its_nodes_per_run() -> None:
+    script = CASES["torchrun"]()
+    (line,) = [x for x in _srun_lines(script) if "--gang" in x]
+    assert line.startswith("NCCL_DEBUG=INFO ACB_WORKER=")
+    argv = shlex.split(line.split(" srun ", 1)[1])
+    assert argv[:6] == [
+        "--overlap", "--export=ALL", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+        "--cpus-per-task=4",
+    ]  # fmt: skip
+    assert "--chdir=/tmp/train dir" in argv and "--gres=gpu:2" in argv
+    run = argv[argv.index("$ACB_RUN_DIR/node-env") + 1 :]
+    assert run == [
+        "$ACB_BIN/acb-run", "--gang", "${acb_gang}r$acb_r", "--gang-nodes", "2", "--gpus", "2",
+        "--", "$ACB_BIN/torchrun", "--no-python", "--nproc-per-node", "1", "--max-restarts", "0",
+        "python", "train.py", "--epochs", "3", "it's",
+    ]  # fmt: skip
+    # acb-run --gang gives torchrun its nodes, rank and master through PET_* variables.
+    for flag in ("--nnodes", "--node-rank", "--node_rank", "--master-addr", "--master-port"):
+        assert flag not in line
+    assert "for ((acb_r = 0; acb_r < 3; acb_r++)); do" in script
+
+
+def _report_part(script: str) -> str:
+    return "\n" + script.split("# ---- wait for every step, then report", 1)[1].split("\n", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("array_task", "gang"), [("", "train-r"), ("7", "train-a7-r")], ids=["job", "array-task"]
+)
+def test_the_report_names_every_worker_and_run_with_its_exit_status(
+    tmp_path: Path, array_task: str, gang: str
+) -> None:
+    """The end of the batch script, run by bash on the launchers' and runs' status files: n1's
+    launcher reported, n2's did not (killed: its step exited 137)."""
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    fold = [0, 0, 3, 0]  # fold-n1-2 failed with 3
+    (launch / "n1.codes").write_text("".join(f"{c}\n" for c in [*fold, 0]))
+    (launch / "torchrun-1.codes").write_text("0\n70\n")  # the third run never ended
+    head = (
+        "ACB_NODES=(n1 n2)\n"
+        f"acb_launch_dir={shlex.quote(str(launch))}\n"
+        "(exit 137) & acb_launch_pid=$!\n"
+        "acb_run_pids=()\n"
+    )
+    result = subprocess.run(
+        ["bash", "-c", head + _report_part(CASES["torchrun"]())],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"], "SLURM_ARRAY_TASK_ID": array_task},
+    )
+    assert result.returncode == 1
+    task = f"a{array_task}-" if array_task else ""
+    lines = result.stderr.splitlines()
+    assert lines[0] == "acb: acb-launch on n2 reported no exit status (its step exited 137); " + (
+        "its workers count as failed"
+    )
+    assert f"acb: worker fold-{task}n1-1 finished" in lines
+    assert f"acb: worker fold-{task}n1-2 FAILED with exit code 3" in lines
+    assert f"acb: worker shell-{task}n1-0 finished" in lines
+    assert f"acb: worker fold-{task}n2-3 FAILED with exit code 137" in lines
+    assert f"acb: worker {gang}0 finished" in lines
+    assert f"acb: worker {gang}1 FAILED with exit code 70" in lines
+    assert f"acb: worker {gang}2 FAILED with exit code 1" in lines
+    # Every worker once, in order: group, node, index; then the torchrun runs.
+    workers = [line.split()[2] for line in lines if line.startswith("acb: worker ")]
+    assert workers == [
+        *(f"fold-{task}{n}-{i}" for n in ("n1", "n2") for i in range(4)),
+        *(f"shell-{task}{n}-0" for n in ("n1", "n2")),
+        *(f"{gang}{r}" for r in range(3)),
+    ]
+    assert lines[-1].startswith("acb: 8 of 13 worker(s) failed: ")
+    assert f"fold-{task}n1-2=3 " in lines[-1]

@@ -101,6 +101,79 @@ def test_full_spec_is_typed() -> None:
 # Every error kind: (sentence, job.yaml, expected "file:line: field", words the message must have)
 ERRORS = [
     (
+        "a torchrun group over more nodes than the allocation has",
+        """\
+        allocation: {nodes: 2, gpus_per_node: 2}
+        workers:
+          - command: [python, train.py]
+            torchrun:
+              nodes: 3
+              nproc_per_node: 2
+        """,
+        "job.yaml:5: workers[0].torchrun.nodes",
+        ["workers[0].torchrun.nodes=3", "allocation.nodes=2"],
+    ),
+    (
+        "a torchrun group needing more GPUs per node than a node has",
+        """\
+        allocation: {nodes: 2, gpus_per_node: 4}
+        workers:
+          - command: [python, train.py]
+            torchrun:
+              nodes: 2
+              nproc_per_node: 3
+              gpus_per_proc: 2
+        """,
+        "job.yaml:6: workers[0].torchrun.nproc_per_node",
+        ["nproc_per_node=3", "gpus_per_proc=2", "6 GPU(s) per node", "the 4 GPU(s)"],
+    ),
+    (
+        "a torchrun group with a mode",
+        """\
+        allocation: {gpus_per_node: 2}
+        workers:
+          - command: [python, train.py]
+            torchrun: {nodes: 1, nproc_per_node: 2}
+            mode: gate
+        """,
+        "job.yaml:5: workers[0].mode",
+        ["workers[0].mode=gate makes no sense with workers[0].torchrun", "remove it"],
+    ),
+    (
+        "a torchrun group with per_node",
+        """\
+        allocation: {gpus_per_node: 2}
+        workers:
+          - command: [python, train.py]
+            per_node: 2
+            torchrun: {nodes: 1, nproc_per_node: 2}
+        """,
+        "job.yaml:4: workers[0].per_node",
+        ["workers[0].per_node=2 makes no sense with workers[0].torchrun"],
+    ),
+    (
+        "a torchrun group without nproc_per_node",
+        """\
+        allocation: {gpus_per_node: 2}
+        workers:
+          - command: [python, train.py]
+            torchrun: {nodes: 1}
+        """,
+        "job.yaml:4: workers[0].torchrun.nproc_per_node",
+        ["required"],
+    ),
+    (
+        "a torchrun group with an unknown key",
+        """\
+        allocation: {gpus_per_node: 2}
+        workers:
+          - command: [python, train.py]
+            torchrun: {nodes: 1, nproc_per_node: 2, nnodes: 2}
+        """,
+        "job.yaml:4: workers[0].torchrun.nnodes",
+        ["unknown key", "did you mean 'nodes'"],
+    ),
+    (
         "an unknown key lists the valid ones and suggests a close match",
         """\
         allocation:
@@ -1053,6 +1126,8 @@ def test_examples_pass_both_validation_and_schema(path: Path) -> None:
             "--mem-per-gpu in extra together with mem",
             "too many workers per node in all groups together",
             "a GPU type without GPUs",
+            "a torchrun group over more nodes than the allocation has",
+            "a torchrun group needing more GPUs per node than a node has",
         )
     ],
 )
@@ -1068,6 +1143,31 @@ def test_valid_inline_specs_pass_the_schema() -> None:
         "broker: {virtual_gpus: 2, gpu_memory: 8GiB}\nworkers: [{command: [a, 1], per_gpu: 2}]",
     ):
         assert not list(validator().iter_errors(yaml.safe_load(text))), text
+
+
+def test_a_torchrun_group_is_typed_and_not_a_per_node_worker() -> None:
+    text = textwrap.dedent(
+        """\
+        allocation: {nodes: 2, gpus_per_node: 2}
+        workers:
+          - name: train
+            torchrun: {nodes: 2, nproc_per_node: 2}
+            command: [python, train.py, --epochs, 3]
+          - command: [x]
+            per_node: 512
+        """
+    )
+    spec = parse_spec(text)
+    train = spec.workers[0]
+    assert train.torchrun is not None
+    assert (train.torchrun.nodes, train.torchrun.nproc_per_node) == (2, 2)
+    assert (train.torchrun.gpus_per_proc, train.torchrun.repeat) == (1, 1)
+    assert train.command == ("python", "train.py", "--epochs", "3")
+    # Not counted among the 512 workers a node may have.
+    assert spec.workers_per_node(train) == 0
+    assert not list(validator().iter_errors(yaml.safe_load(text)))
+    schema = json_schema()["$defs"]["Torchrun"]
+    assert set(schema["required"]) == {"nodes", "nproc_per_node"}
 
 
 def test_tuning_variables_stay_allowed_in_worker_env() -> None:

@@ -268,6 +268,8 @@ if ! ACB_CONTROLLER=$("$ACB_BIN/acb-sbatch" await-assigners --run-dir "$ACB_RUN_
     echo "acb prologue: the controller assigner on ${ACB_NODES[0]} did not start; see $ACB_RUN_DIR/${ACB_NODES[0]}/assigner.log" >&2
     exit 1
 fi
+# Gang members (acb-run --gang: one program over several nodes, e.g. torchrun) join there.
+export ACB_CONTROLLER
 if ((${#ACB_NODES[@]} > 1)); then
     "$acb_srun" --overlap --export=ALL --nodes=$((${#ACB_NODES[@]} - 1)) --ntasks=$((${#ACB_NODES[@]} - 1)) \
         --ntasks-per-node=1 --cpus-per-task=1 \
@@ -295,21 +297,22 @@ exec "$@"
 ACB_NODE_ENV
 chmod 0700 "$ACB_RUN_DIR/node-env"
 export ACB_ASSIGNER="unix:$ACB_SOCKET_DIR/${ACB_NODES[0]}/assigner.sock"
-# ---- acb_worker: one srun step per worker, under acb-run ----
+# ---- acb_worker: a worker's srun step under acb-run, or one acb-launch step for a group ----
 # acb_worker NAME [--gate|--auto|--client] [--node NODE | --per-node N | --per-gpu N]
 #            [--srun OPTION]... [acb-run options: --gpus N --memory SIZE ...] -- CMD [ARG]...
 # runs CMD as worker NAME (ACB_WORKER) in an srun step on one node (--node, else Slurm's
 # choice), under `acb-run --gate` (the default) or `--auto`, or with `--client` as is (CMD talks
 # to the assigner itself); the step overlaps the assigner's and asks for the job's
 # --cpus-per-task and the assigner's GRES. --per-node N runs N workers on every node of the
-# job, --per-gpu N runs N for each GPU of every node's assigner, named NAME-<node>-<i>, and
+# job, --per-gpu N runs N for each GPU of every node's assigner, named NAME-<node>-<i>, in ONE
+# step over the nodes (acb-launch starts each node's workers, forwards signals to them), and
 # reports each one that fails. acb_worker returns when its worker(s) end, with their exit status
 # (1 when one of several failed): put `&` after it to run it in the background, then `wait`.
 acb_worker() {
     { local acb_x=${-//[!x]/}; set +x; } 2>/dev/null
     local IFS=$' \t\n' acb_name acb_mode=gate acb_node='' acb_per='' acb_per_gpu='' acb_rc=0
-    local acb_n acb_i acb_k acb_count acb_usage acb_group=''
-    local -a acb_run=() acb_srun_opts=() acb_pids=() acb_names=() acb_failed=()
+    local acb_n acb_i acb_k acb_count acb_usage acb_group='' acb_dir=''
+    local -a acb_run=() acb_srun_opts=() acb_pids=() acb_failed=() acb_codes=()
     acb_usage="usage: acb_worker NAME [--gate|--auto|--client] [--node NODE|--per-node N|--per-gpu N] [--srun OPTION]... [acb-run options] -- CMD [ARG]..."
     if (($# == 0)) || [[ -z $1 || $1 == -* ]]; then
         echo "acb_worker: the first argument is the worker's name; $acb_usage" >&2
@@ -371,16 +374,24 @@ acb_worker() {
             acb_count=$((acb_n * acb_gpus))
         fi
         acb_group=1
-        local acb_opts=("--$acb_mode")
-        for acb_k in "${acb_srun_opts[@]}"; do acb_opts+=(--srun "$acb_k"); done
-        for acb_node in "${ACB_NODES[@]}"; do
-            for ((acb_i = 0; acb_i < acb_count; acb_i++)); do
-                acb_worker "$acb_name-$acb_node-$acb_i" --node "$acb_node" "${acb_opts[@]}" \
-                    "${acb_run[@]}" -- "$@" &
-                acb_pids+=("$!")
-                acb_names+=("$acb_name-$acb_node-$acb_i")
-            done
-        done
+        # One step over every node, one task per node: acb-launch starts the node's workers
+        # (NAME-<node>-<i>), forwards signals to them and writes their exit statuses.
+        if ! acb_dir=$(mktemp -d "$ACB_RUN_DIR/launch.XXXXXX"); then
+            echo "acb_worker: cannot make a directory for the workers' exit statuses in $ACB_RUN_DIR" >&2
+            if [[ -n $acb_x ]]; then set -x; fi
+            return 1
+        fi
+        local -a acb_cmd=("$acb_srun" --overlap --export=ALL --nodes="${#ACB_NODES[@]}"
+            --ntasks="${#ACB_NODES[@]}" --ntasks-per-node=1 --kill-on-bad-exit=0 --job-name=acb-launch)
+        if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+            acb_cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+        fi
+        acb_cmd+=("${acb_assigner_gres[@]}" "${acb_srun_opts[@]}" "$ACB_RUN_DIR/node-env"
+            "$ACB_BIN/acb-launch" --name "$acb_name" --count "$acb_count" "--$acb_mode"
+            --report "$acb_dir")
+        for acb_k in "${acb_run[@]}"; do acb_cmd+=("--run-option=$acb_k"); done
+        "${acb_cmd[@]}" -- "$@" &
+        acb_pids=("$!")
     else
         local -a acb_cmd=("$acb_srun" --overlap --export=ALL --nodes=1 --ntasks=1)
         if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
@@ -398,7 +409,6 @@ acb_worker() {
         fi
         ACB_WORKER=$acb_name "${acb_cmd[@]}" "$@" <&0 &
         acb_pids=("$!")
-        acb_names=("$acb_name")
     fi
     # In a subshell (`acb_worker ... &`), a TERM or INT sent to it reaches the worker steps.
     if [[ $BASHPID != "$acb_shell_pid" ]]; then
@@ -412,15 +422,29 @@ acb_worker() {
             # wait returns >128 when a trapped signal came in; the worker may still run.
             if ((acb_rc <= 128)) || ! kill -0 "${acb_pids[$acb_k]}" 2>/dev/null; then break; fi
         done
-        if ((acb_rc != 0)) && [[ -n $acb_group ]]; then
-            echo "acb: worker ${acb_names[$acb_k]} FAILED with exit code $acb_rc" >&2
-        fi
-        if ((acb_rc != 0)); then acb_failed+=("${acb_names[$acb_k]}=$acb_rc"); fi
+        if ((acb_rc != 0)) && [[ -z $acb_group ]]; then acb_failed+=("$acb_name=$acb_rc"); fi
     done
     if [[ -n $acb_group ]]; then
+        # Each node's exit statuses, one per worker; a node without them (its acb-launch was
+        # killed) counts its workers as failed with the step's status.
+        if ((acb_rc == 0)); then acb_n=1; else acb_n=$acb_rc; fi
+        for acb_node in "${ACB_NODES[@]}"; do
+            acb_codes=()
+            if [[ -r $acb_dir/$acb_node.codes ]]; then
+                mapfile -t acb_codes <"$acb_dir/$acb_node.codes"
+            fi
+            for ((acb_i = 0; acb_i < acb_count; acb_i++)); do
+                acb_k=${acb_codes[$acb_i]:-$acb_n}
+                if [[ $acb_k != 0 ]]; then
+                    echo "acb: worker $acb_name-$acb_node-$acb_i FAILED with exit code $acb_k" >&2
+                    acb_failed+=("$acb_name-$acb_node-$acb_i=$acb_k")
+                fi
+            done
+        done
+        rm -rf "$acb_dir"
         acb_rc=0
         if ((${#acb_failed[@]})); then
-            echo "acb: ${#acb_failed[@]} of ${#acb_pids[@]} worker(s) $acb_name-* failed: ${acb_failed[*]}" >&2
+            echo "acb: ${#acb_failed[@]} of $((acb_count * ${#ACB_NODES[@]})) worker(s) $acb_name-* failed: ${acb_failed[*]}" >&2
             acb_rc=1
         fi
     fi
@@ -435,60 +459,83 @@ if [[ -n $acb_xtrace ]]; then set -x; fi
 # Workers find acb-run, acb-campaign and the rest where acb-sbatch was installed: the prologue
 # put $ACB_BIN first on PATH.
 
-# ---- workers: one srun step each, all at once; a failing worker does not stop the others ----
-# Each worker step asks for the allocation's cpus_per_task explicitly: srun of Slurm 22.05 to
-# 23.02 does not inherit sbatch's --cpus-per-task, so without it a worker may get one CPU. The
-# whole cpus_per_task rather than a share of it: the workers of a GPU take turns, so only a few
-# compute at once, and --overlap lets the steps share the allocation's CPUs.
-# Workers request the same GRES as their node's assigner, so GPU indices mean the same devices.
-acb_worker_pids=()
-acb_worker_names=()
+# ---- workers: one acb-launch per node starts all of that node's workers ----
+# One srun step over every node, one task per node (Slurm sites rate-limit step creation: one
+# step per worker would be nodes x workers steps). Each node's acb-launch reads the plan below,
+# starts its node's workers (<group>-<node>-<i>, in ACB_WORKER) under its node's assigner, forwards
+# signals to them, restarts nothing, and writes each one's exit status to launch/<node>.codes.
+# The step asks for the allocation's cpus_per_task explicitly: srun of Slurm 22.05 to 23.02
+# does not inherit sbatch's --cpus-per-task; --overlap lets it share the CPUs with the others;
+# --kill-on-bad-exit=0: a node whose worker failed must not end the other nodes' launchers.
+# Workers get the same GRES as their node's assigner, so GPU indices mean the same devices.
+acb_launch_dir="$ACB_RUN_DIR/launch"
+if ! { mkdir -p "$acb_launch_dir" && chmod 0700 "$acb_launch_dir"; }; then
+    echo "acb: cannot create $acb_launch_dir" >&2
+    exit 1
+fi
+acb_launch_pid=
+printf '%s\n' '{"version":1,"array_task_in_names":true,"groups":[{"name":"w'"'"'$(id)`id`;\n\"x\"","count":2,"mode":"gate","run_options":["--gpus","1"],"command":["/bin/echo","it'"'"'s","$(id)","`id`","a;b","multi\nline","\"q\""],"env":{"HOSTILE":"$(id) `id` '"'"'x'"'"' \"y\" ; \n next"},"workdir":"/tmp/work '"'"'dir'"'"'"},{"name":"shell","count":1,"mode":"client","run_options":[],"command":["bash","-c","echo \"$ACB_WORKER\" > out.txt"],"env":{},"workdir":null}]}' >"$acb_launch_dir/workers.json"
+srun --overlap --export=ALL --nodes="${#ACB_NODES[@]}" --ntasks="${#ACB_NODES[@]}" \
+    --ntasks-per-node=1 --kill-on-bad-exit=0 --cpus-per-task=1 --job-name=acb-launch --gres=gpu:1 \
+    "$ACB_RUN_DIR/node-env" "$ACB_BIN/acb-launch" --plan "$acb_launch_dir/workers.json" \
+    --report "$acb_launch_dir" &
+acb_launch_pid=$!
+acb_run_pids=()
 
-# workers[0]: 2 per node, mode gate
+# ---- wait for every step, then report each worker (and torchrun run) ----
+acb_failed=()
+acb_total=0
+acb_report() {  # acb_report NAME STATUS
+    acb_total=$((acb_total + 1))
+    if [[ $2 == 0 ]]; then
+        echo "acb: worker $1 finished" >&2
+    else
+        echo "acb: worker $1 FAILED with exit code $2" >&2
+        acb_failed+=("$1=$2")
+    fi
+}
+acb_launch_rc=0
+if [[ -n $acb_launch_pid ]]; then
+    wait "$acb_launch_pid" || acb_launch_rc=$?
+fi
+for acb_k in "${!acb_run_pids[@]}"; do
+    wait "${acb_run_pids[$acb_k]}" || true
+done
+# A node whose acb-launch wrote no report (killed, node lost): its workers count as failed with
+# the step's exit status.
+acb_lost=$acb_launch_rc
+if ((acb_lost == 0)); then acb_lost=1; fi
+declare -A acb_codes=()
+for acb_node in "${ACB_NODES[@]}"; do
+    acb_k=0
+    if [[ -r $acb_launch_dir/$acb_node.codes ]]; then
+        while read -r acb_rc; do
+            acb_codes[$acb_node/$acb_k]=$acb_rc
+            acb_k=$((acb_k + 1))
+        done <"$acb_launch_dir/$acb_node.codes"
+    else
+        echo "acb: acb-launch on $acb_node reported no exit status (its step exited $acb_launch_rc); its workers count as failed" >&2
+    fi
+done
 acb_group='w'"'"'$(id)`id`;
 "x"'
 for acb_node in "${ACB_NODES[@]}"; do
     for ((acb_i = 0; acb_i < 2; acb_i++)); do
         # The array task is part of the name: tasks of one array share results and logs.
-        acb_name="$acb_group-${SLURM_ARRAY_TASK_ID:+a$SLURM_ARRAY_TASK_ID-}$acb_node-$acb_i"
-        HOSTILE='$(id) `id` '"'"'x'"'"' "y" ; 
- next' ACB_WORKER="$acb_name" ACB_ASSIGNER="unix:$ACB_SOCKET_DIR/$acb_node/assigner.sock" \
-            srun --overlap --export=ALL --nodes=1 --ntasks=1 \
-            --cpus-per-task=1 --nodelist="$acb_node" --chdir='/tmp/work '"'"'dir'"'"'' --gres=gpu:1 \
-            /opt/acb/bin/acb-run --gate --gpus 1 -- /bin/echo 'it'"'"'s' '$(id)' '`id`' 'a;b' 'multi
-line' '"q"' &
-        acb_worker_pids+=("$!")
-        acb_worker_names+=("$acb_name")
+        acb_report "$acb_group-${SLURM_ARRAY_TASK_ID:+a$SLURM_ARRAY_TASK_ID-}$acb_node-$acb_i" \
+            "${acb_codes[$acb_node/$((acb_i + 0))]:-$acb_lost}"
     done
 done
-
-# workers[1]: 1 per node, mode client
 acb_group=shell
 for acb_node in "${ACB_NODES[@]}"; do
     for ((acb_i = 0; acb_i < 1; acb_i++)); do
         # The array task is part of the name: tasks of one array share results and logs.
-        acb_name="$acb_group-${SLURM_ARRAY_TASK_ID:+a$SLURM_ARRAY_TASK_ID-}$acb_node-$acb_i"
-        ACB_WORKER="$acb_name" ACB_ASSIGNER="unix:$ACB_SOCKET_DIR/$acb_node/assigner.sock" \
-            srun --overlap --export=ALL --nodes=1 --ntasks=1 \
-            --cpus-per-task=1 --nodelist="$acb_node" --gres=gpu:1 \
-            bash -c 'echo "$ACB_WORKER" > out.txt' &
-        acb_worker_pids+=("$!")
-        acb_worker_names+=("$acb_name")
+        acb_report "$acb_group-${SLURM_ARRAY_TASK_ID:+a$SLURM_ARRAY_TASK_ID-}$acb_node-$acb_i" \
+            "${acb_codes[$acb_node/$((acb_i + 2))]:-$acb_lost}"
     done
 done
-
-acb_failed=()
-for acb_k in "${!acb_worker_pids[@]}"; do
-    if wait "${acb_worker_pids[$acb_k]}"; then
-        echo "acb: worker ${acb_worker_names[$acb_k]} finished" >&2
-    else
-        acb_rc=$?
-        echo "acb: worker ${acb_worker_names[$acb_k]} FAILED with exit code $acb_rc" >&2
-        acb_failed+=("${acb_worker_names[$acb_k]}=$acb_rc")
-    fi
-done
 if ((${#acb_failed[@]})); then
-    echo "acb: ${#acb_failed[@]} of ${#acb_worker_pids[@]} worker(s) failed: ${acb_failed[*]}" >&2
+    echo "acb: ${#acb_failed[@]} of $acb_total worker(s) failed: ${acb_failed[*]}" >&2
     exit 1
 fi
-echo "acb: all ${#acb_worker_pids[@]} worker(s) finished" >&2
+echo "acb: all $acb_total worker(s) finished" >&2

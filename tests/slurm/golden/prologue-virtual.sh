@@ -255,6 +255,8 @@ if ! ACB_CONTROLLER=$("$ACB_BIN/acb-sbatch" await-assigners --run-dir "$ACB_RUN_
     echo "acb prologue: the controller assigner on ${ACB_NODES[0]} did not start; see $ACB_RUN_DIR/${ACB_NODES[0]}/assigner.log" >&2
     exit 1
 fi
+# Gang members (acb-run --gang: one program over several nodes, e.g. torchrun) join there.
+export ACB_CONTROLLER
 if ((${#ACB_NODES[@]} > 1)); then
     "$acb_srun" --overlap --export=ALL --nodes=$((${#ACB_NODES[@]} - 1)) --ntasks=$((${#ACB_NODES[@]} - 1)) \
         --ntasks-per-node=1 --cpus-per-task=1 \
@@ -282,21 +284,22 @@ exec "$@"
 ACB_NODE_ENV
 chmod 0700 "$ACB_RUN_DIR/node-env"
 export ACB_ASSIGNER="unix:$ACB_SOCKET_DIR/${ACB_NODES[0]}/assigner.sock"
-# ---- acb_worker: one srun step per worker, under acb-run ----
+# ---- acb_worker: a worker's srun step under acb-run, or one acb-launch step for a group ----
 # acb_worker NAME [--gate|--auto|--client] [--node NODE | --per-node N | --per-gpu N]
 #            [--srun OPTION]... [acb-run options: --gpus N --memory SIZE ...] -- CMD [ARG]...
 # runs CMD as worker NAME (ACB_WORKER) in an srun step on one node (--node, else Slurm's
 # choice), under `acb-run --gate` (the default) or `--auto`, or with `--client` as is (CMD talks
 # to the assigner itself); the step overlaps the assigner's and asks for the job's
 # --cpus-per-task and the assigner's GRES. --per-node N runs N workers on every node of the
-# job, --per-gpu N runs N for each GPU of every node's assigner, named NAME-<node>-<i>, and
+# job, --per-gpu N runs N for each GPU of every node's assigner, named NAME-<node>-<i>, in ONE
+# step over the nodes (acb-launch starts each node's workers, forwards signals to them), and
 # reports each one that fails. acb_worker returns when its worker(s) end, with their exit status
 # (1 when one of several failed): put `&` after it to run it in the background, then `wait`.
 acb_worker() {
     { local acb_x=${-//[!x]/}; set +x; } 2>/dev/null
     local IFS=$' \t\n' acb_name acb_mode=gate acb_node='' acb_per='' acb_per_gpu='' acb_rc=0
-    local acb_n acb_i acb_k acb_count acb_usage acb_group=''
-    local -a acb_run=() acb_srun_opts=() acb_pids=() acb_names=() acb_failed=()
+    local acb_n acb_i acb_k acb_count acb_usage acb_group='' acb_dir=''
+    local -a acb_run=() acb_srun_opts=() acb_pids=() acb_failed=() acb_codes=()
     acb_usage="usage: acb_worker NAME [--gate|--auto|--client] [--node NODE|--per-node N|--per-gpu N] [--srun OPTION]... [acb-run options] -- CMD [ARG]..."
     if (($# == 0)) || [[ -z $1 || $1 == -* ]]; then
         echo "acb_worker: the first argument is the worker's name; $acb_usage" >&2
@@ -358,16 +361,24 @@ acb_worker() {
             acb_count=$((acb_n * acb_gpus))
         fi
         acb_group=1
-        local acb_opts=("--$acb_mode")
-        for acb_k in "${acb_srun_opts[@]}"; do acb_opts+=(--srun "$acb_k"); done
-        for acb_node in "${ACB_NODES[@]}"; do
-            for ((acb_i = 0; acb_i < acb_count; acb_i++)); do
-                acb_worker "$acb_name-$acb_node-$acb_i" --node "$acb_node" "${acb_opts[@]}" \
-                    "${acb_run[@]}" -- "$@" &
-                acb_pids+=("$!")
-                acb_names+=("$acb_name-$acb_node-$acb_i")
-            done
-        done
+        # One step over every node, one task per node: acb-launch starts the node's workers
+        # (NAME-<node>-<i>), forwards signals to them and writes their exit statuses.
+        if ! acb_dir=$(mktemp -d "$ACB_RUN_DIR/launch.XXXXXX"); then
+            echo "acb_worker: cannot make a directory for the workers' exit statuses in $ACB_RUN_DIR" >&2
+            if [[ -n $acb_x ]]; then set -x; fi
+            return 1
+        fi
+        local -a acb_cmd=("$acb_srun" --overlap --export=ALL --nodes="${#ACB_NODES[@]}"
+            --ntasks="${#ACB_NODES[@]}" --ntasks-per-node=1 --kill-on-bad-exit=0 --job-name=acb-launch)
+        if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+            acb_cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+        fi
+        acb_cmd+=("${acb_assigner_gres[@]}" "${acb_srun_opts[@]}" "$ACB_RUN_DIR/node-env"
+            "$ACB_BIN/acb-launch" --name "$acb_name" --count "$acb_count" "--$acb_mode"
+            --report "$acb_dir")
+        for acb_k in "${acb_run[@]}"; do acb_cmd+=("--run-option=$acb_k"); done
+        "${acb_cmd[@]}" -- "$@" &
+        acb_pids=("$!")
     else
         local -a acb_cmd=("$acb_srun" --overlap --export=ALL --nodes=1 --ntasks=1)
         if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
@@ -385,7 +396,6 @@ acb_worker() {
         fi
         ACB_WORKER=$acb_name "${acb_cmd[@]}" "$@" <&0 &
         acb_pids=("$!")
-        acb_names=("$acb_name")
     fi
     # In a subshell (`acb_worker ... &`), a TERM or INT sent to it reaches the worker steps.
     if [[ $BASHPID != "$acb_shell_pid" ]]; then
@@ -399,15 +409,29 @@ acb_worker() {
             # wait returns >128 when a trapped signal came in; the worker may still run.
             if ((acb_rc <= 128)) || ! kill -0 "${acb_pids[$acb_k]}" 2>/dev/null; then break; fi
         done
-        if ((acb_rc != 0)) && [[ -n $acb_group ]]; then
-            echo "acb: worker ${acb_names[$acb_k]} FAILED with exit code $acb_rc" >&2
-        fi
-        if ((acb_rc != 0)); then acb_failed+=("${acb_names[$acb_k]}=$acb_rc"); fi
+        if ((acb_rc != 0)) && [[ -z $acb_group ]]; then acb_failed+=("$acb_name=$acb_rc"); fi
     done
     if [[ -n $acb_group ]]; then
+        # Each node's exit statuses, one per worker; a node without them (its acb-launch was
+        # killed) counts its workers as failed with the step's status.
+        if ((acb_rc == 0)); then acb_n=1; else acb_n=$acb_rc; fi
+        for acb_node in "${ACB_NODES[@]}"; do
+            acb_codes=()
+            if [[ -r $acb_dir/$acb_node.codes ]]; then
+                mapfile -t acb_codes <"$acb_dir/$acb_node.codes"
+            fi
+            for ((acb_i = 0; acb_i < acb_count; acb_i++)); do
+                acb_k=${acb_codes[$acb_i]:-$acb_n}
+                if [[ $acb_k != 0 ]]; then
+                    echo "acb: worker $acb_name-$acb_node-$acb_i FAILED with exit code $acb_k" >&2
+                    acb_failed+=("$acb_name-$acb_node-$acb_i=$acb_k")
+                fi
+            done
+        done
+        rm -rf "$acb_dir"
         acb_rc=0
         if ((${#acb_failed[@]})); then
-            echo "acb: ${#acb_failed[@]} of ${#acb_pids[@]} worker(s) $acb_name-* failed: ${acb_failed[*]}" >&2
+            echo "acb: ${#acb_failed[@]} of $((acb_count * ${#ACB_NODES[@]})) worker(s) $acb_name-* failed: ${acb_failed[*]}" >&2
             acb_rc=1
         fi
     fi
