@@ -1,0 +1,83 @@
+"""torchrun across both nodes of a real Slurm job, as a gang, next to ordinary gated workers on
+the same GPUs: the DDP run trains exactly what plain torchrun trains, and no GPU ever has a gang
+rank and a worker at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .jobs import Cluster, assert_exclusive_holdings, events, job_output, submit_job, wait_job
+from .test_e2e import gate_job
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[2]
+DDP = REPO / "examples" / "torchrun" / "ddp_train.py"
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+@pytest.mark.slow
+def test_a_torchrun_gang_shares_the_job_with_workers_and_trains_like_plain_torchrun(
+    slurm_cluster: Cluster, tmp_path: Path
+) -> None:
+    record = tmp_path / "records"
+    job = gate_job("gang-ddp", record, nodes=2, slurm_gpus=2, virtual_gpus=2, sleep=1.0)
+    job["workers"][0]["per_gpu"] = 2  # single-GPU workers on every GPU of both nodes
+    job["workers"].append(
+        {
+            "name": "ddp",
+            "torchrun": {"nodes": 2, "nproc_per_node": 2, "gpus_per_proc": 1, "repeat": 2},
+            "command": [
+                sys.executable,
+                str(DDP),
+                "--steps",
+                "10",
+                "--out",
+                str(tmp_path / "gang.pt"),
+            ],
+        }
+    )
+    job_id, run_dir = submit_job(job, tmp_path)
+    state = wait_job(job_id, timeout=300)
+    output = job_output(tmp_path, "gang-ddp", job_id)
+    assert state["JobState"] == "COMPLETED", output
+    # Both runs of the group, each over both nodes, 2 ranks per node, on the gang's GPUs.
+    for run in ("r0", "r1"):
+        assert f"ddp-{run}" in output, output
+    assert output.count("rank 0/4 on n1") == 2 and output.count("rank 3/4 on n2") == 2, output
+    logs = {node: events(run_dir, node) for node in ("n1", "n2")}
+    for log in logs.values():
+        assert_exclusive_holdings(log)  # a gang part and a worker never share a GPU
+        parts = [e for e in log if e["event"] == "grant" and e["worker"].startswith("gang:")]
+        assert len(parts) == 4, parts  # 2 GPUs x 2 runs
+        workers = [e for e in log if e["event"] == "grant" and e["worker"].startswith("rec")]
+        assert len(workers) == 4, workers  # 2 per GPU, both GPUs
+    ends = [e for e in logs["n1"] if e["event"] == "gang_end"]
+    assert [e["failed"] for e in ends] == [False, False], ends
+
+    plain = subprocess.run(
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc-per-node",
+            "4",
+            str(DDP),
+            "--steps",
+            "10",
+            "--out",
+            str(tmp_path / "plain.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert plain.returncode == 0, plain.stderr
+    import torch
+
+    gang, alone = torch.load(tmp_path / "gang.pt"), torch.load(tmp_path / "plain.pt")
+    assert gang.keys() == alone.keys()
+    assert all(torch.equal(gang[k], alone[k]) for k in gang)
