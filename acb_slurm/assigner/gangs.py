@@ -162,10 +162,17 @@ class LocalParts:
         except BaseException:
             self.drop(part_id, "gang-failed")
             raise
+        held = sorted(
+            zip(
+                (i for grant in grants for i in grant.gpu_indices),
+                (d for grant in grants for d in grant.device_ids),
+                strict=True,
+            )
+        )
         return Part(
             node=book.node,
-            gpu_indices=tuple(i for grant in grants for i in grant.gpu_indices),
-            device_ids=tuple(d for grant in grants for d in grant.device_ids),
+            gpu_indices=tuple(index for index, _ in held),
+            device_ids=tuple(device for _, device in held),
             address=host_of(book.address),
             free_port=free_port(),
         )
@@ -473,7 +480,11 @@ class GangCoordinator:
                 node_count=gang.node_count,
                 gpus_per_node=gang.gpus_per_node,
                 members=tuple(gang.members),
-                parts=tuple(gang.parts.values()),
+                parts=tuple(  # in node-rank order
+                    gang.parts[node]
+                    for node in (gang.grant.nodes if gang.grant else ())
+                    if node in gang.parts
+                ),
                 seconds=now - gang.since,
                 label=gang.label,
                 priority=gang.priority,

@@ -218,7 +218,7 @@ def test_a_member_that_dies_before_the_grant_aborts_the_others(
         waiting = join(threads, a, "g", "n1", node_count=3)
         join(threads, b, "g", "n2", node_count=3)
         with client(n1) as probe:
-            wait_for(lambda: sorted(probe.status().gangs[0].members) == ["n1", "n2"])
+            wait_for(lambda: [sorted(g.members) for g in probe.status().gangs] == [["n1", "n2"]])
         b.close()
         with pytest.raises(GangAborted, match="member on node n2 ended"):
             waiting.result(5)
