@@ -26,8 +26,11 @@ its whole duration, in whichever thread it runs; the swap path holds `_mutex` an
 nothing is in flight, so no tensor operation runs while its storage is away, and calls of
 different threads still run concurrently (one lock held through every call would serialise them,
 and deadlock a call that waits on another thread's torch work, as compile workers do). Code that
-reads tensor memory outside torch calls runs under `AutoSwap.hold()`; ``torch.save`` (which
-streams storages, maybe into a slow file) and ``torch.load`` are wrapped with it. A live thread the
+reads tensor memory outside torch calls runs under `AutoSwap.hold()`; a module call that starts
+while the state is resident runs as one call in flight with the mode off its thread's stack
+(a module region, `TorchHooks._module_region`: small-op programs then run at their plain
+speed); ``torch.save`` (which streams storages, maybe into a slow file) and ``torch.load`` are
+wrapped with it. A live thread the
 mode cannot see (started before installation, or by ``_thread``) makes the watchdog refuse to
 offload while it lives (said once, naming it). A numpy view of a tensor (possible only under the
 ``cpu`` device) reads memory behind the gate's back: it must not be kept across a CPU phase.

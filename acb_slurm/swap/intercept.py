@@ -5,6 +5,12 @@ how it undoes it.
   the gate (`AutoSwap._enter`/`_exit`). While Dynamo traces it is transparent
   (``torch.compiler.is_compiling()`` first), so ``torch.compile`` builds the graphs it builds
   without automatic mode.
+- Module regions: ``nn.Module.__call__`` is wrapped (`TorchHooks._module_region`). A module
+  call that starts while the state is resident, the lease held and no yield pending counts
+  itself in flight for its whole duration (as ``backward()`` does) and runs with the mode popped
+  from its thread's stack, so the torch calls inside it cost what they cost without automatic
+  mode; any other module call goes call by call through the mode. The price: an offload (idle
+  or yield) waits for the outermost module call to end.
 - Threads: the installing thread's stack gets the mode, and every thread started through
   `threading` afterwards pushes it before its ``run`` and pops it after (no thread ends with the
   mode on its stack). Threads of gRPC and of this package are left alone; a live thread the mode
@@ -21,6 +27,7 @@ how it undoes it.
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 import threading
 import weakref
@@ -184,6 +191,7 @@ class TorchHooks:
         self.patch(torch, "save", self._held_if(auto._use.save))
         self.patch(torch, "load", self._held_if(auto._use.load))
         self.patch(torch, "compile", self._compile_held)
+        self.patch(torch.nn.Module, "__call__", self._module_region)
         # TorchScript runs in C++ without torch function calls: a scripted module's __call__ and
         # its methods are held; a scripted or traced free function cannot be, so while one exists
         # offloads are refused (`_refusals`).
@@ -193,6 +201,79 @@ class TorchHooks:
         if auto.device.type == "cuda":
             self.patch(torch.cuda.CUDAGraph, "replay", self._held)
             self.patch(torch.cuda, "_lazy_init", self._before_cuda_init)
+
+    def _module_region(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        """``nn.Module.__call__`` as one call in flight, without the mode inside (a *region*).
+
+        When the state is resident, the lease held and no yield pending (``not auto._slow``,
+        read under ``_mutex``), and this thread's mode is on top of its stack, the module call
+        counts itself in flight (as ``backward()`` does) and runs with the mode popped from this
+        thread's stack: its torch calls go straight to torch, at the cost they have without
+        automatic mode. Safe because the swap path acts only when nothing is in flight: until
+        the region ends no offload or release can start, so every call inside it finds the state
+        resident and the lease held. A lost lease still stops the process (the program holds
+        the device). Anything else (Dynamo tracing, state away or a yield pending, another
+        mode on top, a thread without the mode, a module call inside a region or inside the
+        mode's handler) is the plain module call, every torch call in it going through the
+        mode as before. Threads started inside a region push their own mode.
+
+        Only a module whose state is on the managed device is a region (`on_device`): a module
+        of a CPU phase (its parameters on the host) runs call by call, so the GPU still goes back
+        while it runs. The price: a device module's call that starts while the state is
+        resident keeps it resident until it returns, so an offload (idle or yield) waits for the
+        outermost such call to end instead of the next gap between two torch calls inside it."""
+        auto = self._auto
+        stack_len = torch._C._len_torch_function_stack
+        stack_at = torch._C._get_function_stack_at
+        pop = torch._C._pop_torch_function_stack
+        push = torch._C._push_on_torch_function_stack
+
+        device_type = auto.device.type
+
+        def on_device(module: Any) -> bool:
+            """Whether the module keeps state on the managed device (its first parameter, else
+            its first buffer, is there; on ``cpu`` every module). A module with none, or with
+            its state elsewhere (a CPU phase written as modules), is no region: its torch calls
+            go call by call, and the GPU can go back while it runs."""
+            if device_type == "cpu":
+                return True
+            for tensor in itertools.chain(module.parameters(), module.buffers()):
+                return bool(tensor.device.type == device_type)
+            return False
+
+        @functools.wraps(call)
+        def region_call(module: Any, *args: Any, **kwargs: Any) -> Any:
+            if _compiling() or auto._slow:
+                return call(module, *args, **kwargs)
+            depth = stack_len()
+            mode = stack_at(depth - 1) if depth else None
+            if type(mode) is not DeviceUseMode or mode._auto is not auto:
+                return call(module, *args, **kwargs)
+            pop()  # the checks below read tensors: not through the mode
+            try:
+                fast = on_device(module)
+                if fast:
+                    with auto._mutex:
+                        if auto._slow or auto._off or auto._passthrough:
+                            fast = False
+                        else:
+                            auto._active += 1
+                            auto._calls += 1
+            except BaseException:
+                push(mode)
+                raise
+            if not fast:
+                push(mode)
+                return call(module, *args, **kwargs)
+            try:
+                try:
+                    return call(module, *args, **kwargs)
+                finally:
+                    push(mode)
+            finally:
+                auto._exit()
+
+        return region_call
 
     def _watch_scripted(self, make: Callable[..., Any]) -> Callable[..., Any]:
         """What TorchScript makes: a module's exported methods (ScriptMethods kept in its

@@ -6,7 +6,8 @@ waiting and, only when no call is in flight in any thread, offloads and releases
 (`AutoSwap._leave`). It refuses while a live thread the mode cannot see exists or a standing
 reason holds (a TorchScript free function): the lease is kept and the refusal said once. A
 failed swap-out is retried with exponential backoff (`next_backoff`). While a lease is held and
-the program is busy it reports resident bytes every `AutoSwap.report_s`.
+the program is busy it reports resident bytes every `AutoSwap.report_s` (less often when a
+report is slow: `REPORT_COST_FACTOR`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ log = logging.getLogger("acb_slurm.swap.auto")
 
 #: A failed swap-out is retried after idle/4, doubling up to this many seconds.
 MAX_RETRY_S = 60.0
+#: A usage report that took t seconds is followed by the next one no sooner than this many times
+#: t later (and never sooner than `AutoSwap.report_s`): at most ~2% of the time is spent walking.
+REPORT_COST_FACTOR = 50.0
 
 
 def next_backoff(retry_s: float, idle_s: float) -> float:
@@ -93,7 +97,10 @@ class Watchdog:
                             auto._report()
                     finally:
                         auto._mutex.release()
-                    next_report = now + auto.report_s
+                    # On cpu a report walks the heap (autograd graphs included) under the lock,
+                    # which the program's calls wait for: keep walks to a small share of time.
+                    spent = time.monotonic() - now
+                    next_report = now + max(auto.report_s, REPORT_COST_FACTOR * spent)
                 continue
             if not yield_due and auto._retry_s and now - since < auto._retry_s:
                 continue  # a swap-out failed: back off (idle/4, doubling, up to MAX_RETRY_S)

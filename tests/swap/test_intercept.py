@@ -16,6 +16,7 @@ PATCHED = [
     (torch, "save"),
     (torch, "load"),
     (torch, "compile"),
+    (torch.nn.Module, "__call__"),
     (torch.jit.ScriptModule, "__call__"),
     (torch.jit, "script"),
     (torch.jit, "trace"),
