@@ -23,6 +23,10 @@ which cannot overstate a GPU-bound run.
 
     .venv/bin/python benchmarks/campaign_bench.py [--items 32] [--workers-per-gpu 8] [--gpus 1 2]
         [--memory 30GiB] [--slurm]   # --slurm: each configuration as an acb-sbatch job
+
+`--startup-study` compares start-up paid per item with a persistent compilation cache;
+`--batch-study` compares start-up paid per item with a GPU stage over several ready items
+(`batch: 4` and `batch: 8`), on the same items and emulated GPU.
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ class RunResult:
     startup: str = ""
     startup_s: float = 0.0
     compilations: int = 0
+    batch: int = 1
+    processes: int = 0
 
 
 def write_items(path: Path, count: int, seed: int, lengths: tuple[int, int]) -> None:
@@ -97,11 +103,17 @@ def write_items(path: Path, count: int, seed: int, lengths: tuple[int, int]) -> 
 
 
 def write_campaign(
-    directory: Path, scale: str, compute_fraction: float, memory: str, startup: str = ""
+    directory: Path,
+    scale: str,
+    compute_fraction: float,
+    memory: str,
+    startup: str = "",
+    batch: int = 1,
 ) -> Path:
     """`startup`: "" (none), "per-item" (`predict --startup`: every GPU-stage process pays the
     modelled start-up of a real one) or "cache" (the same with a persistent compilation cache,
-    fresh for this run)."""
+    fresh for this run). `batch`: the GPU stage's `batch` (one process, one start-up, for up to
+    that many ready items; its {outdir} argument repeated per item)."""
     # The workload as it was when the bench started (a copy beside the runs): edits of the
     # example during a run do not change what the run measures.
     synthetic = directory.parent / "synthetic.py"
@@ -136,6 +148,7 @@ def write_campaign(
                     *(["--compile-cache", str(directory / "compile-cache")]
                       if startup == "cache" else []),
                 ],
+                **({"batch": batch, "outputs": ["ranked_0.pdb"]} if batch > 1 else {}),
             },
         ],
     }  # fmt: skip
@@ -228,11 +241,14 @@ def run_config(
     workers: int,
     args: argparse.Namespace,
     startup: str = "",
+    batch: int = 1,
 ) -> RunResult:
     directory = root / name
     if directory.exists():
         shutil.rmtree(directory)
-    campaign = write_campaign(directory, args.scale, args.compute_fraction, args.memory, startup)
+    campaign = write_campaign(
+        directory, args.scale, args.compute_fraction, args.memory, startup, batch
+    )
     where = "local Slurm job" if args.slurm else "local processes"
     print(
         f"[{name}] {workers} worker(s) on {gpus} GPU(s), policy {policy}, {where} ...", flush=True
@@ -259,6 +275,7 @@ def run_config(
     steady = len(done) / gpu_window * 3600
 
     work, modelled_cpu, sharers, startups, compiled = [], [], [], [], 0
+    gpu_processes = {(d["stages"]["predict"]["started"], d["worker"]) for d in done.values()}
     for item_id in done:
         out = store.outdir(item_id)
         predict = json.loads((out / "predict.json").read_text())
@@ -311,6 +328,8 @@ def run_config(
         startup=startup,
         startup_s=statistics.mean(startups),
         compilations=compiled,
+        batch=batch,
+        processes=len(gpu_processes),
     )
     print(
         f"[{name}] {len(done)} items in {makespan:.1f}s: {result.items_per_hour:.0f}/h "
@@ -335,6 +354,9 @@ def markdown(results: list[RunResult]) -> str:
     if any(r.startup for r in results):
         lines[0] += " start-up per item (compilations) |"
         lines[1] += " ---: |"
+    if any(r.batch > 1 for r in results):
+        lines[0] += " batch (GPU processes) |"
+        lines[1] += " ---: |"
     statics = {r.gpus: r for r in results if r.name.startswith("static")}
     for r in results:
         static = statics.get(r.gpus)
@@ -348,6 +370,7 @@ def markdown(results: list[RunResult]) -> str:
             f"{r.bound_items_per_hour:.0f} ({r.bound_by}) | **{100 * r.fraction_of_bound:.1f}%** | "
             f"{100 * r.makespan_fraction_of_bound:.1f}% | {waits} |"
             + (f" {r.startup_s:.2f}s ({r.compilations}) |" if r.startup else "")
+            + (f" {r.batch} ({r.processes}) |" if any(x.batch > 1 for x in results) else "")
         )
     return "\n".join(lines)
 
@@ -388,6 +411,13 @@ def main() -> int:
         help="instead of the table: every policy with the modelled start-up of a real GPU-stage "
         "process paid per item, and with a persistent compilation cache, in the same run",
     )
+    parser.add_argument(
+        "--batch-study",
+        action="store_true",
+        help="instead of the table: start-up paid per item (batch 1) against a GPU stage over "
+        "several ready items (--batches), each policy, the same items, in the same run",
+    )
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
         "--slurm",
@@ -413,6 +443,8 @@ def main() -> int:
     results: list[RunResult] = []
     if args.startup_study:
         return startup_study(root, args, t0)
+    if args.batch_study:
+        return batch_study(root, args, t0)
     for gpus in args.gpus:
         items = args.items_per_gpu * gpus if args.items_per_gpu else args.items
         static_items = args.static_items * gpus if args.static_items else items
@@ -486,6 +518,51 @@ def startup_study(root: Path, args: argparse.Namespace, t0: float) -> int:
     print(table)
     print(f"total bench time {time.time() - t0:.0f}s")
     (root / "startup-results.json").write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "runs": [asdict(r) for r in results],
+                "table": table,
+            },
+            indent=1,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    return 0
+
+
+def batch_study(root: Path, args: argparse.Namespace, t0: float) -> int:
+    """Start-up per item against one start-up per batch of ready items, per policy, in one
+    run: every run pays the modelled start-up of a real GPU-stage process (`--startup`)."""
+    results = []
+    for gpus in args.gpus:
+        items = args.items_per_gpu * gpus if args.items_per_gpu else args.items
+        directory = root / f"batch-g{gpus}"
+        directory.mkdir(parents=True, exist_ok=True)
+        write_items(directory / "items.fasta", items, args.seed, tuple(args.lengths))
+        workers = gpus * args.workers_per_gpu
+        for policy in args.policies:
+            for batch in args.batches:
+                name = f"batch{batch}-{policy}-{gpus}gpu"
+                results.append(
+                    run_config(
+                        directory, name, policy, gpus, workers, args, "per-item", batch=batch
+                    )
+                )
+    table = markdown(results)
+    print()
+    print(table)
+    for base in (r for r in results if r.batch == 1):
+        for other in results:
+            if other.batch > 1 and (other.policy, other.gpus) == (base.policy, base.gpus):
+                print(
+                    f"{other.policy}, {other.gpus} GPU(s): batch {other.batch} / per item: "
+                    f"{other.steady_items_per_hour / base.steady_items_per_hour:.2f}x steady, "
+                    f"{other.items_per_hour / base.items_per_hour:.2f}x makespan"
+                )
+    print(f"total bench time {time.time() - t0:.0f}s")
+    (root / "batch-results.json").write_text(
         json.dumps(
             {
                 "args": {k: str(v) for k, v in vars(args).items()},

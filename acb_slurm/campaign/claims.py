@@ -1,8 +1,9 @@
-"""Keeping the claim a worker runs alive, and noticing when it is lost.
+"""Keeping the claims a worker holds alive, and noticing when one is lost.
 
-A worker holds at most one claim at a time. `ClaimKeeper`'s ticker thread touches it every
-`heartbeat_s` (its mtime is the heartbeat others judge staleness by) and, when the heartbeat finds
-the claim no longer ours (taken over as stale after this worker was stopped, e.g. by SIGSTOP or
+A worker holds the claim of the item it runs, and of the items that wait for their batch (a
+stage with `batch` above 1). `ClaimKeeper`'s ticker thread touches each every `heartbeat_s` (its
+mtime is the heartbeat others judge staleness by) and, when the heartbeat finds a claim no
+longer ours (taken over as stale after this worker was stopped, e.g. by SIGSTOP or
 `scontrol suspend`, or cut off from the shared file system longer than `stale_after`), marks it
 lost and calls `on_lost` (the worker kills the stage). The worker checks with `ensure()` before
 every write that only the claim's holder may make, which is a heartbeat too.
@@ -29,7 +30,7 @@ class ClaimLost(Exception):
 
 
 class ClaimKeeper:
-    """The claim this worker runs now: its heartbeat, and whether it is lost."""
+    """The claims this worker holds now: their heartbeat, and whether each is lost."""
 
     def __init__(
         self,
@@ -46,40 +47,47 @@ class ClaimKeeper:
         self.tick_s = tick_s
         self._on_lost = on_lost
         self._on_tick = on_tick
-        self._claim: Claim | None = None
-        # Set (by the heartbeat or a check before a write) to the claim found lost.
-        self._lost: Claim | None = None
+        self._claims: dict[Claim, None] = {}  # held, in the order taken
+        # The claims found lost (by the heartbeat or a check before a write).
+        self._lost: set[Claim] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    # ---- the claim held now ----
+    # ---- the claims held now ----
 
     @property
-    def current(self) -> Claim | None:
-        """The claim being kept alive now, or None."""
-        return self._claim
+    def held(self) -> tuple[Claim, ...]:
+        """The claims being kept alive now, in the order taken."""
+        return tuple(self._claims)
 
     def hold(self, claim: Claim) -> None:
         """Keep `claim` alive from now on (the worker starts to run its item)."""
-        self._lost = None
-        self._claim = claim
+        self._claims[claim] = None
 
-    def drop(self) -> None:
-        """Stop keeping the claim alive: the item is finished (its claim becomes a tombstone,
+    def drop(self, claim: Claim) -> None:
+        """Stop keeping `claim` alive: its item is finished (its claim becomes a tombstone,
         which the heartbeat must not take for a lost claim) or given up."""
-        self._claim = None
+        self._claims.pop(claim, None)
 
     def is_lost(self, claim: Claim) -> bool:
         """Whether `claim` was found lost."""
-        return self._lost is claim
+        return claim in self._lost
 
     def ensure(self, claim: Claim) -> None:
         """Raise ClaimLost unless `claim` is still in place; called before every write that only
         the claim's holder may make. It is also a heartbeat: a worker that was stopped refreshes
         its claim here before anyone can judge it stale."""
-        if self._lost is claim or not self.store.heartbeat(claim):
-            self._lost = claim
+        if claim in self._lost or not self.store.heartbeat(claim):
+            self._lost.add(claim)
             raise ClaimLost(claim.item_id)
+
+    def still_held(self, claim: Claim) -> bool:
+        """`ensure` as a question: False (and the claim marked lost) when it is gone."""
+        try:
+            self.ensure(claim)
+        except ClaimLost:
+            return False
+        return True
 
     # ---- the ticker ----
 
@@ -104,23 +112,25 @@ class ClaimKeeper:
         last_beat = time.monotonic()
         while not self._stop.wait(self.tick_s):
             now = time.monotonic()
-            if now - last_beat >= self.heartbeat_s and self._claim is not None:
+            if now - last_beat >= self.heartbeat_s and self._claims:
                 last_beat = now
-                with contextlib.suppress(OSError):
-                    self.beat()
+                self.beat()
             if self._on_tick is not None:
                 with contextlib.suppress(OSError):
                     self._on_tick()
 
     def beat(self) -> bool:
-        """One heartbeat of the claim held now; False when it was found lost just now (then
-        `on_lost` has been called)."""
-        claim = self._claim
-        if claim is None or self.store.heartbeat(claim):
-            return True
-        if self._claim is not claim or self._lost is claim:
-            return True  # just finished (a tombstone) meanwhile, or already known lost
-        self._lost = claim
-        if self._on_lost is not None:
-            self._on_lost(claim)
-        return False
+        """One heartbeat of every claim held now; False when one was found lost just now (then
+        `on_lost` has been called for it)."""
+        fine = True
+        for claim in self.held:
+            with contextlib.suppress(OSError):
+                if self.store.heartbeat(claim):
+                    continue
+                if claim not in self._claims or claim in self._lost:
+                    continue  # just finished (a tombstone) meanwhile, or already known lost
+                self._lost.add(claim)
+                fine = False
+                if self._on_lost is not None:
+                    self._on_lost(claim)
+        return fine

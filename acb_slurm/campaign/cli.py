@@ -195,7 +195,8 @@ def check(campaign: CampaignArg = None) -> None:
         what = stage.device.value
         if stage.device.value == "gpu":
             memory = format_size(stage.memory_bytes) if stage.memory_bytes else "whole GPU"
-            what += f" ({stage.mode.value}, {stage.gpus} GPU, memory {memory})"
+            what += f" ({stage.mode.value}, {stage.gpus} GPU, memory {memory}"
+            what += f", up to {stage.batch} items a process)" if stage.batch > 1 else ")"
         typer.echo(f"  stage {stage.name} [{what}]: {list(stage.command)}")
 
 

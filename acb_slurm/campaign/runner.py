@@ -16,9 +16,20 @@ A gate stage whose lease is lost while it runs (the assigner died or restarted, 
 worker as silent) is killed at once, its whole process group with SIGKILL: its GPUs may already
 be another process's. The attempt is recorded failed ("lease lost"), as any failed stage.
 
-The worker is the loop; its parts are: `stops` (stop signals), `claims` (the claim's heartbeat
-and its loss), `store` (the results directory), `attempts` (typed attempt records) and `stages`
-(one stage's command, lease and process, supervised by `acb_slurm.supervise`).
+A stage with `batch` above 1 runs one process for several items (`batches`): an item's run
+pauses at that stage, still claimed, until its batch runs; the process's result for it resumes
+it. Each item keeps its own attempts, records, retries and resume; a stop request or a broken
+set-up interrupts every item in flight, each recorded as such.
+
+The worker is the loop; its parts are: `stops` (stop signals), `claims` (the claims' heartbeat
+and their loss), `store` (the results directory), `attempts` (typed attempt records), `stages`
+(one stage process: command, lease, process supervised by `acb_slurm.supervise`) and `batches`
+(the items waiting for the batched stage, and when it runs).
+
+An item's run is a generator (`ItemSteps`): it runs the item's stages and records, and yields
+where the item waits for its batch; the worker sends it the process's result for the item (a
+timing) or throws the failure in (StageFailed, ClaimLost, WorkerStopped), which it handles as
+it would a stage it ran itself.
 """
 
 from __future__ import annotations
@@ -28,24 +39,27 @@ import enum
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
 from acb_slurm import env as acb_env
-from acb_slurm.campaign.attempts import Attempt, Outcome
+from acb_slurm.campaign.attempts import Attempt, Outcome, StageTiming
+from acb_slurm.campaign.batches import Batches, Ready, Waiting
 from acb_slurm.campaign.claims import ClaimKeeper, ClaimLost
 from acb_slurm.campaign.errors import CampaignError, StageFailed
 from acb_slurm.campaign.gpu import LeaseProvider
 from acb_slurm.campaign.items import Item, read_items
 from acb_slurm.campaign.progress import ProgressDisplay
-from acb_slurm.campaign.spec import CampaignSpec
+from acb_slurm.campaign.spec import CampaignSpec, Stage
 from acb_slurm.campaign.stages import (
     ATTEMPT_ENV,
     CANNOT_START,
     ITEM_ENV,
     STAGE_ENV,
     STAGE_WRAPPER,
+    ItemRun,
+    StageResult,
     StageRunner,
     acb_run_command,
 )
@@ -81,6 +95,11 @@ class ItemResult(enum.StrEnum):
     SKIPPED = "skipped"  # already finished when we got the claim
     INTERRUPTED = "interrupted"
     LOST = "lost"  # our claim was taken over: dropped, the new holder runs it
+
+
+#: One item's run: yields where the item waits for its batch, is sent the batched stage's
+#: timing for it (or has the failure thrown in), returns what became of the item.
+ItemSteps = Generator[Ready, StageTiming | None, ItemResult]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +196,9 @@ class Worker:
         )
         self.summary = WorkerSummary()
         self._finished: set[str] = set()
+        self._in_flight: set[ItemSteps] = set()  # claimed items whose run has not ended
+        batched = spec.batched_stage
+        self.batches: Batches[ItemSteps] | None = None if batched is None else Batches(batched)
         self.stops = StopRequests(lambda: self.stages.child)
         self.claims = ClaimKeeper(
             self.store, spec.heartbeat_s, on_lost=self._claim_lost, on_tick=self.display.tick
@@ -201,21 +223,15 @@ class Worker:
             + (f"; array task {self.array_task.label}" if self.array_task.label else "")
         )
         try:
-            while self._wants_more():
-                self.stops.check()
-                claimed = self._claim_next()
-                if claimed is None:
-                    break
-                item, claim = claimed
-                self.claims.hold(claim)
-                try:
-                    result = self._process(item, claim)
-                finally:
-                    self.claims.drop()
-                getattr(self.summary, result.value).append(item.id)
-        except WorkerStopped as exc:
+            self._loop()
+        except CampaignError as exc:
+            # Stopped, or the set-up is broken: every item in flight is interrupted (recorded
+            # so, its claim released), then the worker stops.
+            self._interrupt_in_flight(exc)
+            if not isinstance(exc, WorkerStopped):
+                raise
             self.summary.stopped_by = exc.signum
-            self.display.say(f"{self.name}: {exc}; claim released, the item stays for others")
+            self.display.say(f"{self.name}: {exc}; claims released, the items stay for others")
         finally:
             self.claims.stop()
             self.display.close()
@@ -226,16 +242,75 @@ class Worker:
         )
         return self.summary
 
+    def _loop(self) -> None:
+        batches = self.batches
+        while True:
+            self.stops.check()
+            due = batches.due() if batches is not None else []
+            if due:
+                self._run_batch(due)
+                continue
+            claimed = self._claim_next() if self._wants_more() else None
+            if claimed is not None:
+                self._start(*claimed)
+            elif batches:  # nothing more to claim: never wait for a batch that cannot fill
+                self._run_batch(batches.take_all())
+            else:
+                return
+
     def _wants_more(self) -> bool:
-        """False once --max-items items have been finished (done or failed) by this worker."""
+        """False once --max-items items have been finished (done or failed) by this worker, or
+        are in flight."""
         finished = len(self.summary.done) + len(self.summary.failed)
-        return self.max_items is None or finished < self.max_items
+        return self.max_items is None or finished + len(self._in_flight) < self.max_items
+
+    def _start(self, item: Item, claim: Claim) -> None:
+        """Run a claimed item until it ends or waits for its batch."""
+        self.claims.hold(claim)
+        steps = self._process(item, claim)
+        self._in_flight.add(steps)
+        began = time.monotonic()
+        if self._advance(steps) and self.batches is not None:
+            self.batches.took_to_ready(time.monotonic() - began)
+
+    def _run_batch(self, batch: list[Waiting[ItemSteps]]) -> None:
+        """One process of the batched stage for the items of `batch`, then each item on."""
+        assert self.batches is not None
+        results = self.stages.run(self.batches.stage, [w.ready.run for w in batch])
+        for waiting, result in zip(batch, results, strict=True):
+            self._advance(waiting.resume, result)
+
+    def _advance(self, steps: ItemSteps, result: StageResult | CampaignError | None = None) -> bool:
+        """Resume an item's run (with its batched stage's result, if any) until it waits for its
+        next batch (True) or ends (False). An error it ends with is raised."""
+        try:
+            ready = steps.throw(result) if isinstance(result, Exception) else steps.send(result)
+        except StopIteration:
+            self._in_flight.discard(steps)
+            return False
+        except BaseException:
+            self._in_flight.discard(steps)
+            raise
+        assert self.batches is not None  # only a batched stage yields
+        self.batches.add(ready, steps)
+        return True
+
+    def _interrupt_in_flight(self, exc: CampaignError) -> None:
+        """Throw `exc` into every item still in flight (waiting for its batch, or whose batch
+        stopped): each records its attempt interrupted and releases its claim."""
+        for steps in list(self._in_flight):
+            try:
+                self._advance(steps, exc)
+            except CampaignError:
+                pass  # what it was told, handed back
+            finally:
+                steps.close()
 
     def _claim_lost(self, claim: Claim) -> None:
-        """On the ticker thread: the heartbeat found `claim` lost. The stage is killed now; the
-        main thread drops the item at its next check (_run_process)."""
+        """On the ticker thread: the heartbeat found `claim` lost. Its stage is killed now; the
+        main thread drops the item at its next check."""
         child = self.stages.child
-        if child is not None and self.claims.current is claim:
+        if child is not None and self.stages.runs_for(claim):
             child.kill("claim lost")
         self.display.say(
             f"{self.name}: lost the claim on {claim.item_id} (taken over as "
@@ -284,20 +359,24 @@ class Worker:
     def _finish(self, claim: Claim, state: ClaimState) -> None:
         """Leave the finished item's tombstone; the heartbeat stops first, so that it does not
         take the tombstone for a lost claim."""
-        self.claims.drop()
+        self.claims.drop(claim)
         self.store.finish(claim, state, self.me)
 
     # ---- one item ----
 
-    def _process(self, item: Item, claim: Claim) -> ItemResult:
+    def _process(self, item: Item, claim: Claim) -> ItemSteps:
         try:
-            return self._process_claimed(item, claim)
+            result = yield from self._process_claimed(item, claim)
         except ClaimLost:
             self.display.say(
                 f"{self.name}: {item.id} dropped: its claim was taken over by "
                 f"{self._holder(item.id)}; nothing recorded by this worker"
             )
-            return ItemResult.LOST
+            result = ItemResult.LOST
+        finally:
+            self.claims.drop(claim)
+        getattr(self.summary, result.value).append(item.id)
+        return result
 
     def _holder(self, item_id: str) -> str:
         info = self.store.read_claim(item_id)
@@ -305,7 +384,7 @@ class Worker:
             return "another worker"
         return f"{info.data.get('worker', '?')} on {info.data.get('host', '?')}"
 
-    def _process_claimed(self, item: Item, claim: Claim) -> ItemResult:
+    def _process_claimed(self, item: Item, claim: Claim) -> ItemSteps:
         store = self.store
         store.prepare_item(item)
         previous = store.attempt_records(item.id)
@@ -321,8 +400,10 @@ class Worker:
         while True:
             if len(counted) >= self.spec.max_attempts:
                 return self._record_failed(item, claim, counted)
+            # After a failed attempt the item's batched stage runs in a process of its own.
+            alone = bool(counted) and counted[-1].outcome is Outcome.FAILED
             try:
-                record = self._attempt(item, claim, attempt)
+                record = yield from self._attempt(item, claim, attempt, alone)
             except CampaignError:
                 store.release(claim)
                 self.summary.interrupted.append(item.id)
@@ -383,7 +464,9 @@ class Worker:
         self.display.say(f"{self.name}: {item.id} done in {took:.1f}s (attempt {record.attempt})")
         return ItemResult.DONE
 
-    def _attempt(self, item: Item, claim: Claim, attempt: int) -> Attempt:
+    def _attempt(
+        self, item: Item, claim: Claim, attempt: int, alone: bool
+    ) -> Generator[Ready, StageTiming | None, Attempt]:
         store = self.store
         log_path = store.attempt_log(item.id, attempt)
         record = Attempt(
@@ -416,7 +499,9 @@ class Worker:
                             "since": time.time(),
                         },
                     )
-                    timing = self.stages.run(item, stage, attempt, log)
+                    timing = yield from self._run_stage(
+                        stage, ItemRun(item, attempt, claim, log), alone
+                    )
                     self.claims.ensure(claim)
                     record = record.with_stage(stage.name, timing)
                     store.mark_stage_done(item.id, stage.name, timing)
@@ -445,3 +530,14 @@ class Worker:
                     record = record.ending(outcome, time.time(), error)
                     store.write_attempt(item.id, record)
         return record
+
+    def _run_stage(
+        self, stage: Stage, run: ItemRun, alone: bool
+    ) -> Generator[Ready, StageTiming | None, StageTiming]:
+        """Run one stage of the item: here, or (the batched stage) by waiting for its batch:
+        the worker sends the process's timing for the item, or throws its failure in."""
+        if self.batches is None or stage is not self.batches.stage:
+            return self.stages.run_one(stage, run)
+        timing = yield Ready(run, alone)
+        assert timing is not None
+        return timing

@@ -55,7 +55,12 @@ PLACEHOLDERS: Mapping[str, str] = {
     "python": "the Python interpreter running the worker",
     "attempt": "the attempt number of this item (1, 2, ...)",
     "stage": "the stage name",
+    "items_dir": "a directory with one symlink per item of the process, named after the item, "
+    "to its item_link (a batch stage's items; made for the process, removed after it)",
 }
+#: The placeholders that name one item. In the command of a process for several items (a
+#: batch), an argument that uses one is repeated once per item, each copy one argument.
+PER_ITEM = frozenset({"item", "fasta", "sequence", "length", "outdir", "attempt"})
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
@@ -82,13 +87,19 @@ class GpuMode(enum.StrEnum):
     AUTO = "auto"
 
 
+def placeholders(text: str) -> list[str]:
+    """The placeholder names `text` uses, in order (`{{` and `}}` are literal braces)."""
+    return [m.group(1) for m in _PLACEHOLDER.finditer(text.replace("{{", "").replace("}}", ""))]
+
+
 def check_placeholders(text: str) -> list[str]:
     """Placeholder names used in `text` that are not known (empty list when all are fine)."""
-    bad = []
-    for match in _PLACEHOLDER.finditer(text.replace("{{", "").replace("}}", "")):
-        if match.group(1) not in PLACEHOLDERS:
-            bad.append(match.group(1))
-    return bad
+    return [name for name in placeholders(text) if name not in PLACEHOLDERS]
+
+
+def per_item(text: str) -> bool:
+    """Whether `text` names one item (uses {item}, {outdir}, ...: see PER_ITEM)."""
+    return not PER_ITEM.isdisjoint(placeholders(text))
 
 
 def substitute(text: str, values: Mapping[str, str]) -> str:
@@ -230,6 +241,23 @@ Items: TypeAlias = Annotated[
 Results: TypeAlias = Annotated[Path, _path_in_campaign_dir()]
 GpuCount: TypeAlias = Annotated[int, whole_number(1, 64)]
 Priority: TypeAlias = Annotated[int, whole_number(-1000, 1000)]
+MAX_BATCH = 1024
+BatchSize: TypeAlias = Annotated[int, whole_number(1, MAX_BATCH)]
+
+
+def _patterns(value: Any) -> Any:
+    if not isinstance(value, tuple | list):
+        raise ValueError(
+            f"must be a list of paths, e.g. ['{{outdir}}/ranked_0.pdb'], got {describe(value)}"
+        )
+    return tuple(value)
+
+
+PathPatterns: TypeAlias = Annotated[
+    tuple[Argument, ...],
+    BeforeValidator(_patterns),
+    WithJsonSchema({"type": "array", "items": {"type": ["string", "number"]}}),
+]
 Nice: TypeAlias = Annotated[int, whole_number(0, 19)]
 Retries: TypeAlias = Annotated[int, whole_number(0, MAX_RETRIES)]
 GpuMemory: TypeAlias = Annotated[int, byte_size(zero="the whole GPU")]
@@ -239,7 +267,9 @@ GpuMemory: TypeAlias = Annotated[int, byte_size(zero="the whole GPU")]
 # The models
 
 #: Stage keys only gpu stages take.
-GPU_ONLY = ("mode", "memory", "gpus", "priority")
+GPU_ONLY = ("mode", "memory", "gpus", "priority", "batch", "batch_wait")
+#: How long a ready item waits for its batch to fill when the file does not say.
+BATCH_WAIT_S = 1800.0
 
 
 class Stage(SpecModel):
@@ -273,6 +303,40 @@ class Stage(SpecModel):
         CPU_STAGE_NICE,
         description=f"CPU niceness of the command, 0..19 ({CPU_STAGE_NICE} for cpu stages, 0 "
         "for gpu stages, so a process holding a GPU is not slowed by other workers' CPU stages)",
+    )
+    batch: BatchSize = Field(
+        1,
+        description="gpu stages: how many ready items one process of this stage takes, under "
+        "one lease (1 = a process per item), so that its start-up (imports, weights, "
+        "compilation) is paid once per batch. A worker runs the earlier stages one item at a "
+        "time; an item that is ready waits, claimed, until `batch` items are ready, no more "
+        "can be claimed, or the first one would wait past batch_wait. In the command an "
+        "argument with a per-item placeholder ({outdir}, {item}, {fasta}, {attempt}, "
+        "{sequence}, {length}) is repeated once per item; {items_dir} is a directory of one "
+        "symlink per item (see item_link). Each item is judged alone: done when the process "
+        "exits 0 and its `outputs` exist; a failed process fails every item; an item whose "
+        "attempt failed is retried in a process of its own. timeout is per item (n items: n "
+        "times it); env may not use per-item placeholders",
+    )
+    batch_wait_s: Duration = Field(
+        BATCH_WAIT_S,
+        alias="batch_wait",
+        description="gpu stages with batch above 1: the longest the first ready item of a batch "
+        "waits for it to fill (seconds, or 30s, 5m, 2h): the worker runs the batch instead of "
+        "the earlier stages of another item that, by their mean time so far, would end later",
+    )
+    item_link: Argument = Field(
+        "{outdir}",
+        description="what {items_dir} holds of each item: the path its symlink points to "
+        "(per-item placeholders; a glob pattern must match exactly one path, e.g. "
+        "'{outdir}/msa/*.a3m'; relative to {outdir}); the link is named after the item with "
+        "the target's suffix (<item>.a3m)",
+    )
+    outputs: PathPatterns = Field(
+        (),
+        description="paths (glob patterns, per-item placeholders, relative to {outdir}) each "
+        "item must have after this stage, e.g. ['{outdir}/ranked_0.pdb']; an item without "
+        "them fails the stage (in a batch: that item alone)",
     )
 
     @model_validator(mode="before")
@@ -349,6 +413,12 @@ class CampaignSpec(SpecModel):
         """Attempts an item gets before it is recorded as failed."""
         return self.retries + 1
 
+    @property
+    def batched_stage(self) -> Stage | None:
+        """The stage whose processes take several items (`batch` above 1), if any (at most
+        one)."""
+        return next((stage for stage in self.stages if stage.batch > 1), None)
+
 
 def _cross_checks(spec: CampaignSpec) -> Iterator[tuple[Loc, str]]:
     """Checks that span fields: (where, message)."""
@@ -369,6 +439,7 @@ def _cross_checks(spec: CampaignSpec) -> Iterator[tuple[Loc, str]]:
                 f"mode auto holds one GPU (acb-run --auto), but gpus is {stage.gpus}; use mode "
                 "gate for multi-GPU stages",
             )
+        yield from _batch_checks(i, stage, given)
         if stage.name in seen:
             yield (
                 ("stages", i, "name"),
@@ -376,6 +447,13 @@ def _cross_checks(spec: CampaignSpec) -> Iterator[tuple[Loc, str]]:
                 "unique",
             )
         seen.setdefault(stage.name, i)
+    batched = [i for i, stage in enumerate(spec.stages) if stage.batch > 1]
+    for i in batched[1:]:
+        yield (
+            ("stages", i, "batch"),
+            f"only one stage may batch, but stages[{batched[0]}] ({spec.stages[batched[0]].name}) "
+            "does too; set batch on the stage whose start-up costs the most",
+        )
     if spec.stale_after_s < 2 * spec.heartbeat_s:
         key = "stale_after" if "stale_after_s" in spec.model_fields_set else "heartbeat"
         yield (
@@ -383,6 +461,25 @@ def _cross_checks(spec: CampaignSpec) -> Iterator[tuple[Loc, str]]:
             f"stale_after ({spec.stale_after_s:g}s) must be at least twice heartbeat "
             f"({spec.heartbeat_s:g}s), or live workers' claims would be taken over",
         )
+
+
+def _batch_checks(i: int, stage: Stage, given: set[str]) -> Iterator[tuple[Loc, str]]:
+    """A batch stage's env is one per process, and per-item paths name one item."""
+    if stage.batch > 1:
+        for name, value in stage.env.items():
+            if per_item(value):
+                yield (
+                    ("stages", i, "env", name),
+                    f"{value!r} names one item, but one process of this stage runs up to "
+                    f"{stage.batch} items (batch: {stage.batch}) with one environment; use the "
+                    "placeholder in a command argument (repeated once per item)",
+                )
+    for key, patterns in (("item_link", (stage.item_link,)), ("outputs", stage.outputs)):
+        if key in given and any("items_dir" in placeholders(p) for p in patterns):
+            yield (
+                ("stages", i, key),
+                f"{key} names a path of one item; {{items_dir}} is the process's, removed after it",
+            )
 
 
 def _labeller(document: Document) -> specmodel.Labeller:

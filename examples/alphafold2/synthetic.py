@@ -17,7 +17,8 @@
     synthetic.py predict OUTDIR... --hold --startup [--compile-cache DIR]
                                         ... after the modelled start-up of a real GPU-stage
                                         process (imports, weights, XLA compilation per input
-                                        shape) under the lease; several OUTDIRs: one process
+                                        shape) under the lease
+    synthetic.py predict OUTDIR...      several OUTDIRs (a campaign's `batch:`): one process
                                         predicts them all (start-up paid once)
 
 Durations are modelled on published AlphaFold2 timings (README.md lists the sources) and
@@ -350,6 +351,26 @@ def _wake(fifos: Iterator[str] | Sequence[str]) -> None:
         os.close(fd)
 
 
+#: A holder's wake-up FIFO in the state directory: wake-<pid>-<start time>.
+WAKE_PREFIX = "wake-"
+
+
+def remove_stray_fifos(directory: Path) -> list[str]:
+    """Remove the wake-up FIFOs of processes that are gone; returns their names. A holder's
+    FIFO goes when it leaves or is found dead, but one killed (SIGKILL) after creating its FIFO
+    and before joining a GPU is in no GPU's state: its FIFO is found here, by its name."""
+    removed = []
+    for entry in os.scandir(directory):
+        if not entry.name.startswith(WAKE_PREFIX):
+            continue
+        pid, _, start = entry.name[len(WAKE_PREFIX) :].partition("-")
+        if pid.isdigit() and start and not _alive({"pid": pid, "start": start}):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+    return removed
+
+
 def compute_on_gpus(work_s: float, devices: Sequence[str], directory: Path) -> dict[str, float]:
     """Spend `work_s` seconds of exclusive GPU work on the emulated GPUs `devices`, sharing each
     with whoever else computes on it. Returns what it took: wall time and the most holders
@@ -357,17 +378,19 @@ def compute_on_gpus(work_s: float, devices: Sequence[str], directory: Path) -> d
     pid = os.getpid()
     start = _start_time(pid) or "?"
     token = f"{pid}-{start}"
-    fifo = directory / f"wake-{token}"
+    remove_stray_fifos(directory)
+    fifo = directory / f"{WAKE_PREFIX}{token}"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(fifo)
-    os.mkfifo(fifo, 0o600)
-    # Read and write: the FIFO always has a writer (this process), so it never reads as EOF.
-    wake = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
     gpus = [EmulatedGpu(directory, d) for d in dict.fromkeys(devices)]
     began = time.monotonic()
     most = 1
     joined: list[EmulatedGpu] = []
-    try:
+    wake = -1
+    try:  # from the FIFO's creation on: a stop (SIGTERM: SystemExit) removes it
+        os.mkfifo(fifo, 0o600)
+        # Read and write: the FIFO always has a writer (this process), so it never reads as EOF.
+        wake = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
         for gpu in gpus:
             with gpu.locked() as state:
                 state["holders"][token] = {
@@ -402,7 +425,8 @@ def compute_on_gpus(work_s: float, devices: Sequence[str], directory: Path) -> d
         for gpu in joined:
             with gpu.locked() as state:
                 state["holders"].pop(token, None)  # the others speed up: they are woken
-        os.close(wake)
+        if wake != -1:
+            os.close(wake)
         with contextlib.suppress(OSError):
             os.unlink(fifo)
     return {"compute_wall_s": time.monotonic() - began, "max_sharers": float(most)}
@@ -644,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     predict = sub.add_parser("predict", help="GPU stage")
     predict.add_argument(
-        "outdir", type=Path, nargs="+", help="the item's directory (--hold: one or more)"
+        "outdir", type=Path, nargs="+", help="the item's directory (several: one process for all)"
     )
     predict.add_argument(
         "--hold",
@@ -698,9 +722,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(info))
         return 0
     else:
-        if len(args.outdir) > 1:
-            parser.error("predict without --hold takes one OUTDIR")
-        info = run_torch(args.outdir[0], args.scale, args.blocks, args.recycles, args.max_seq)
+        for outdir in args.outdir:  # one process, one torch import, for every OUTDIR
+            print(
+                json.dumps(run_torch(outdir, args.scale, args.blocks, args.recycles, args.max_seq))
+            )
+        return 0
     print(json.dumps(info))
     return 0
 

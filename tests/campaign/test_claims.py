@@ -77,6 +77,37 @@ def test_a_claim_taken_over_is_found_lost(tmp_path: Path) -> None:
         keeper.ensure(second)
 
 
+def test_several_claims_are_kept_and_only_the_one_taken_over_is_lost(tmp_path: Path) -> None:
+    """Items waiting for their batch stay claimed: every claim held beats; a takeover of one
+    is reported for that one alone."""
+    store = _store(tmp_path)
+    me = WorkerIdentity.current("me")
+    claims = [store.try_claim(name, me) for name in "abc"]
+    assert all(c is not None for c in claims)
+    a, b, c = claims  # type: ignore[misc]
+    old = time.time() - 1000
+    for claim in claims:
+        os.utime(claim.path, (old, old))  # type: ignore[union-attr]
+    found: list[Claim] = []
+    with ClaimKeeper(store, 0.05, tick_s=0.02, on_lost=found.append) as keeper:
+        for claim in claims:
+            keeper.hold(claim)  # type: ignore[arg-type]
+        assert keeper.held == (a, b, c)
+        b.path.unlink()  # type: ignore[union-attr]
+        assert store.try_claim("b", WorkerIdentity("other", "elsewhere", 1, None)) is not None
+        deadline = time.monotonic() + 5
+        while not found and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        assert found == [b]
+        assert keeper.is_lost(b) and not keeper.is_lost(a) and not keeper.is_lost(c)
+        assert not keeper.still_held(b) and keeper.still_held(a)
+        for claim in (a, c):
+            assert claim.path.stat().st_mtime > old + 500  # type: ignore[union-attr]
+        keeper.drop(a)
+        assert keeper.held == (b, c)
+
+
 def test_a_claim_found_lost_before_a_write_stays_lost(tmp_path: Path) -> None:
     store = _store(tmp_path)
     claim = store.try_claim("a", WorkerIdentity.current("me"))
@@ -100,10 +131,10 @@ def test_a_finished_item_is_not_taken_for_a_lost_claim(tmp_path: Path) -> None:
     with ClaimKeeper(store, 0.02, tick_s=0.01, on_lost=lambda _: lost.set()) as keeper:
         keeper.hold(claim)
         time.sleep(0.1)
-        keeper.drop()
+        keeper.drop(claim)
         store.finish(claim, ClaimState.DONE, me)  # the tombstone is no claim of ours any more
         assert not _wait_for(lost, 0.3)
-        assert keeper.current is None and not keeper.is_lost(claim)
+        assert keeper.held == () and not keeper.is_lost(claim)
 
 
 def test_a_stop_signal_is_checked_between_steps_and_forwarded_to_the_stage() -> None:

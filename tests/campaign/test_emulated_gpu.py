@@ -210,3 +210,50 @@ def test_a_holder_stopped_with_sigterm_leaves_the_gpu_at_once(gpus: Gpus) -> Non
     assert stopped.wait(timeout=30) == 128 + signal.SIGTERM
     assert gpus.holders() == []  # left by itself, not found dead later
     assert not list(gpus.state.glob("wake-*"))
+
+
+def test_a_fifo_left_by_a_holder_killed_before_it_joined_is_removed(gpus: Gpus) -> None:
+    """SIGKILL between creating its wake-up FIFO and joining a GPU leaves the FIFO in no GPU's
+    state: the next holder finds it by its name (pid and start time of a process that is gone)
+    and removes it; a live process's FIFO is kept."""
+    gpus.state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stray = gpus.state / f"wake-{dead.pid}-1"  # its start time cannot be 1 tick after boot
+    os.mkfifo(stray, 0o600)
+    mine = gpus.state / f"wake-{os.getpid()}-{_start_time(os.getpid())}"
+    os.mkfifo(mine, 0o600)
+    try:
+        assert gpus.finish(gpus.start("next", "0", 0.1), "next")["max_sharers"] == 1
+        assert sorted(p.name for p in gpus.state.glob("wake-*")) == [mine.name]
+    finally:
+        mine.unlink()
+
+
+def test_a_stop_between_creating_the_fifo_and_joining_leaves_no_fifo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop (SIGTERM: the handler's SystemExit) anywhere from the FIFO's creation on removes
+    it: here raised by the first step after it, opening it."""
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    import synthetic
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    real_open = os.open
+
+    def open_or_stop(path: str, *args: int) -> int:
+        if Path(path).name.startswith("wake-"):
+            raise SystemExit(128 + signal.SIGTERM)
+        return real_open(path, *args)
+
+    monkeypatch.setattr(synthetic.os, "open", open_or_stop)
+    with pytest.raises(SystemExit):
+        synthetic.compute_on_gpus(1.0, ["0"], state)
+    monkeypatch.undo()
+    assert not list(state.glob("wake-*"))
+
+
+def _start_time(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rfind(")") + 2 :].split()[19]

@@ -34,6 +34,8 @@ def test_the_synthetic_campaign_and_its_jobs_validate() -> None:
     assert [s.name for s in spec.stages] == ["msa", "predict"]
     assert spec.stages[0].device is Device.CPU and spec.stages[0].nice == 10
     assert spec.stages[1].device is Device.GPU and spec.stages[1].mode is GpuMode.GATE
+    assert spec.batched_stage is spec.stages[1] and spec.stages[1].batch == 4
+    assert spec.stages[1].outputs == ("ranked_0.pdb",)
     assert len(read_items(spec.items)) == 24
     from acb_slurm.slurm.spec import load_spec as load_job
 
@@ -61,6 +63,11 @@ def test_the_colabfold_campaign_caps_jax_at_the_predict_stages_memory_estimate(
     assert predict.env["TF_FORCE_UNIFIED_MEMORY"] == "0"
     fraction = float(predict.env["XLA_PYTHON_CLIENT_MEM_FRACTION"])
     assert fraction * 80 * 1024**3 == pytest.approx(predict.memory_bytes)
+    # One colabfold_batch process for up to 8 sequences: a directory of their MSAs in, one
+    # .done.txt per sequence out.
+    assert predict.batch == 8 and "{items_dir}" in predict.command
+    assert predict.item_link == "{outdir}/msa/*.a3m"
+    assert predict.outputs == ("{results}/predictions/{item}.done.txt",)
 
 
 def test_the_cpu_stage_aligns_and_the_hold_stage_needs_a_lease(tmp_path: Path) -> None:

@@ -50,6 +50,8 @@ INVALID = [
     ("a campaign env name", ("N: 4", "ACB_CAMPAIGN_ITEM: x")),
     ("an env name that is none", ("N: 4", "'A-B': 4")),
     ("nice out of range", ("device: gpu", "device: gpu\n    nice: 20")),
+    ("a batch below 1", ("device: gpu", "device: gpu\n    batch: 0")),
+    ("outputs as one string", ("device: gpu", "device: gpu\n    outputs: x.pdb")),
 ]
 
 

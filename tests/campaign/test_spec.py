@@ -162,6 +162,36 @@ def test_a_valid_file_loads_into_typed_stages(tmp_path: Path) -> None:
             ["missing"],
         ),
         (
+            "batch on a cpu stage",
+            GOOD.replace(
+                "    command: [colabfold_search", "    batch: 4\n    command: [colabfold_search"
+            ),
+            9,
+            "stages[0] (msa).batch",
+            ["only gpu stages take 'batch'", "device is cpu"],
+        ),
+        (
+            "a batch below 1",
+            GOOD.replace("mode: gate", "mode: gate\n    batch: 0"),
+            13,
+            "stages[1] (predict).batch",
+            ["at least 1", "1 to 1024"],
+        ),
+        (
+            "a batch stage's env may not name one item: one environment per process",
+            GOOD.replace("mode: gate", "mode: gate\n    batch: 4"),
+            16,
+            "stages[1] (predict).env.TAG",
+            ["names one item", "batch: 4", "command argument"],
+        ),
+        (
+            "outputs are a list of paths",
+            GOOD.replace("mode: gate", "mode: gate\n    outputs: ranked_0.pdb"),
+            13,
+            "stages[1] (predict).outputs",
+            ["list of paths"],
+        ),
+        (
             "a duplicated key",
             GOOD.replace("retries: 3", "retries: 3\nretries: 4"),
             5,
@@ -311,3 +341,55 @@ def test_durations_with_colons_keep_their_meaning(
     for text in (written, f'"{written}"'):
         spec = load_spec(write(tmp_path, GOOD.replace("timeout: 1h", f"timeout: {text}")))
         assert spec.stages[1].timeout_s == seconds, text
+
+
+BATCHED = """\
+items: items.fasta
+results: out
+stages:
+  - name: msa
+    command: [search, "{fasta}", "{outdir}/msa"]
+  - name: predict
+    device: gpu
+    batch: 8
+    batch_wait: 10m
+    item_link: "{outdir}/msa/*.a3m"
+    command: [colabfold_batch, "{items_dir}", "{results}/predictions", --tag, "{item}"]
+    outputs: ["{results}/predictions/{item}.done.txt"]
+"""
+
+
+def test_a_batch_stage_loads_with_its_fields_and_defaults(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, BATCHED))
+    msa, predict = spec.stages
+    assert spec.batched_stage is predict
+    assert (predict.batch, predict.batch_wait_s) == (8, 600.0)
+    assert predict.item_link == "{outdir}/msa/*.a3m"
+    assert predict.outputs == ("{results}/predictions/{item}.done.txt",)
+    assert (msa.batch, msa.batch_wait_s, msa.item_link, msa.outputs) == (1, 1800.0, "{outdir}", ())
+    one = load_spec(write(tmp_path, BATCHED.replace("batch: 8", "batch: 1")))
+    assert one.batched_stage is None  # batch 1: a process per item, as without the key
+
+
+def test_only_one_stage_may_batch(tmp_path: Path) -> None:
+    text = (
+        BATCHED
+        + """\
+  - name: relax
+    device: gpu
+    batch: 2
+    command: [relax, "{outdir}"]
+"""
+    )
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text))
+    assert info.value.line == 15 and info.value.field == "stages[2] (relax).batch"
+    assert "only one stage may batch" in str(info.value) and "stages[1] (predict)" in str(
+        info.value
+    )
+
+
+def test_the_process_directory_is_no_path_of_an_item(tmp_path: Path) -> None:
+    text = BATCHED.replace('"{outdir}/msa/*.a3m"', '"{items_dir}/x"')
+    with pytest.raises(SpecError, match=r"item_link: item_link names a path of one item"):
+        load_spec(write(tmp_path, text))
