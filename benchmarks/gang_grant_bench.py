@@ -26,8 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-from acb_slurm import env, tls
-from acb_slurm.assigner.testing import AssignerProcess, wait_for
+from acb_slurm import env
+from acb_slurm.assigner.testing import AssignerProcess, start_pool, wait_for
 from acb_slurm.client import Client, GangLease
 
 TOKEN = "bench-token"
@@ -55,27 +55,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="acb-gang-bench-") as tmp:
-        material = tls.init(Path(tmp) / "tls")
-        os.environ[env.TLS_DIR] = str(material.directory)
-        n1 = AssignerProcess(
-            Path(tmp),
-            gpus=2,
-            tcp="127.0.0.1:0",
-            token=TOKEN,
-            tls_dir=material.directory,
-            node="n1",
-            name="n1",
-        ).start()
-        n2 = AssignerProcess(
-            Path(tmp),
-            gpus=2,
-            tcp="127.0.0.1:0",
-            token=TOKEN,
-            tls_dir=material.directory,
-            node="n2",
-            name="n2",
-            controller=n1.tcp,
-        ).start()
+
+        def start(**options: object) -> AssignerProcess:
+            return AssignerProcess(Path(tmp), name=str(options["node"]), **options).start()  # type: ignore[arg-type]
+
+        n1, n2 = start_pool(start, tmp, TOKEN)
+        os.environ[env.TLS_DIR] = n1.tls_dir or ""
         try:
             assert n1.tcp is not None
             with (

@@ -204,6 +204,28 @@ class AssignerProcess:
         self.terminate()
 
 
+def start_pool(
+    start: Callable[..., AssignerProcess],
+    directory: str | os.PathLike[str],
+    token: str,
+    gpus: int = 2,
+) -> tuple[AssignerProcess, AssignerProcess]:
+    """The assigners of a two-node job on this machine: controller `n1` and executor `n2`
+    joined to it over mutual TLS (material made in `directory`/tls), `gpus` virtual GPUs each.
+    `start(**options)` starts one (the tests' `start_assigner` fixture, or AssignerProcess's
+    constructor and `start()`). Returns once n2 has joined n1."""
+    from acb_slurm import tls
+    from acb_slurm.client import Client
+
+    material = tls.init(Path(directory) / "tls")
+    common = {"gpus": gpus, "tcp": "127.0.0.1:0", "token": token, "tls_dir": material.directory}
+    n1 = start(**common, node="n1")
+    n2 = start(**common, node="n2", controller=n1.tcp)
+    with Client(target=n1.target, token=token) as probe:
+        wait_for(lambda: probe.status().executors, what="n2 to join n1")
+    return n1, n2
+
+
 def events_of(events: list[dict[str, Any]], kind: str, **match: Any) -> list[dict[str, Any]]:
     """The events of `kind` (an `AssignerProcess.events()` list) whose fields equal `match`."""
     return [

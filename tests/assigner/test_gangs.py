@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from acb_slurm import tls
-from acb_slurm.assigner.testing import AssignerProcess, wait_for
+from acb_slurm.assigner.testing import AssignerProcess, start_pool, wait_for
 from acb_slurm.assigner.testing import events_of as of
 from acb_slurm.client import (
     Client,
@@ -36,21 +35,7 @@ StartAssigner = Callable[..., AssignerProcess]
 @pytest.fixture
 def pool(start_assigner: StartAssigner, tmp_path: Path) -> tuple[AssignerProcess, AssignerProcess]:
     """Controller n1 and executor n2, 2 virtual GPUs each, joined."""
-    material = tls.init(tmp_path / "tls")
-    n1 = start_assigner(
-        gpus=2, tcp="127.0.0.1:0", token=TOKEN, tls_dir=material.directory, node="n1"
-    )
-    n2 = start_assigner(
-        gpus=2,
-        tcp="127.0.0.1:0",
-        token=TOKEN,
-        tls_dir=material.directory,
-        node="n2",
-        controller=n1.tcp,
-    )
-    with Client(target=n1.target, token=TOKEN) as probe:
-        wait_for(lambda: probe.status().executors, what="n2 to join n1")
-    return n1, n2
+    return start_pool(start_assigner, tmp_path, TOKEN)
 
 
 @pytest.fixture

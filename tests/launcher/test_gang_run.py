@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from acb_slurm import tls
-from acb_slurm.assigner.testing import AssignerProcess, wait_for
+from acb_slurm.assigner.testing import AssignerProcess, start_pool, wait_for
 from acb_slurm.client import Client
 from acb_slurm.exitcodes import ExitCode
 from tests.launcher.test_gate_lease_loss import ACB_RUN, gone
@@ -33,21 +32,8 @@ SHOW = (
 
 @pytest.fixture
 def controller(start_assigner: StartAssigner, tmp_path: Path) -> AssignerProcess:
-    material = tls.init(tmp_path / "tls")
-    n1 = start_assigner(
-        gpus=2, tcp="127.0.0.1:0", token=TOKEN, tls_dir=material.directory, node="n1"
-    )
-    start_assigner(
-        gpus=2,
-        tcp="127.0.0.1:0",
-        token=TOKEN,
-        tls_dir=material.directory,
-        node="n2",
-        controller=n1.tcp,
-    )
-    with Client(target=n1.target, token=TOKEN) as probe:
-        wait_for(lambda: probe.status().executors, what="n2 to join n1")
-    return n1
+    """The controller (n1) of a two-node pool (executor n2 joined)."""
+    return start_pool(start_assigner, tmp_path, TOKEN)[0]
 
 
 def member(
@@ -148,26 +134,24 @@ def test_torchrun_over_two_members_trains_what_plain_torchrun_trains(
     assert [m.returncode for m in members] == [0, 0], outputs
     ranks = "".join(out for out, _ in outputs)
     assert "rank 0/4 on n1" in ranks and "rank 3/4 on n2" in ranks
+    assert_trains_like_plain_torchrun(tmp_path / "gang.pt", steps=10)
+
+
+def assert_trains_like_plain_torchrun(params: Path, steps: int) -> None:
+    """`params` (what rank 0 of a 4-rank DDP run of examples/torchrun/ddp_train.py saved) are
+    bit for bit those of the same run under plain torchrun on this machine."""
+    plain_params = params.with_name(f"plain-{params.name}")
+    command = [TORCHRUN, "--standalone", "--nproc-per-node", "4", str(DDP)]
     plain = subprocess.run(
-        [
-            TORCHRUN,
-            "--standalone",
-            "--nproc-per-node",
-            "4",
-            str(DDP),
-            "--steps",
-            "10",
-            "--out",
-            str(tmp_path / "plain.pt"),
-        ],
+        [*command, "--steps", str(steps), "--out", str(plain_params)],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,
     )
     assert plain.returncode == 0, plain.stderr
     import torch
 
-    gang, alone = torch.load(tmp_path / "gang.pt"), torch.load(tmp_path / "plain.pt")
+    gang, alone = torch.load(params), torch.load(plain_params)
     assert gang.keys() == alone.keys()
     assert all(torch.equal(gang[k], alone[k]) for k in gang)
 

@@ -4,11 +4,12 @@ rank and a worker at once."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launcher.test_gang_run import assert_trains_like_plain_torchrun
 
 from .jobs import Cluster, assert_exclusive_holdings, events, job_output, submit_job, wait_job
 from .test_e2e import gate_job
@@ -59,28 +60,7 @@ def test_a_torchrun_gang_shares_the_job_with_workers_and_trains_like_plain_torch
     ends = [e for e in logs["n1"] if e["event"] == "gang_end"]
     assert [e["failed"] for e in ends] == [False, False], ends
 
-    plain = subprocess.run(
-        [
-            TORCHRUN,
-            "--standalone",
-            "--nproc-per-node",
-            "4",
-            str(DDP),
-            "--steps",
-            "10",
-            "--out",
-            str(tmp_path / "plain.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert plain.returncode == 0, plain.stderr
-    import torch
-
-    gang, alone = torch.load(tmp_path / "gang.pt"), torch.load(tmp_path / "plain.pt")
-    assert gang.keys() == alone.keys()
-    assert all(torch.equal(gang[k], alone[k]) for k in gang)
+    assert_trains_like_plain_torchrun(tmp_path / "gang.pt", steps=10)
 
 
 @pytest.mark.slow
