@@ -337,19 +337,27 @@ def format_status(answers: list[tuple[str, Any]]) -> str:
             f"  counters: {c.sessions} sessions, {c.requests} requests, {c.grants} grants, "
             f"{c.releases} releases, {c.disconnects} disconnects, {c.errors} errors"
         )
-        lines.extend(format_gangs(reply.gangs))
+        pool = {me.node, *(executor.node for executor in reply.executors)}
+        lines.extend(format_gangs(reply.gangs, pool))
     return "\n".join(lines)
 
 
-def format_gangs(gangs: Any) -> list[str]:
-    """The gangs a controller knows (`StatusReply.gangs`), one line each."""
+def format_gangs(gangs: Any, pool: set[str] | None = None) -> list[str]:
+    """The gangs a controller knows (`StatusReply.gangs`), one line each; `pool`: the nodes
+    whose assigner joined the controller (a gang waits for a member's node outside it)."""
     lines = [f"  gangs: {len(gangs)}"] if gangs else []
     for gang in gangs:
         shape = f"{gang.gpus_per_node} GPU(s) on each of {gang.node_count} node(s)"
         parts = ", ".join(
             f"{part.node} gpu {','.join(map(str, part.gpu_indices))}" for part in gang.parts
         )
-        if gang.state == "collecting":
+        missing = sorted(set(gang.members) - pool) if pool is not None else []
+        if gang.state == "collecting" and missing:
+            what = (
+                f"waiting for the assigner of node(s) {', '.join(missing)} to join the "
+                "controller (a member named a node outside the job's pool?)"
+            )
+        elif gang.state == "collecting":
             joined = ", ".join(gang.members)
             what = f"{len(gang.members)} of {gang.node_count} members joined ({joined})"
         elif gang.state == "waiting":

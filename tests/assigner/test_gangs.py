@@ -295,3 +295,17 @@ def test_members_that_disagree_or_cannot_fit_are_refused(
             on_executor.join_gang("g", 2, node="n2", timeout=5)
         b.join_gang("g", 2, node="n2", timeout=10)
         first.result(10)
+
+
+def test_a_member_on_a_node_outside_the_pool_waits_and_status_says_why(
+    pool: tuple[AssignerProcess, AssignerProcess], threads: ThreadPoolExecutor
+) -> None:
+    n1, _ = pool
+    with client(n1) as a, client(n1) as probe:
+        stray = join(threads, a, "g", "n9", node_count=1, timeout=2)
+        wait_for(lambda: probe.status().gangs, what="the gang")
+        shown = format_status([("n1", probe.status())])
+        assert "waiting for the assigner of node(s) n9 to join the controller" in shown, shown
+        with pytest.raises(TimeoutError, match="not granted within 2s"):
+            stray.result(10)
+        wait_for(lambda: not probe.status().gangs, what="the gang to fail with its member")
