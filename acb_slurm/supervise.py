@@ -213,6 +213,8 @@ class Supervised:
         self._killed: str | None = None  # done to the running child
         self._timed_out = False
         self._early: list[int] = []
+        #: Every signal sent to the child (forwarded or `send_signal`), in order.
+        self.signals_sent: list[int] = []
         self._previous: dict[int, Any] = {}
         self._guard_option = guard
         self._guard: subprocess.Popen[bytes] | None = None
@@ -293,6 +295,7 @@ class Supervised:
         """Send `signum` to the child's group (to the child alone with ``group=False``); before
         the start it is kept and sent once the child exists; after the end, nothing."""
         with self._lock:
+            self.signals_sent.append(signum)
             child = self._child
             if child is None:
                 self._early.append(signum)

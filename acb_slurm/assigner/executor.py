@@ -122,6 +122,9 @@ class ExecutorLink:
             part = await self.parts.take(take.part_id, take.gang, take.gpu_count, take.job_id)
         except BookError as exc:
             answer = pb.PartTaken(part_id=take.part_id, error=exc.message)
+        except Exception as exc:  # never leave the controller without an answer
+            log.exception("gang part %s: taking it failed", take.part_id)
+            answer = pb.PartTaken(part_id=take.part_id, error=limits.clip(f"{exc}"))
         else:
             answer = pb.PartTaken(
                 part_id=take.part_id,

@@ -159,23 +159,23 @@ class LocalParts:
                 for _ in range(gpu_count)
             ]
             grants = [await record.future for record in records]
-        except BaseException:
+            held = sorted(
+                zip(
+                    (i for grant in grants for i in grant.gpu_indices),
+                    (d for grant in grants for d in grant.device_ids),
+                    strict=True,
+                )
+            )
+            return Part(
+                node=book.node,
+                gpu_indices=tuple(index for index, _ in held),
+                device_ids=tuple(device for _, device in held),
+                address=host_of(book.address),
+                free_port=free_port(),
+            )
+        except BaseException:  # cancelled, withdrawn, no free port: nothing stays held
             self.drop(part_id, "gang-failed")
             raise
-        held = sorted(
-            zip(
-                (i for grant in grants for i in grant.gpu_indices),
-                (d for grant in grants for d in grant.device_ids),
-                strict=True,
-            )
-        )
-        return Part(
-            node=book.node,
-            gpu_indices=tuple(index for index, _ in held),
-            device_ids=tuple(device for _, device in held),
-            address=host_of(book.address),
-            free_port=free_port(),
-        )
 
     def drop(self, part_id: str, reason: str) -> None:
         """Give the part's GPUs back (or stop waiting for them); nothing if it is not held."""
@@ -493,9 +493,11 @@ class GangCoordinator:
         ]
 
     def shutdown(self) -> None:
+        """The daemon stops: every gang fails (members told); the planner is left as it is
+        (ending one gang must not grant the next)."""
         self.closed = True
         for gang in list(self.gangs.values()):
-            self._fail(gang, "the controller's assigner is shutting down")
+            self._fail(gang, "the controller's assigner is shutting down", planner_done=True)
 
     # ---- internals ----
 
@@ -541,6 +543,10 @@ class GangCoordinator:
             return  # the gang failed meanwhile; `_fail` dropped the parts
         except (NodeGone, BookError) as exc:
             self._fail(gang, str(exc))
+            return
+        except Exception as exc:  # a bug or an OS error: the gang fails, nothing stays held
+            log.exception("gang %s: taking its parts failed", gang.name)
+            self._fail(gang, f"taking its parts failed: {exc}")
             return
         now = self.book.clock()
         gang.state, gang.since = "granted", now
@@ -606,6 +612,9 @@ class GangCoordinator:
         self.book.log.emit(
             "gang_end", client="", worker="", gang=gang.name, failed=failed, reason=reason
         )
+        # The planner knows a gang from its submission ("waiting") to its end: a waiting gang
+        # is withdrawn, a taking or granted one released. Not when the planner already let it
+        # go (`planner_done`: a node left, it was never accepted, the daemon stops).
         if planner_done or previous == "collecting":
             return
         if previous == "waiting":

@@ -471,9 +471,16 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             )
             return
         node = first.join.node
-        # Two assigners under one node name (no --node on one host): both report, only the
-        # first is in the gang pool, since a gang names its nodes.
-        pooled = self.gangs is not None and node not in self.gangs.ports
+        # An executor that comes back (its link broke; it dropped its parts) replaces its old
+        # stream, which the controller may not have seen end yet: same node, same address.
+        # Two assigners under one node name (no --node on one host) are told apart by their
+        # address: both report, only the first is in the gang pool, since a gang names nodes.
+        coordinator = self.gangs
+        pooled = coordinator is not None and (
+            node not in coordinator.ports or coordinator.addresses.get(node) == first.join.address
+        )
+        if coordinator is not None and pooled and node in coordinator.ports:
+            coordinator.node_left(node, f"node {node}'s assigner reconnected (its parts dropped)")
         self._ids += 1
         key = f"{self._ids}"
         self.executors[key] = first.join
@@ -506,9 +513,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
         reader = asyncio.ensure_future(read())
         note = f"joined as executor {limits.echo(node)}"
-        if self.gangs is not None and pooled:
-            self.gangs.node_joined(node, len(first.join.gpus), port, first.join.address)
-        elif self.gangs is not None:
+        if coordinator is not None and pooled:
+            coordinator.node_joined(node, len(first.join.gpus), port, first.join.address)
+        elif coordinator is not None:
             note += "; another assigner has this node name, so gangs cannot use this one"
             log.warning("executor %s: %s", limits.echo(node), note)
         try:
@@ -519,8 +526,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             reader.cancel()
             self.executors.pop(key, None)
             port.gone(f"node {node}'s assigner went away")
-            if self.gangs is not None and pooled:
-                self.gangs.node_left(node, f"node {node}'s assigner went away")
+            if coordinator is not None and coordinator.ports.get(node) is port:
+                coordinator.node_left(node, f"node {node}'s assigner went away")
 
 
 def _command(command: gangs.TakeOrDrop) -> pb.ControllerMessage:

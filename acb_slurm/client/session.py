@@ -79,6 +79,7 @@ from acb_slurm.client.errors import (
     AssignerError,
     AssignerNotConfigured,
     AssignerUnavailable,
+    GangAborted,
     InvalidGpuRequest,
     LeaseLost,
     LeaseNotHeld,
@@ -277,6 +278,8 @@ class Client:
         self._in_flight: set[str] = set()
         self._early_notices: dict[str, pb.AllocReply] = {}
         self._abandoned: OrderedDict[str, str] = OrderedDict()  # tag -> reason it gave up
+        # Gang ends told before join_gang() recorded the grant they end: lease id -> reason.
+        self._early_gang_ends: OrderedDict[str, str] = OrderedDict()
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.AssignerStub | None = None
         self._session_id: str | None = None
@@ -469,7 +472,12 @@ class Client:
         a node went away): that lease is lost, told at once like a session's end."""
         with self._lease_lock:
             lease = self._held.get(ended.lease_id)
-            if call is not self._call or lease is None or ended.lease_id in self._lost:
+            if call is not self._call or ended.lease_id in self._lost:
+                return
+            if lease is None:  # before join_gang() recorded its grant: it will look here
+                self._early_gang_ends[ended.lease_id] = ended.reason
+                while len(self._early_gang_ends) > ABANDONED_MEMORY:
+                    self._early_gang_ends.popitem(last=False)
                 return
             error = LeaseLost(
                 f"gang {ended.gang} ended: {ended.reason}; this node's part was released and "
@@ -755,8 +763,11 @@ class Client:
         lease = GangLease.from_grant(reply, label)
         with self._lease_lock:
             gone = self._generation != generation or self._session_error is not None
-            if not gone:
+            ended = self._early_gang_ends.pop(lease.lease_id, None)
+            if not gone and ended is None:
                 self._held[lease.lease_id] = lease
+        if ended is not None:  # another member failed the moment it was granted
+            raise GangAborted(f"gang {gang} ended as soon as it was granted: {ended}")
         if gone:
             raise _lost_error(
                 lease,

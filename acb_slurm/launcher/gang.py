@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from acb_slurm.client.session import Client, GangLease
 
 _PR_SET_CHILD_SUBREAPER = 36
+#: Signals after which a rank's death is the command stopping, not a rank failing.
+_STOPPING = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 @dataclass(frozen=True)
@@ -182,15 +184,29 @@ class _GangWatch(_LossWatch):
         self._ranks = RankWatch(child, self._rank_failed)
         self._ranks.start()
 
+    def _kill(self) -> None:
+        """The gang ended under the command (called with `_lock` held): its ranks die with it,
+        those in sessions of their own too."""
+        super()._kill()
+        if self._ranks is not None:
+            self._ranks.kill_all()
+
     def _rank_failed(self, pid: int, status: int) -> None:
-        """A rank failed: the gang ends everywhere (`on_rank_failure` leaves it), and this
-        node's command stops at once too (its other ranks would wait on the dead one)."""
-        self.rank_failure = (pid, status)
+        """A rank failed: this node's ranks and command are killed (the others would wait on
+        the dead one), then the gang ends everywhere (`on_rank_failure` leaves it), so that
+        this node's GPUs go back only once nothing of the run is left on them. Nothing when
+        the gang had already ended under the command (that end is the story, not this rank)."""
+        with self._lock:
+            if self.error is not None:
+                return
+            self.rank_failure = (pid, status)
+            child, ranks = self._child, self._ranks
+        if ranks is not None:
+            ranks.kill_all()
+        if child is not None:
+            child.kill("a rank failed")
         if self.on_rank_failure is not None:
             self.on_rank_failure(pid, status)
-        with self._lock:
-            if self._child is not None:
-                self._child.kill("a rank failed")
 
     def stop_ranks(self) -> None:
         if self._ranks is not None:
@@ -216,6 +232,21 @@ class RankWatch(threading.Thread):
         self.on_failure = on_failure
         self.interval = interval
         self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._watched: dict[int, int] = {}  # pidfd -> pid, of ranks alive when last seen
+
+    def kill_all(self) -> None:
+        """SIGKILL every watched rank (through its pidfd: never another process that took its
+        pid) and its process group (torchrun starts each in a session of its own)."""
+        with self._lock:
+            watched = list(self._watched.items())
+        for fd, pid in watched:
+            with contextlib.suppress(OSError):
+                group = os.getpgid(pid)
+                if group == pid:  # a group of its own, led by it (and so not reused yet)
+                    os.killpg(group, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
 
     def stop(self) -> None:
         self._done.set()
@@ -226,28 +257,41 @@ class RankWatch(threading.Thread):
         if not hasattr(os, "pidfd_open"):
             return
         poller = select.poll()
-        watched: dict[int, int] = {}  # pidfd -> pid
+        watched = self._watched
         known: set[int] = set()
         try:
             while not self._done.is_set():
                 root = self.child.pid
                 if root is not None:
-                    for pid in _new_ranks(root, known):
+                    for pid, started in _new_ranks(root, known):
                         with contextlib.suppress(OSError):
                             fd = os.pidfd_open(pid)
-                            watched[fd] = pid
+                            if _start_time(pid) != started:  # not the process we looked at
+                                os.close(fd)
+                                continue
+                            with self._lock:
+                                watched[fd] = pid
                             poller.register(fd, select.POLLIN)
                 for fd, _ in poller.poll(self.interval * 1000):
-                    pid = watched.pop(fd)
+                    with self._lock:
+                        pid = watched.pop(fd)
                     poller.unregister(fd)
                     status = _zombie_status(pid)
                     os.close(fd)
-                    if status:
+                    if status and not self._stopping():
                         self.on_failure(pid, status)
                         return
         finally:
-            for fd in watched:
-                os.close(fd)
+            with self._lock:
+                for fd in watched:
+                    os.close(fd)
+                watched.clear()
+
+    def _stopping(self) -> bool:
+        """Whether the command was told to stop (SIGTERM, SIGINT, SIGHUP forwarded): its ranks
+        may then end as they choose (a checkpoint, then a non-zero exit) without failing the
+        other nodes' ranks, which were told the same; the command's own status says the rest."""
+        return any(sig in _STOPPING for sig in self.child.signals_sent)
 
 
 def _descendants(root: int) -> list[tuple[int, int]]:
@@ -279,18 +323,33 @@ def _is_rank(pid: int) -> bool:
         return False
 
 
-def _new_ranks(root: int, known: set[int]) -> list[int]:
-    """Ranks under `root` not in `known` (every process looked at is added to it)."""
+def _new_ranks(root: int, known: set[int]) -> list[tuple[int, int]]:
+    """(pid, start time) of the ranks under `root` not in `known` (every process looked at is
+    added to it). A rank has ``LOCAL_RANK`` in its environment and its parent has none: with
+    ``LOCAL_RANK`` inherited by the command itself, nothing is a rank (torchrun reports)."""
     ranks = []
     rank_set: set[int] = set()
     for pid, parent in _descendants(root):
         if pid in known:
             continue
         known.add(pid)
-        if _is_rank(pid) and not (parent in rank_set or (parent != root and _is_rank(parent))):
-            ranks.append(pid)
-            rank_set.add(pid)
+        if _is_rank(pid) and not (parent in rank_set or _is_rank(parent)):
+            started = _start_time(pid)
+            if started is not None:
+                ranks.append((pid, started))
+                rank_set.add(pid)
     return ranks
+
+
+def _start_time(pid: int) -> int | None:
+    """When the process started (``/proc/PID/stat`` field 22, clock ticks since boot)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 else None
 
 
 def _zombie_status(pid: int) -> int | None:

@@ -18,6 +18,7 @@ import pytest
 from acb_slurm.assigner.testing import AssignerProcess, start_pool, wait_for
 from acb_slurm.assigner.testing import events_of as of
 from acb_slurm.client import (
+    AssignerError,
     Client,
     GangAborted,
     GangLease,
@@ -309,3 +310,25 @@ def test_a_member_on_a_node_outside_the_pool_waits_and_status_says_why(
         with pytest.raises(TimeoutError, match="not granted within 2s"):
             stray.result(10)
         wait_for(lambda: not probe.status().gangs, what="the gang to fail with its member")
+
+
+def test_a_controller_that_stops_with_a_gang_granted_and_one_waiting_stops_cleanly(
+    pool: tuple[AssignerProcess, AssignerProcess], threads: ThreadPoolExecutor
+) -> None:
+    n1, n2 = pool
+    with client(n1) as a, client(n1) as b, client(n1) as c, client(n1) as d:
+        first = [join(threads, m, "A", node, gpus_per_node=2) for m, node in ((a, "n1"), (b, "n2"))]
+        [f.result(10) for f in first]
+        waiting = [
+            join(threads, m, "B", node, gpus_per_node=2) for m, node in ((c, "n1"), (d, "n2"))
+        ]
+        with client(n1) as probe:
+            wait_for(lambda: {g.gang: g.state for g in probe.status().gangs}.get("B") == "waiting")
+        assert n1.terminate() == 0, n1.stderr_text()
+        for future in waiting:
+            with pytest.raises(AssignerError):  # aborted, or the session ended first
+                future.result(10)
+    assert of(n1.events(), "stop"), n1.stderr_text()
+    # (gRPC may log the cancelled JoinGang coroutines; nothing of the daemon's own failed.)
+    assert "acb_slurm/assigner" not in n1.stderr_text(), n1.stderr_text()
+    wait_for(lambda: not gang_leases(n2), timeout=10, what="n2 to drop A's parts")

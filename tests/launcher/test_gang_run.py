@@ -204,3 +204,44 @@ def test_a_killed_rank_releases_every_node_within_a_second(
     released_in = max(releases) - killed_at
     assert released_in < 1.0, f"parts released {released_in:.2f}s after the rank was killed"
     assert stopped_in < 3.0, f"the members ended {stopped_in:.2f}s after the rank was killed"
+
+
+#: Two "ranks" as torchrun starts them: LOCAL_RANK in their environment, sessions of their own,
+#: and a parent that does not reap them at once (torchrun polls every 0.1 s; this one never).
+FAKE_RANKS = (
+    'for i in 0 1; do LOCAL_RANK=$i setsid sleep 300 & echo $! >> "$RANKS"; done; exec sleep 300'
+)
+
+
+def test_a_failed_rank_is_seen_by_acb_run_itself_and_every_rank_dies(
+    controller: AssignerProcess, tmp_path: Path
+) -> None:
+    """Without torchrun: a rank killed on n2 ends the gang at once, n2's member says so (137),
+    n1's is stopped (70), and every rank on both nodes is dead, though each is in a session of
+    its own."""
+    members = {}
+    for node in ("n1", "n2"):
+        script = f"RANKS={tmp_path}/{node}.ranks; {FAKE_RANKS}"
+        members[node] = member(controller, node, script)
+    ranks = {
+        node: wait_for(
+            lambda node=node: len(p := _read_pids(tmp_path / f"{node}.ranks")) == 2 and p,
+            what=f"{node}'s ranks",
+        )
+        for node in ("n1", "n2")
+    }
+    time.sleep(0.3)  # RankWatch walks the tree every 50 ms
+    os.kill(ranks["n2"][0], 9)
+    codes = {node: m.wait(10) for node, m in members.items()}
+    assert codes == {"n1": ExitCode.LEASE_LOST, "n2": 128 + 9}, codes
+    err = members["n2"].stderr.read() if members["n2"].stderr else ""
+    assert "was killed by SIGKILL: gang g ended on every node" in err, err
+    for pid in ranks["n1"] + ranks["n2"]:
+        assert wait_for(lambda pid=pid: gone(pid), timeout=2, what=f"rank {pid} to die")
+
+
+def _read_pids(path: Path) -> list[int]:
+    try:
+        return [int(line) for line in path.read_text().split()]
+    except (OSError, ValueError):
+        return []
