@@ -41,3 +41,10 @@ class SpecError(CampaignError, InvalidSpec):
 
 class StageFailed(CampaignError):
     """One stage of an item failed (non-zero exit, timeout, or it could not be started)."""
+
+
+class StageInterrupted(Exception):
+    """A stage process was stopped for a reason that is not the item's: the claim on another
+    item of its batch was lost, so the process was killed. The attempt is recorded interrupted
+    (it does not count against the item's retries) and the item runs again. Not a
+    CampaignError: it stops no worker."""

@@ -19,7 +19,11 @@ be another process's. The attempt is recorded failed ("lease lost"), as any fail
 A stage with `batch` above 1 runs one process for several items (`batches`): an item's run
 pauses at that stage, still claimed, until its batch runs; the process's result for it resumes
 it. Each item keeps its own attempts, records, retries and resume; a stop request or a broken
-set-up interrupts every item in flight, each recorded as such.
+set-up interrupts every item in flight, each recorded as such. Every item of a batch records its
+result of the batched stage before any of them goes on to its later stages, so that what the
+process did for each survives a stop or a crash during those. A batch process killed because the
+claim on one of its items was lost interrupts its other items: their attempts do not count, and
+they run again.
 
 The worker is the loop; its parts are: `stops` (stop signals), `claims` (the claims' heartbeat
 and their loss), `store` (the results directory), `attempts` (typed attempt records), `stages`
@@ -27,9 +31,10 @@ and their loss), `store` (the results directory), `attempts` (typed attempt reco
 (the items waiting for the batched stage, and when it runs).
 
 An item's run is a generator (`ItemSteps`): it runs the item's stages and records, and yields
-where the item waits for its batch; the worker sends it the process's result for the item (a
-timing) or throws the failure in (StageFailed, ClaimLost, WorkerStopped), which it handles as
-it would a stage it ran itself.
+where the item waits for its batch (`Ready`); the worker sends it the process's result for the
+item (a timing) or throws the failure in (StageFailed, StageInterrupted, ClaimLost,
+WorkerStopped), which it handles as it would a stage it ran itself. Once it has recorded a
+timing it yields again (None, `Step.PAUSED`) and goes on to its later stages when resumed.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from acb_slurm import env as acb_env
 from acb_slurm.campaign.attempts import Attempt, Outcome, StageTiming
 from acb_slurm.campaign.batches import Batches, Ready, Waiting
 from acb_slurm.campaign.claims import ClaimKeeper, ClaimLost
-from acb_slurm.campaign.errors import CampaignError, StageFailed
+from acb_slurm.campaign.errors import CampaignError, StageFailed, StageInterrupted
 from acb_slurm.campaign.gpu import LeaseProvider
 from acb_slurm.campaign.items import Item, read_items
 from acb_slurm.campaign.progress import ProgressDisplay
@@ -97,9 +102,18 @@ class ItemResult(enum.StrEnum):
     LOST = "lost"  # our claim was taken over: dropped, the new holder runs it
 
 
-#: One item's run: yields where the item waits for its batch, is sent the batched stage's
-#: timing for it (or has the failure thrown in), returns what became of the item.
-ItemSteps = Generator[Ready, StageTiming | None, ItemResult]
+#: One item's run: yields where the item waits for its batch (Ready), is sent the batched
+#: stage's timing for it (or has the failure thrown in), yields None once it has recorded that
+#: timing (resumed with None for its later stages), returns what became of the item.
+ItemSteps = Generator[Ready | None, StageTiming | None, ItemResult]
+
+
+class Step(enum.Enum):
+    """Where an item's run stopped when the worker resumed it."""
+
+    WAITS = "waits"  # for its batch (added to `batches`)
+    PAUSED = "paused"  # it recorded its batched stage's result; resume it for its later stages
+    ENDED = "ended"
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,10 +241,11 @@ class Worker:
         except CampaignError as exc:
             # Stopped, or the set-up is broken: every item in flight is interrupted (recorded
             # so, its claim released), then the worker stops.
+            if isinstance(exc, WorkerStopped):
+                self.summary.stopped_by = exc.signum
             self._interrupt_in_flight(exc)
             if not isinstance(exc, WorkerStopped):
                 raise
-            self.summary.stopped_by = exc.signum
             self.display.say(f"{self.name}: {exc}; claims released, the items stay for others")
         finally:
             self.claims.stop()
@@ -270,45 +285,71 @@ class Worker:
         steps = self._process(item, claim)
         self._in_flight.add(steps)
         began = time.monotonic()
-        if self._advance(steps) and self.batches is not None:
+        if self._advance(steps) is Step.WAITS and self.batches is not None:
             self.batches.took_to_ready(time.monotonic() - began)
 
     def _run_batch(self, batch: list[Waiting[ItemSteps]]) -> None:
-        """One process of the batched stage for the items of `batch`, then each item on."""
+        """One process of the batched stage for the items of `batch`, then each item on: every
+        item that the process did its part for records it first (a stage marker, so that a stop or
+        a crash in the later stages of one item does not lose the others' results), then each
+        item goes on (its later stages, or its failure: a retry, a record)."""
         assert self.batches is not None
         results = self.stages.run(self.batches.stage, [w.ready.run for w in batch])
+        done = {
+            id(waiting): self._advance(waiting.resume, result)
+            for waiting, result in zip(batch, results, strict=True)
+            if not isinstance(result, Exception)
+        }
         for waiting, result in zip(batch, results, strict=True):
-            self._advance(waiting.resume, result)
+            if isinstance(result, Exception):
+                self._advance(waiting.resume, result)
+            elif done[id(waiting)] is Step.PAUSED:
+                self._advance(waiting.resume)
 
-    def _advance(self, steps: ItemSteps, result: StageResult | CampaignError | None = None) -> bool:
+    def _advance(self, steps: ItemSteps, result: StageResult | CampaignError | None = None) -> Step:
         """Resume an item's run (with its batched stage's result, if any) until it waits for its
-        next batch (True) or ends (False). An error it ends with is raised."""
+        next batch, pauses after recording its batched stage's result, or ends. An error it ends
+        with is raised."""
         try:
             ready = steps.throw(result) if isinstance(result, Exception) else steps.send(result)
         except StopIteration:
             self._in_flight.discard(steps)
-            return False
+            return Step.ENDED
         except BaseException:
             self._in_flight.discard(steps)
             raise
+        if ready is None:
+            return Step.PAUSED
         assert self.batches is not None  # only a batched stage yields
         self.batches.add(ready, steps)
-        return True
+        return Step.WAITS
 
     def _interrupt_in_flight(self, exc: CampaignError) -> None:
-        """Throw `exc` into every item still in flight (waiting for its batch, or whose batch
-        stopped): each records its attempt interrupted and releases its claim."""
+        """Throw `exc` (a fresh copy for each) into every item still in flight (waiting for its
+        batch, paused after it, or whose batch stopped): each records its attempt interrupted
+        and releases its claim. An item that cannot (an error of the file system) is said and
+        left: the others are interrupted all the same."""
         for steps in list(self._in_flight):
             try:
-                self._advance(steps, exc)
+                self._advance(steps, _fresh(exc))
             except CampaignError:
                 pass  # what it was told, handed back
+            except Exception as error:
+                self._in_flight.discard(steps)
+                self.display.say(
+                    f"{self.name}: could not record an item in flight as interrupted: "
+                    f"{type(error).__name__}: {error}"
+                )
             finally:
-                steps.close()
+                try:
+                    steps.close()
+                except Exception as error:
+                    self.display.say(f"{self.name}: closing an item's run failed: {error}")
 
     def _claim_lost(self, claim: Claim) -> None:
         """On the ticker thread: the heartbeat found `claim` lost. Its stage is killed now; the
-        main thread drops the item at its next check."""
+        main thread drops the item at its next check (the other items of a batch process killed
+        so are interrupted: `StageInterrupted`, an attempt that does not count)."""
         child = self.stages.child
         if child is not None and self.stages.runs_for(claim):
             child.kill("claim lost")
@@ -405,11 +446,18 @@ class Worker:
             try:
                 record = yield from self._attempt(item, claim, attempt, alone)
             except CampaignError:
-                store.release(claim)
                 self.summary.interrupted.append(item.id)
+                store.release(claim)
                 raise
             if record.outcome is Outcome.DONE:
                 return self._record_done(item, claim, record)
+            if record.outcome is Outcome.INTERRUPTED:
+                # Its batch process was killed for another item's lost claim: not counted.
+                self.display.say(
+                    f"{self.name}: {item.id} attempt {attempt} interrupted: {record.error}"
+                )
+                attempt += 1
+                continue
             counted.append(record)
             self.display.say(
                 f"{self.name}: {item.id} attempt {attempt} failed: {record.error}"
@@ -466,7 +514,7 @@ class Worker:
 
     def _attempt(
         self, item: Item, claim: Claim, attempt: int, alone: bool
-    ) -> Generator[Ready, StageTiming | None, Attempt]:
+    ) -> Generator[Ready | None, StageTiming | None, Attempt]:
         store = self.store
         log_path = store.attempt_log(item.id, attempt)
         record = Attempt(
@@ -505,6 +553,10 @@ class Worker:
                     self.claims.ensure(claim)
                     record = record.with_stage(stage.name, timing)
                     store.mark_stage_done(item.id, stage.name, timing)
+                    if self._batched(stage):
+                        # Recorded: the worker records its batch's other items before any of
+                        # them goes on to its later stages.
+                        yield None
                 outcome = Outcome.DONE
             except ClaimLost:
                 lost = True
@@ -512,6 +564,9 @@ class Worker:
                 raise
             except StageFailed as exc:
                 outcome, error = Outcome.FAILED, str(exc)
+                log.write(f"== {exc}\n".encode())
+            except StageInterrupted as exc:
+                outcome, error = Outcome.INTERRUPTED, str(exc)
                 log.write(f"== {exc}\n".encode())
             except CampaignError as exc:
                 # Stopped by a signal, or the set-up is broken (no assigner): not the item's
@@ -531,13 +586,25 @@ class Worker:
                     store.write_attempt(item.id, record)
         return record
 
+    def _batched(self, stage: Stage) -> bool:
+        """Whether `stage` is the batched stage (its items wait for their batch)."""
+        return self.batches is not None and stage is self.batches.stage
+
     def _run_stage(
         self, stage: Stage, run: ItemRun, alone: bool
-    ) -> Generator[Ready, StageTiming | None, StageTiming]:
+    ) -> Generator[Ready | None, StageTiming | None, StageTiming]:
         """Run one stage of the item: here, or (the batched stage) by waiting for its batch:
         the worker sends the process's timing for the item, or throws its failure in."""
-        if self.batches is None or stage is not self.batches.stage:
+        if not self._batched(stage):
             return self.stages.run_one(stage, run)
         timing = yield Ready(run, alone)
         assert timing is not None
         return timing
+
+
+def _fresh(exc: CampaignError) -> CampaignError:
+    """A new exception saying what `exc` says, for one item's run: one object thrown into
+    several generators would gather all their tracebacks."""
+    if isinstance(exc, WorkerStopped):
+        return WorkerStopped(exc.signum)
+    return CampaignError(str(exc))

@@ -11,7 +11,9 @@ it runs in a directory of its own under `results/batches/`, its output in `outpu
 copied into every item's attempt log when it ends (the directory is then removed). What it did is
 judged per item: a process that failed (exit status, signal, timeout, lost lease) failed every
 item; one that exited 0 failed only the items whose `outputs` are missing; an item whose claim
-was lost is dropped (its process is killed: the claim's new holder runs the item).
+was lost is dropped (its process is killed: the claim's new holder runs the item), and the
+process's other items are interrupted (`StageInterrupted`: their attempts do not count, they run
+again).
 
 Stages are started and supervised by `acb_slurm.supervise` (the exec wrapper `_deathwrap`, never
 `preexec_fn`: the worker has threads): in their own process group, guarded, with PR_SET_PDEATHSIG
@@ -36,7 +38,7 @@ from acb_slurm import _deathwrap as deathwrap
 from acb_slurm import env as acb_env
 from acb_slurm.campaign.attempts import StageTiming
 from acb_slurm.campaign.claims import ClaimKeeper, ClaimLost
-from acb_slurm.campaign.errors import CampaignError, StageFailed
+from acb_slurm.campaign.errors import CampaignError, StageFailed, StageInterrupted
 from acb_slurm.campaign.gpu import ClientLeaseProvider, HeldLease, LeaseProvider
 from acb_slurm.campaign.items import Item
 from acb_slurm.campaign.spec import (
@@ -94,8 +96,9 @@ class ItemRun:
     log: IO[bytes]
 
 
-#: What a stage process did for one of its items: the stage's timing, or why it failed for it.
-StageResult = StageTiming | StageFailed | ClaimLost
+#: What a stage process did for one of its items: the stage's timing, why it failed for it,
+#: that the item's claim was lost, or that the process was killed for another item's lost claim.
+StageResult = StageTiming | StageFailed | ClaimLost | StageInterrupted
 
 
 class StageRunner:
@@ -242,8 +245,17 @@ class StageRunner:
             result, lost_lease = self._supervise(stage, argv, env, runs, place, lease)
         except StageFailed as exc:  # it could not start
             return [StageFailed(str(exc)) for _ in runs]
-        failure = _failure(stage, result, lost_lease, runs)
         lost = [run for run in runs if run.claim is not None and self.claims.is_lost(run.claim)]
+        failure: StageFailed | StageInterrupted | None
+        if result.killed == "claim lost":
+            # Killed for the lost claim of another of its items: not these items' fault.
+            failure = StageInterrupted(
+                f"stage {stage.name} was killed: the claim on another item of its process was "
+                f"lost ({_ids(lost)}); this attempt does not count, the item runs again"
+                f" (one process for {len(runs)} items: {_ids(runs)})"
+            )
+        else:
+            failure = _failure(stage, result, lost_lease, runs)
         if len(lost) < len(runs):
             self.stops.check()
         process: StageTiming = {
@@ -256,7 +268,7 @@ class StageRunner:
             if run in lost:
                 out.append(ClaimLost(run.item.id))
             elif failure is not None:
-                out.append(StageFailed(str(failure)))  # one each: each item raises its own
+                out.append(type(failure)(str(failure)))  # one each: each item raises its own
             else:
                 missing = _missing_output(stage, run, values)
                 out.append(timing | process if missing is None else missing)
@@ -465,11 +477,6 @@ def _failure(
             f"stage {stage.name}: lease lost while it ran ({lost_lease}); the stage was "
             "killed (SIGKILL to its process group) rather than run on GPUs another process "
             f"may hold now{batch}"
-        )
-    if result.killed == "claim lost":
-        return StageFailed(
-            f"stage {stage.name} was killed: the claim on another item of its process was "
-            f"lost{batch}"
         )
     if result.timed_out:
         limit = (stage.timeout_s or 0) * len(runs)

@@ -215,6 +215,14 @@ class NodeLauncher:
         self._pending: list[int] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        # Workers that ended, counted under `_wake_lock`: the pipe only wakes the main thread
+        # (a byte may be dropped when it is full, and it is then non-empty anyway), the count
+        # says how many ended. `_wake_open` is False once the pipe is closed: no worker thread
+        # writes to its descriptor after that (its number may be another file's by then).
+        self._wake_lock = threading.Lock()
+        self._wake_open = True
+        self._ended = 0
+        self._closers: list[threading.Thread] = []  # closing the clients of stopped workers
 
     # ---- main thread ----
 
@@ -234,18 +242,23 @@ class NodeLauncher:
         try:
             for thread in threads:
                 thread.start()
-            left = len(threads)
-            while left:
-                data = os.read(self._wake_r, 4096)  # PEP 475: resumed after a handler
-                left -= data.count(b"d")
+            while True:
                 while self._pending:
                     self._deliver(self._pending.pop(0))
+                with self._wake_lock:
+                    if self._ended >= len(threads):
+                        break
+                os.read(self._wake_r, 4096)  # PEP 475: resumed after a handler
             for thread in threads:
                 thread.join()
         finally:
             signal.set_wakeup_fd(previous_wakeup)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            with self._wake_lock:
+                self._wake_open = False
+            for closer in self._closers:
+                closer.join()
             self._guard.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -267,13 +280,21 @@ class NodeLauncher:
                 elif signum in STOPPING_SIGNALS:
                     if worker.stop is None:
                         worker.stop = signum
-                        closing.append(worker.client)
+                        if worker.client is not None:
+                            closing.append(worker.client)
                 else:
                     worker.pending.append(signum)
-        for client in closing:  # a worker waiting for its grant gives up
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    client.close()
+        # A worker waiting for its grant gives up once its client is closed. A close may wait
+        # seconds for its session thread: each is closed on a thread of its own, so that the
+        # main thread goes on handling signals (and hundreds of closes take as long as one).
+        for client in closing:
+            closer = threading.Thread(target=_close_quietly, args=(client,), name="acb-close")
+            try:
+                closer.start()
+            except RuntimeError:  # no thread to be had: close it here
+                _close_quietly(client)
+            else:
+                self._closers.append(closer)
 
     # ---- worker threads ----
 
@@ -288,7 +309,16 @@ class NodeLauncher:
         finally:
             if worker.code is None:
                 worker.code = 1
-            os.write(self._wake_w, b"d")
+            self._wake()
+
+    def _wake(self) -> None:
+        """A worker ended: count it and wake the main thread."""
+        with self._wake_lock:
+            self._ended += 1
+            if self._wake_open:
+                # Full (BlockingIOError): the main thread has bytes to read, it wakes anyway.
+                with contextlib.suppress(BlockingIOError):
+                    os.write(self._wake_w, b"d")
 
     def _failure_code(self, worker: WorkerRun, exc: Exception) -> int:
         from acb_slurm.launcher.cli import exit_code_of
@@ -391,6 +421,11 @@ class NodeLauncher:
             from acb_slurm.launcher.gate import GateError
 
             raise GateError(f"cannot start {command[0]!r}: {exc.strerror or exc}") from None
+
+
+def _close_quietly(client: Any) -> None:
+    with contextlib.suppress(Exception):
+        client.close()
 
 
 def _read_run_options(group: GroupPlan) -> Any:

@@ -5,6 +5,7 @@ GPUs), real stage processes; the gathering rules alone with a fake clock."""
 from __future__ import annotations
 
 import io
+import json
 import signal
 import time
 from collections import Counter
@@ -214,6 +215,97 @@ def test_a_stop_interrupts_the_waiting_items_and_releases_every_claim(
     assert workers.wait_all()[-1] == 0
     assert sorted(store.done_records()) == ids
     assert processes(tmp_path / "results") == [ids[:3], ids[3:]]
+
+
+def steal_claim(store: ResultsStore, item: str) -> None:
+    """Put another worker's live claim in place of ours, as a takeover does (another host, a
+    fresh heartbeat: never stale here)."""
+    path = store.claim_path(item)
+    data = {"item": item, "worker": "thief", "host": "elsewhere", "pid": 1, "token": "theirs"}
+    tmp = path.with_name(".stolen")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def test_a_lost_claim_in_a_batch_interrupts_its_other_items_without_costing_an_attempt(
+    tmp_path: Path, assigner: Callable[..., AssignerProcess], workers: Workers
+) -> None:
+    ids = write_fasta(tmp_path / "items.fasta", 3)
+    marker = tmp_path / "predict-started"
+    stages = batched("--first-sleep", "60", "--marker", str(marker))
+    # retries 0: an attempt lost to another item's claim would fail the item for good.
+    campaign = write_campaign(tmp_path, stages, retries=0, heartbeat="1s")
+    gpu = assigner(gpus=1)
+    proc = workers.start(campaign, "w0", gpu.client_env())
+    wait_for(marker.exists, what="the batch to start")
+    batch, pid = marker.read_text().split()
+    assert batch.split(",") == ids
+    store = ResultsStore(tmp_path / "results")
+    steal_claim(store, ids[1])
+    wait_for(lambda: proc_stat(int(pid)) is None, 20, "the batch process to be killed")
+    assert proc.wait(60) == 0, workers.log("w0")
+
+    # The stolen item is dropped; the other two run again, in one process, and are done.
+    assert not store.failed_records(), workers.log("w0")
+    assert sorted(store.done_records()) == [ids[0], ids[2]]
+    assert not store.attempts(ids[1])[-1].get("ended")  # nothing recorded for it
+    for item in (ids[0], ids[2]):
+        first, second = store.attempts(item)
+        assert first["outcome"] == "interrupted" and second["outcome"] == "done"
+        assert f"the claim on another item of its process was lost ({ids[1]})" in first["error"]
+    assert processes(tmp_path / "results")[-1] == [ids[0], ids[2]]
+    assert "1 lost to a takeover" in workers.log("w0")
+
+
+def test_every_item_of_a_batch_records_its_result_before_any_goes_on(
+    tmp_path: Path, assigner: Callable[..., AssignerProcess], workers: Workers
+) -> None:
+    ids = write_fasta(tmp_path / "items.fasta", 3)
+    marker = tmp_path / "post-started"
+    post = {"name": "post", "command": stage_command("post", "--marker", str(marker))}
+    slow = {**post, "command": [*post["command"], "--slow-item", ids[0]]}
+    campaign = write_campaign(tmp_path, [*batched(), slow])
+    gpu = assigner(gpus=1)
+    victim = workers.start(campaign, "victim", gpu.client_env())
+    wait_for(marker.exists, what="the first item's next stage")
+    assert marker.read_text().split()[0] == ids[0]
+    # The first item is in its next stage: the batch's result is recorded for each item.
+    store = ResultsStore(tmp_path / "results")
+    assert [store.stage_done(i, "predict") for i in ids] == [True, True, True]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+
+    write_campaign(tmp_path, [*batched(), post])  # the same, without the slow post
+    rerun = workers.start(campaign, "rerun", gpu.client_env())
+    assert rerun.wait(120) == 0, workers.log("rerun")
+    assert sorted(store.done_records()) == ids
+    assert processes(tmp_path / "results") == [ids]  # the batch ran once, its results kept
+
+
+def test_a_stop_interrupts_every_item_even_when_one_cannot_be_recorded(
+    tmp_path: Path, assigner: Callable[..., AssignerProcess], workers: Workers
+) -> None:
+    ids = write_fasta(tmp_path / "items.fasta", 4)
+    marker = tmp_path / "msa-started"
+    stages = batched(msa=("--slow-item", ids[2], "--marker", str(marker)))
+    campaign = write_campaign(tmp_path, stages, retries=0)
+    gpu = assigner(gpus=1)
+    proc = workers.start(campaign, "w0", gpu.client_env())
+    wait_for(lambda: marker.exists() and len(marker.read_text().splitlines()) == 3, what="msa 3")
+    # ids[0] waits for its batch; its claim becomes unreadable (an OSError on every read).
+    store = ResultsStore(tmp_path / "results")
+    claim = store.claim_path(ids[0])
+    claim.unlink()
+    claim.mkdir()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 128 + signal.SIGTERM, workers.log("w0")
+    log = workers.log("w0")
+    assert "could not record an item in flight as interrupted: IsADirectoryError" in log
+    # The others were interrupted and released all the same.
+    for item in ids[1:3]:
+        assert attempts(store, item) == ["interrupted"]
+        assert not store.claim_path(item).exists()
+    assert not store.done_records() and not store.failed_records()
 
 
 # ---- when a batch runs (the gathering rules alone) ----

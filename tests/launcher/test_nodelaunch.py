@@ -4,12 +4,14 @@ launcher reach each worker's whole process group."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +19,10 @@ from typing import Any
 
 import pytest
 
+from acb_slurm import env
 from acb_slurm.assigner.testing import AssignerProcess, wait_for
 from acb_slurm.exitcodes import ExitCode
-from acb_slurm.launcher.nodelaunch import GroupPlan, Plan
+from acb_slurm.launcher.nodelaunch import GroupPlan, NodeLauncher, Plan, plan_for_node
 
 StartAssigner = Callable[..., AssignerProcess]
 _SCRIPT = os.path.join(os.path.dirname(sys.executable), "acb-launch")
@@ -308,3 +311,159 @@ def test_an_auto_worker_runs_its_program_in_automatic_mode_without_acb_run(
     assert sorted(sessions) == ["auto-n7-0", "auto-n7-1"]
     assert len(set(sessions.values())) == 2 and proc.pid not in sessions.values()
     assert {e["label"] for e in events if e["event"] == "request"} == {"train"}
+
+
+# ---- the launcher in this process (its main thread: the signals are its own) ----
+
+
+def in_process(
+    monkeypatch: pytest.MonkeyPatch, groups: list[GroupPlan], environ: dict[str, str]
+) -> NodeLauncher:
+    """A launcher for `groups` on node n7, run in this process (its clients read the session's
+    token and TLS settings from os.environ)."""
+    for name in (env.TOKEN, env.TOKEN_FILE, env.TLS_DIR, env.ASSIGNER):
+        if name in environ:
+            monkeypatch.setenv(name, environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+    return NodeLauncher(plan_for_node(Plan(tuple(groups)), "n7", environ))
+
+
+def in_thread(action: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=action, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_worker_whose_wake_up_finds_the_pipe_full_still_ends_the_launcher(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    group = GroupPlan(name="c", count=2, command=("true",), mode="client")
+    launcher = in_process(monkeypatch, [group], dict(os.environ))
+    real_write = os.write
+    refused: list[bytes] = []
+
+    def write(fd: int, data: bytes) -> int:  # the first worker's wake-up finds it full
+        if fd == launcher._wake_w and data == b"d" and not refused:
+            refused.append(data)
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    # Without a count of its own, the launcher would wait for that byte forever: give it one
+    # after 15 s, so that the test ends either way.
+    rescue = threading.Timer(15, lambda: real_write(launcher._wake_w, b"d"))
+    rescue.start()
+    began = time.monotonic()
+    try:
+        code = launcher.run()
+    finally:
+        rescue.cancel()
+    assert refused and code == 0
+    assert time.monotonic() - began < 10, "the launcher waited for a wake-up that was lost"
+
+
+def test_a_launcher_that_fails_leaves_no_wake_up_to_a_reused_descriptor(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    group = GroupPlan(name="c", count=1, command=("true",), mode="client")
+    launcher = in_process(monkeypatch, [group], dict(os.environ))
+    (worker_run,) = launcher.workers
+    go = threading.Event()
+    real_run = launcher._run
+
+    def run_then_wait(worker: Any) -> int:  # the worker ends once the test says so
+        code = real_run(worker)
+        go.wait(30)
+        return code
+
+    def deliver(signum: int) -> None:
+        raise RuntimeError("the main loop failed")
+
+    errors: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    monkeypatch.setattr(launcher, "_run", run_then_wait)
+    monkeypatch.setattr(launcher, "_deliver", deliver)
+
+    def signal_once_started() -> None:
+        wait_for(lambda: worker_run.started is not None, 30, "the worker's command")
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    in_thread(signal_once_started)
+    with pytest.raises(RuntimeError, match="the main loop failed"):
+        launcher.run()
+    read_end, write_end = os.pipe()  # the lowest free descriptors: likely the launcher's
+    try:
+        os.set_blocking(read_end, False)
+        go.set()
+        for thread in threading.enumerate():
+            if thread.name.startswith("acb-worker-"):
+                thread.join(30)
+        assert worker_run.code is not None  # (0, or killed by the guard the launcher closed)
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 16)  # nothing written to a descriptor of someone else's
+        assert not errors, errors  # nor to a closed one
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+SIGNAL_TIMES = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    path = os.path.join(os.environ["ACB_TEST_DIR"], os.environ["ACB_WORKER"] + ".times")
+    def note(signum, frame):
+        with open(path, "a") as fh:
+            fh.write(f"{signal.Signals(signum).name} {time.time()}\\n")
+        if signum == signal.SIGUSR1:
+            sys.exit(0)
+    signal.signal(signal.SIGTERM, note)
+    signal.signal(signal.SIGUSR1, note)
+    open(path + ".ready", "w").close()
+    time.sleep(60)
+    sys.exit(3)
+    """
+)
+
+
+def test_closing_the_clients_of_many_waiting_workers_does_not_hold_up_signals(
+    monkeypatch: pytest.MonkeyPatch, start_assigner: StartAssigner, tmp_path: Path
+) -> None:
+    from acb_slurm.client.session import Client
+
+    assigner = start_assigner(gpus=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    # One gated worker runs, four wait for the GPU; a client worker notes when signals come.
+    groups = [
+        worker("w", 5, ACB_TEST_HOLD="60"),
+        GroupPlan(name="t", count=1, command=(sys.executable, "-c", SIGNAL_TIMES), mode="client"),
+    ]
+    launcher = in_process(monkeypatch, groups, assigner.client_env(ACB_TEST_DIR=str(out)))
+    real_close = Client.close
+
+    def slow_close(self: Client) -> None:  # a close that waits for its session thread
+        time.sleep(1.5)
+        real_close(self)
+
+    monkeypatch.setattr(Client, "close", slow_close)
+
+    def stop() -> None:
+        wait_for((out / "t-n7-0.times.ready").exists, 60, "the client worker")
+        wait_for(lambda: len(records(tmp_path)) == 1, 60, "the gated worker that runs")
+        wait_for(
+            lambda: sum(e["event"] == "request" for e in assigner.events()) == 5,
+            60,
+            "five requests",
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    in_thread(stop)
+    assert launcher.run() == 1
+    codes = {w.name: w.code for w in launcher.workers}
+    assert sorted(codes.values()) == [0, 7, *[128 + signal.SIGTERM] * 4], codes
+    times = dict(line.split() for line in (out / "t-n7-0.times").read_text().splitlines())
+    # Four closes of 1.5 s one after the other in the main thread would hold SIGUSR1 6 s.
+    assert float(times["SIGUSR1"]) - float(times["SIGTERM"]) < 1.5, times
