@@ -67,6 +67,10 @@ log = logging.getLogger(__name__)
 TOP_PRIORITY = 2**31 - 1
 #: Gangs not yet ended at one controller (collecting members included).
 MAX_GANGS = 1024
+#: How long the other members of a gang may go on after a member's program ended on a stop
+#: signal (a cancelled job, a time limit: every node was told; some save a checkpoint): Slurm's
+#: default KillWait, after which it kills them anyway.
+GANG_STOP_GRACE_S = 30.0
 
 
 class NodeGone(Exception):
@@ -263,6 +267,7 @@ class Gang:
     grant: PoolGrant | None = None
     parts: dict[str, Part] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
+    stop_timer: asyncio.TimerHandle | None = None  # a member stopped: the others' grace
 
     def part_id(self, node: str) -> str:
         return f"{self.gang_id}/{node}"
@@ -409,9 +414,11 @@ class GangCoordinator:
         lease_id: str,
         exit_status: int,
         reason: str = "",
+        stopping: bool = False,
     ) -> None:
         """A granted member's program ended with `exit_status`: 0 gives its node's part back,
-        anything else ends the whole gang."""
+        anything else ends the whole gang, at once, or, when the program ended after a stop
+        signal (`stopping`), once every member left or `GANG_STOP_GRACE_S` later."""
         self.book.session(session_id, session_key)
         found = self._by_lease.get(lease_id)
         if found is None or found[1].session_id != session_id or found[1].left:
@@ -434,13 +441,21 @@ class GangCoordinator:
             why = f"the ranks on node {member.node} ended with exit status {exit_status}"
             if reason:
                 why += f" ({reason})"
-            self._fail(gang, why, failed_member=member)
-            return
+            if not stopping:
+                self._fail(gang, why, failed_member=member)
+                return
+            if gang.stop_timer is None:  # the others were told to stop too: let them finish
+                gang.stop_timer = asyncio.get_running_loop().call_later(
+                    GANG_STOP_GRACE_S,
+                    self._fail,
+                    gang,
+                    f"{why} after a stop signal, {GANG_STOP_GRACE_S:g} s ago",
+                )
         member.left = True
         del self._by_lease[member.lease_id]
         self.ports[member.node].drop(gang.part_id(member.node), "gang-done")
         if all(m.left for m in gang.members.values()):
-            self._end(gang, "done", failed=False)
+            self._end(gang, "stopped" if gang.stop_timer else "done", failed=False)
 
     def session_closed(self, session_id: str) -> None:
         """A session ended: the gangs it was a member of fail (its process died)."""
@@ -600,6 +615,8 @@ class GangCoordinator:
         previous, gang.state = gang.state, "ended"
         if gang.task is not None and not gang.task.done():
             gang.task.cancel()
+        if gang.stop_timer is not None:
+            gang.stop_timer.cancel()
         if gang.grant is not None:
             for node in gang.grant.nodes:
                 port = self.ports.get(node)

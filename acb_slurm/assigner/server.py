@@ -442,6 +442,7 @@ class AssignerServicer(pb_grpc.AssignerServicer):
                 request.lease_id,
                 request.exit_status,
                 request.reason,
+                request.stopping,
             )
         except BookError as exc:
             await _abort(context, exc)

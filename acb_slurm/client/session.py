@@ -776,10 +776,18 @@ class Client:
             )
         return lease
 
-    def leave_gang(self, lease: GangLease | str, exit_status: int = 0, reason: str = "") -> None:
+    def leave_gang(
+        self,
+        lease: GangLease | str,
+        exit_status: int = 0,
+        reason: str = "",
+        stopping: bool = False,
+    ) -> None:
         """This member's program ended with `exit_status`: 0 gives its node's part back (the
         gang ends with its last member), anything else ends the whole gang, stopping the other
-        members. Raises `LeaseLost` if the gang had already ended under this member."""
+        members; `stopping` (it ended after a stop signal, which the other members were most
+        likely sent too) gives them a grace period to end on their own first. Raises
+        `LeaseLost` if the gang had already ended under this member."""
         lease_id = lease if isinstance(lease, str) else lease.lease_id
         with self._lease_lock:
             held = self._held.pop(lease_id, None)
@@ -800,6 +808,7 @@ class Client:
                     lease_id=lease_id,
                     exit_status=exit_status,
                     reason=reason[:1024],
+                    stopping=stopping,
                 ),
                 timeout=self.release_timeout,
                 metadata=self._metadata,

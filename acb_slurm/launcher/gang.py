@@ -153,7 +153,12 @@ def run_gang(
             )
         try:
             signal_name = _signal_name(code)
-            client.leave_gang(lease, code, f"killed by {signal_name}" if signal_name else "")
+            client.leave_gang(
+                lease,
+                code,
+                f"killed by {signal_name}" if signal_name else "",
+                stopping=watch.stopping(),
+            )
         except Exception as exc:  # the command's status matters more; the session end frees it
             import logging
 
@@ -207,6 +212,12 @@ class _GangWatch(_LossWatch):
             child.kill("a rank failed")
         if self.on_rank_failure is not None:
             self.on_rank_failure(pid, status)
+
+    def stopping(self) -> bool:
+        """Whether a stop signal was forwarded to the command (a cancelled job, a time limit)."""
+        with self._lock:
+            child = self._child
+        return child is not None and _told_to_stop(child)
 
     def stop_ranks(self) -> None:
         if self._ranks is not None:
@@ -288,10 +299,15 @@ class RankWatch(threading.Thread):
                 watched.clear()
 
     def _stopping(self) -> bool:
-        """Whether the command was told to stop (SIGTERM, SIGINT, SIGHUP forwarded): its ranks
-        may then end as they choose (a checkpoint, then a non-zero exit) without failing the
-        other nodes' ranks, which were told the same; the command's own status says the rest."""
-        return any(sig in _STOPPING for sig in self.child.signals_sent)
+        """Whether the command was told to stop: its ranks may then end as they choose (a
+        checkpoint, then a non-zero exit) without failing the other nodes' ranks, which were
+        most likely told the same; the command's own status says the rest."""
+        return _told_to_stop(self.child)
+
+
+def _told_to_stop(child: Supervised) -> bool:
+    """Whether SIGTERM, SIGINT or SIGHUP was forwarded to the command."""
+    return any(sig in _STOPPING for sig in child.signals_sent)
 
 
 def _descendants(root: int) -> list[tuple[int, int]]:

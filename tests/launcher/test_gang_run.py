@@ -245,3 +245,23 @@ def _read_pids(path: Path) -> list[int]:
         return [int(line) for line in path.read_text().split()]
     except (OSError, ValueError):
         return []
+
+
+def test_members_told_to_stop_each_finish_their_own_checkpoint(
+    controller: AssignerProcess,
+) -> None:
+    """A cancelled job tells every node: the member that ends first (3) must not kill the one
+    still saving its checkpoint, which ends with its own status (5), not 70."""
+    saving = "trap 'sleep {0}; exit {1}' TERM; sleep 300 & wait"
+    fast = member(controller, "n1", saving.format(0.3, 3))
+    slow = member(controller, "n2", saving.format(2.5, 5))
+    with Client(target=controller.target, token=TOKEN) as probe:
+        wait_for(lambda: [g.state for g in probe.status().gangs] == ["granted"])
+    time.sleep(0.5)  # both commands run (and have set their traps)
+    fast.send_signal(15)
+    slow.send_signal(15)
+    assert (fast.wait(10), slow.wait(10)) == (3, 5)
+    with Client(target=controller.target, token=TOKEN) as probe:
+        assert not probe.status().gangs
+    ends = [e for e in controller.events() if e["event"] == "gang_end"]
+    assert [(e["failed"], e["reason"]) for e in ends] == [(False, "stopped")], ends

@@ -187,18 +187,20 @@ class GangGrant(_message.Message):
     def __init__(self, gang: _Optional[str] = ..., lease_id: _Optional[str] = ..., node_rank: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[GangPart, _Mapping]]] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., waited_seconds: _Optional[float] = ...) -> None: ...
 
 class GangLeave(_message.Message):
-    __slots__ = ("session_id", "session_key", "lease_id", "exit_status", "reason")
+    __slots__ = ("session_id", "session_key", "lease_id", "exit_status", "reason", "stopping")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     EXIT_STATUS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    STOPPING_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     session_key: str
     lease_id: str
     exit_status: int
     reason: str
-    def __init__(self, session_id: _Optional[str] = ..., session_key: _Optional[str] = ..., lease_id: _Optional[str] = ..., exit_status: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    stopping: bool
+    def __init__(self, session_id: _Optional[str] = ..., session_key: _Optional[str] = ..., lease_id: _Optional[str] = ..., exit_status: _Optional[int] = ..., reason: _Optional[str] = ..., stopping: _Optional[bool] = ...) -> None: ...
 
 class GangLeaveReply(_message.Message):
     __slots__ = ()

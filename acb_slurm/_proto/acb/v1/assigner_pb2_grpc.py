@@ -128,10 +128,11 @@ class AssignerServicer:
         PERMISSION_DENIED / DEADLINE_EXCEEDED / CANCELLED  as for Allocate (a member that gives
         up fails the whole gang)
         Once granted, the gang lives while its members do: a member whose program failed (LeaveGang
-        with a non-zero exit status), whose session ended, or whose node's assigner went away ends
-        the whole gang: every node's part is released and the other members are told (GangEnded on
-        their Session stream). A member that leaves with exit status 0 gives its node's part back
-        at once; the gang ends when the last member left.
+        with a non-zero exit status; after a grace period when it was stopping), whose session
+        ended, or whose node's assigner went away ends the whole gang: every node's part is
+        released and the other members are told (GangEnded on their Session stream). A member that
+        leaves with exit status 0 gives its node's part back at once; the gang ends when the last
+        member left.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
