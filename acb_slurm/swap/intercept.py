@@ -249,29 +249,22 @@ class TorchHooks:
             mode = stack_at(depth - 1) if depth else None
             if type(mode) is not DeviceUseMode or mode._auto is not auto:
                 return call(module, *args, **kwargs)
+            counted = False
             pop()  # the checks below read tensors: not through the mode
-            try:
-                fast = on_device(module)
-                if fast:
+            try:  # one try from the pop on: the mode always goes back, a count always ends
+                if on_device(module):
                     with auto._mutex:
-                        if auto._slow or auto._off or auto._passthrough:
-                            fast = False
-                        else:
+                        if not (auto._slow or auto._off or auto._passthrough):
                             auto._active += 1
+                            counted = True
                             auto._calls += 1
-            except BaseException:
-                push(mode)
-                raise
-            if not fast:
-                push(mode)
-                return call(module, *args, **kwargs)
-            try:
-                try:
+                if counted:
                     return call(module, *args, **kwargs)
-                finally:
-                    push(mode)
             finally:
-                auto._exit()
+                push(mode)
+                if counted:
+                    auto._exit()
+            return call(module, *args, **kwargs)  # not a region: call by call, through the mode
 
         return region_call
 
