@@ -757,7 +757,8 @@ class Client:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
                 raise TimeoutError(
                     f"gang {gang} was not granted within {timeout:g}s by the controller at "
-                    f"{self.target}; it was failed for every member"
+                    f"{self.target}; it was failed for every member (a grant that came at the "
+                    "same instant is held until this client's session ends)"
                 ) from None
             raise self._rpc_error(exc, f"join gang {gang}") from None
         lease = GangLease.from_grant(reply, label)
