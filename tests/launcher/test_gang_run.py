@@ -189,8 +189,11 @@ def test_a_killed_rank_releases_every_node_within_a_second(
     killed_at = time.time()
     codes = {node: m.wait(30) for node, m in members.items()}
     stopped_in = time.time() - killed_at
-    # The rank's member says how it died (128+9); the other node's was stopped (70).
-    assert sorted(codes.values()) == [ExitCode.LEASE_LOST, 128 + 9], codes
+    # The other node's member was stopped (70); the rank's member says how a rank of its node
+    # died: 128+9 as a rule, 128+15 when torchrun reaped the killed one first (a loaded machine)
+    # and acb-run saw the next, which torchrun had sent SIGTERM.
+    stopped, failed = sorted(codes.values())
+    assert stopped == ExitCode.LEASE_LOST and failed in (128 + 9, 128 + 15), codes
     assert wait_for(lambda: not _workers_of(DDP), timeout=5, what="every rank to stop")
     # Each node's event log says when its part went back.
     logs = sorted(controller.directory.glob("*.events.jsonl"))
