@@ -42,6 +42,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -517,18 +518,7 @@ def startup_study(root: Path, args: argparse.Namespace, t0: float) -> int:
     print()
     print(table)
     print(f"total bench time {time.time() - t0:.0f}s")
-    (root / "startup-results.json").write_text(
-        json.dumps(
-            {
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "runs": [asdict(r) for r in results],
-                "table": table,
-            },
-            indent=1,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
+    write_results(root / "startup-results.json", args, results, table)
     return 0
 
 
@@ -562,19 +552,18 @@ def batch_study(root: Path, args: argparse.Namespace, t0: float) -> int:
                     f"{other.items_per_hour / base.items_per_hour:.2f}x makespan"
                 )
     print(f"total bench time {time.time() - t0:.0f}s")
-    (root / "batch-results.json").write_text(
-        json.dumps(
-            {
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "runs": [asdict(r) for r in results],
-                "table": table,
-            },
-            indent=1,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
+    write_results(root / "batch-results.json", args, results, table)
     return 0
+
+
+def write_results(path: Path, args: argparse.Namespace, results: list[Any], table: str) -> None:
+    """The study's arguments, runs and table as JSON."""
+    data = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "runs": [asdict(r) for r in results],
+        "table": table,
+    }
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

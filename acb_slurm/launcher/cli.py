@@ -80,14 +80,18 @@ class Launch:
     gang_nodes: int = 0
 
 
-class _Parser(argparse.ArgumentParser):
+class UsageParser(argparse.ArgumentParser):
+    """argparse whose mistakes exit with `ExitCode.USAGE` (64), saying `<prog>: <message>`
+    after the usage line (acb-run, acb-launch)."""
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        _fail(message, ExitCode.USAGE)
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(int(ExitCode.USAGE))
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = UsageParser(
         prog="acb-run",
         usage="acb-run (--gate | --auto | --gang NAME) [OPTIONS] -- CMD [ARGS...]",
         description=DESCRIPTION,

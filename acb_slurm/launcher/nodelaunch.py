@@ -500,14 +500,10 @@ bad command line or plan. A worker's status is its command's, or acb-run's own:
 """ + EXIT_HELP.split("\n", 1)[1]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        _fail(message, ExitCode.USAGE)
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    from acb_slurm.launcher.cli import UsageParser
+
+    p = UsageParser(
         prog="acb-launch",
         usage="acb-launch (--plan FILE | --name NAME --count N [--gate|--auto|--client] "
         "[--run-option=OPT]... -- CMD [ARGS...]) [--report DIR] [--node NODE]",
