@@ -52,6 +52,9 @@ def main() -> None:
     )
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, args.out)
+    # Every rank leaves together: a rank that tears gloo down while another still talks to it
+    # can abort at exit ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
