@@ -310,24 +310,31 @@ def _told_to_stop(child: Supervised) -> bool:
     return any(sig in _STOPPING for sig in child.signals_sent)
 
 
+def _children(parent: int) -> list[int]:
+    """Pids of `parent`'s children, from the kernel's children list of each of its threads."""
+    try:
+        tasks = os.listdir(f"/proc/{parent}/task")
+    except OSError:
+        return []
+    children: list[int] = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{parent}/task/{tid}/children", "rb") as fh:
+                children.extend(int(pid) for pid in fh.read().split())
+        except OSError:
+            continue
+    return children
+
+
 def _descendants(root: int) -> list[tuple[int, int]]:
-    """(pid, parent pid) of every process under `root`, from the kernel's children lists."""
+    """(pid, parent pid) of every process under `root`."""
     found: list[tuple[int, int]] = []
     todo = [root]
     while todo and len(found) < 100_000:
         parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{tid}/children", "rb") as fh:
-                    children = [int(pid) for pid in fh.read().split()]
-            except OSError:
-                continue
-            found.extend((pid, parent) for pid in children)
-            todo.extend(children)
+        children = _children(parent)
+        found.extend((pid, parent) for pid in children)
+        todo.extend(children)
     return found
 
 
@@ -357,26 +364,27 @@ def _new_ranks(root: int, known: set[int]) -> list[tuple[int, int]]:
     return ranks
 
 
-def _start_time(pid: int) -> int | None:
-    """When the process started (``/proc/PID/stat`` field 22, clock ticks since boot)."""
+def _stat(pid: int) -> list[bytes]:
+    """The fields of ``/proc/PID/stat`` after the command name (field 3 first); [] when the
+    process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read()
     except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
+        return []
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def _start_time(pid: int) -> int | None:
+    """When the process started (field 22, clock ticks since boot)."""
+    fields = _stat(pid)
     return int(fields[19]) if len(fields) > 19 else None
 
 
 def _zombie_status(pid: int) -> int | None:
-    """The wait status of a dead, not yet reaped process (``/proc/PID/stat`` field 52); None
-    when it was reaped already (or the kernel does not say)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
+    """The wait status of a dead, not yet reaped process (field 52); None when it was reaped
+    already (or the kernel does not say)."""
+    fields = _stat(pid)
     if len(fields) < 50 or fields[0] != b"Z":
         return None
     return int(fields[49])
@@ -410,24 +418,6 @@ def _become_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def _children() -> list[int]:
-    """Pids of this process's children (read from /proc)."""
-    me = os.getpid()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 1 and int(fields[1]) == me:
-            found.append(int(entry.name))
-    return found
-
-
 def kill_adopted(deadline_s: float = 2.0) -> int:
     """SIGKILL every child this process has left (orphans it adopted as subreaper), with each
     one's process group, and reap them; returns how many there were."""
@@ -437,7 +427,7 @@ def kill_adopted(deadline_s: float = 2.0) -> int:
     seen: set[int] = set()
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
-        children = _children()
+        children = _children(os.getpid())
         if not children:
             break
         for pid in children:
